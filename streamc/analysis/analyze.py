@@ -1,0 +1,148 @@
+"""``streamc.analyze``: the locality split and per-tensor receptive fields of a model."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import onnx
+
+from streamc.analysis.regions import (
+    Box,
+    Field,
+    alignment,
+    needed_regions,
+    receptive_fields,
+    spatial_extent,
+)
+from streamc.analysis.split import Split, Stop, split_graph
+from streamc.graph import Graph, choose_image_input, load_model, prepare
+
+
+@dataclass
+class TensorInfo:
+    """One prefix tensor as ``streamc inspect`` reports it."""
+
+    name: str
+    op: str
+    shape: tuple[int | None, ...] | None
+    stride: tuple[Fraction, ...]
+    receptive_field: tuple[int, ...]
+    offset: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "op": self.op,
+            "shape": list(self.shape) if self.shape is not None else None,
+            "stride": [_fraction_json(s) for s in self.stride],
+            "receptive_field": list(self.receptive_field),
+            "offset": list(self.offset),
+        }
+
+
+@dataclass
+class Analysis:
+    """Everything the compiler needs to know about a model before tiling it."""
+
+    model: onnx.ModelProto
+    graph: Graph
+    split: Split
+    image_shape: tuple[int | None, ...]
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    alignment: tuple[int, ...] = ()
+
+    @property
+    def input_name(self) -> str:
+        return self.split.input_name
+
+    @property
+    def n_spatial(self) -> int:
+        return self.split.n_spatial
+
+    @property
+    def image_size(self) -> tuple[int | None, ...]:
+        return tuple(self.image_shape[2:])
+
+    @property
+    def prefix(self) -> list[str]:
+        return self.split.prefix
+
+    @property
+    def head(self) -> list[str]:
+        return self.split.head
+
+    @property
+    def cut_tensors(self) -> list[str]:
+        return self.split.cut_tensors
+
+    @property
+    def stops(self) -> list[Stop]:
+        return self.split.stops
+
+    def extent(self, tensor: str) -> tuple[int, ...] | None:
+        """Spatial size of a tensor (None when the image size is symbolic)."""
+        return spatial_extent(self.graph, tensor)
+
+    def regions_for(self, cut_boxes: Mapping[str, Box]) -> dict[str, Box]:
+        """Region of every prefix tensor needed to compute ``cut_boxes`` of the cut tensors."""
+        return needed_regions(self.graph, self.split, cut_boxes)
+
+    def to_dict(self) -> dict:
+        head_ops: dict[str, int] = {}
+        for name in self.head:
+            op = self.graph.nodes[name].op_type
+            head_ops[op] = head_ops.get(op, 0) + 1
+        return {
+            "input": self.input_name,
+            "image_shape": list(self.image_shape),
+            "prefix_nodes": len(self.prefix),
+            "head_nodes": len(self.head),
+            "head_ops": head_ops,
+            "cut_tensors": [self.tensors[t].to_dict() for t in self.cut_tensors],
+            "alignment": list(self.alignment),
+            "stopped_by": [
+                {"node": s.node, "op": s.op, "tensor": s.tensor, "reason": s.reason}
+                for s in self.stops
+            ],
+            "tensors": [t.to_dict() for t in self.tensors.values()],
+        }
+
+
+def _fraction_json(value: Fraction) -> int | str:
+    return value.numerator if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+
+
+def analyze(
+    model: str | Path | onnx.ModelProto,
+    image: Sequence[int] | None = None,
+    input: str | None = None,
+) -> Analysis:
+    """Analyse ``model``: locality split, cut tensors, receptive fields, alignment.
+
+    ``image`` fixes the spatial size ((H, W) or (D, H, W)); without it the model's own sizes
+    are used, and symbolic ones stay symbolic (strides and receptive fields do not need them).
+    """
+    proto = load_model(model)
+    input_name = choose_image_input(proto, input)
+    prepared = prepare(proto, image, input_name, batch=1)
+    graph = Graph.from_model(prepared)
+    split = split_graph(graph, input_name)
+    fields: dict[str, Field] = receptive_fields(graph, split)
+    tensors = {}
+    for tensor in split.prefix_tensors:
+        f = fields[tensor]
+        producer = graph.producer.get(tensor)
+        op = graph.nodes[producer].op_type if producer else "input"
+        tensors[tensor] = TensorInfo(tensor, op, graph.shape(tensor), f.stride,
+                                     f.receptive_field, f.offset)
+    return Analysis(
+        model=prepared,
+        graph=graph,
+        split=split,
+        image_shape=tuple(graph.shape(input_name) or ()),
+        tensors=tensors,
+        alignment=alignment({t: f.stride for t, f in fields.items()}, split.n_spatial),
+    )

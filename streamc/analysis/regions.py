@@ -1,0 +1,155 @@
+"""Region transfer over the prefix DAG, receptive fields, strides and alignment.
+
+A *box* is one half-open interval per spatial axis, in a tensor's own full-image coordinates.
+:func:`needed_regions` walks the prefix in reverse topological order and gives every tensor the
+bounding box of the regions its consumers read (DESIGN section 2). Receptive fields, offsets and
+strides are derived from the same rules, so the numbers that ``streamc inspect`` reports are the
+ones the compiler uses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+from streamc.analysis.split import Split
+from streamc.graph import Graph
+from streamc.ops.axis import Interval
+
+Box = tuple[Interval, ...]
+
+
+def is_empty(box: Box | None) -> bool:
+    return box is None or any(b <= a for a, b in box)
+
+
+def union(a: Box | None, b: Box | None) -> Box | None:
+    """Bounding box of two boxes (an empty one is ignored)."""
+    if is_empty(a):
+        return None if is_empty(b) else b
+    if is_empty(b):
+        return a
+    return tuple((min(x[0], y[0]), max(x[1], y[1])) for x, y in zip(a, b))
+
+
+def clip(box: Box, extent: Sequence[int]) -> Box:
+    return tuple((max(a, 0), min(b, n)) for (a, b), n in zip(box, extent))
+
+
+def contains(outer: Box, inner: Box) -> bool:
+    return is_empty(inner) or all(
+        o[0] <= i[0] and i[1] <= o[1] for o, i in zip(outer, inner)
+    )
+
+
+def box_size(box: Box) -> tuple[int, ...]:
+    return tuple(max(0, b - a) for a, b in box)
+
+
+def spatial_extent(graph: Graph, tensor: str) -> tuple[int, ...] | None:
+    shape = graph.shape(tensor)
+    if shape is None or any(d is None for d in shape[2:]):
+        return None
+    return tuple(shape[2:])
+
+
+def needed_regions(
+    graph: Graph,
+    split: Split,
+    cut_boxes: Mapping[str, Box],
+    clip_to_extent: bool = True,
+) -> dict[str, Box]:
+    """Regions every prefix tensor must hold so that the cut tensors hold ``cut_boxes``.
+
+    Each tensor gets the union of what its consumers read; regions are clipped to the tensor's
+    extent (what lies outside is padding that the op supplies itself) unless
+    ``clip_to_extent`` is False (then the graph's sizes are not needed). Tensors that no cut
+    region depends on are absent from the result.
+    """
+    needed: dict[str, Box] = {t: b for t, b in cut_boxes.items() if not is_empty(b)}
+    for name in reversed(split.prefix):
+        node = graph.nodes[name]
+        out_box = None
+        for out in node.output:
+            out_box = union(out_box, needed.get(out))
+        if out_box is None:
+            continue
+        op = split.local_ops[name]
+        for slot in op.grid_inputs:
+            tensor = node.input[slot]
+            box = tuple(axis.reads(iv) for axis, iv in zip(op.axes, out_box))
+            if clip_to_extent:
+                extent = spatial_extent(graph, tensor)
+                if extent is None:
+                    raise ValueError(f"tensor {tensor!r} has no static spatial size")
+                box = clip(box, extent)
+            if not is_empty(box):
+                needed[tensor] = union(needed.get(tensor), box)
+    return needed
+
+
+@dataclass
+class Field:
+    """Closed-form numbers for one prefix tensor, per spatial axis.
+
+    Position ``j`` of the tensor reads input pixels ``[j·stride − offset, j·stride − offset +
+    receptive_field)`` (away from the image border; fractional strides after upsampling make the
+    field vary by phase, and the largest is reported).
+    """
+
+    stride: tuple[Fraction, ...]
+    receptive_field: tuple[int, ...]
+    offset: tuple[int, ...]
+
+
+def strides(graph: Graph, split: Split) -> dict[str, tuple[Fraction, ...]]:
+    """Cumulative stride of every prefix tensor: input pixels per step of the tensor."""
+    result: dict[str, tuple[Fraction, ...]] = {
+        split.input_name: (Fraction(1),) * split.n_spatial
+    }
+    for name in split.prefix:
+        node = graph.nodes[name]
+        op = split.local_ops[name]
+        source = result[node.input[op.grid_inputs[0]]] if op.grid_inputs else None
+        if source is None:
+            continue
+        stride = tuple(s * axis.scale for s, axis in zip(source, op.axes))
+        for out in node.output:
+            if out:
+                result[out] = stride
+    return result
+
+
+def receptive_fields(graph: Graph, split: Split) -> dict[str, Field]:
+    """Stride, receptive field and offset of every prefix tensor (unclipped region transfer)."""
+    tensor_strides = strides(graph, split)
+    period = 1
+    for stride in tensor_strides.values():
+        for s in stride:
+            period = math.lcm(period, s.denominator)
+    fields: dict[str, Field] = {}
+    n = split.n_spatial
+    for tensor, stride in tensor_strides.items():
+        sizes = [0] * n
+        offset = [0] * n
+        for phase in range(min(period, 64)):
+            box = ((phase, phase + 1),) * n
+            regions = needed_regions(graph, split, {tensor: box}, clip_to_extent=False)
+            image_box = regions.get(split.input_name, box)
+            for axis, (a, b) in enumerate(image_box):
+                sizes[axis] = max(sizes[axis], b - a)
+                if phase == 0:
+                    offset[axis] = -a
+        fields[tensor] = Field(stride, tuple(sizes), tuple(offset))
+    return fields
+
+
+def alignment(tensor_strides: Mapping[str, tuple[Fraction, ...]], n_spatial: int) -> tuple[int, ...]:
+    """Per axis, the multiple every tile origin must be: lcm of stride numerators (DESIGN §3)."""
+    result = [1] * n_spatial
+    for stride in tensor_strides.values():
+        for axis, s in enumerate(stride):
+            result[axis] = math.lcm(result[axis], s.numerator)
+    return tuple(result)

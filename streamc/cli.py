@@ -1,0 +1,270 @@
+"""The ``streamc`` command line: demo, inspect, compile, check, plan.
+
+Every command turns a :class:`~streamc.errors.StreamcError` into one line on stderr and exit
+status 2; anything else unexpected becomes one line and exit status 3 (set STREAMC_DEBUG=1 for
+the traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+
+import click
+
+from streamc.errors import StreamcError
+
+
+def _fail_cleanly(func: Callable) -> Callable:
+    @wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except StreamcError as exc:
+            click.echo(f"streamc: error: {exc}", err=True)
+            sys.exit(2)
+        except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
+            raise
+        except BrokenPipeError:  # output piped into `head` and closed early
+            sys.stderr.close()
+            sys.exit(0)
+        except Exception as exc:  # never a traceback from deep inside a library
+            if os.environ.get("STREAMC_DEBUG"):
+                traceback.print_exc()
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            click.echo(
+                f"streamc: internal error: {type(exc).__name__}: {first} "
+                "(set STREAMC_DEBUG=1 for details; please report it)",
+                err=True,
+            )
+            sys.exit(3)
+
+    return wrapper
+
+
+def parse_size(text: str | None) -> tuple[int, ...] | None:
+    """``"1024x768"`` / ``"64x64x64"`` / ``"512"`` -> a tuple of ints (None stays None)."""
+    if text is None:
+        return None
+    try:
+        parts = tuple(int(p) for p in text.lower().replace("×", "x").split("x"))
+    except ValueError:
+        raise StreamcError(f"image size {text!r} is not of the form HxW or DxHxW.") from None
+    if any(p <= 0 for p in parts):
+        raise StreamcError(f"image size {text!r} must be positive.")
+    if len(parts) == 1:
+        parts = parts * 2
+    return parts
+
+
+def _fmt_shape(shape) -> str:
+    return "x".join("?" if d is None else str(d) for d in shape) if shape is not None else "?"
+
+
+def _fmt_stride(values) -> str:
+    return "x".join(str(v) for v in values)
+
+
+@click.group()
+@click.version_option(package_name="streamc")
+def main() -> None:
+    """streamc: train CNNs on images far larger than memory, tile by tile, exactly."""
+
+
+@main.command()
+@click.argument("model", type=str)
+@click.option("--image", help="Spatial size HxW (or DxHxW) to analyse at.")
+@click.option("--input", "input_name", help="Name of the image input (if ambiguous).")
+@click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON.")
+@_fail_cleanly
+def inspect(model: str, image: str | None, input_name: str | None, as_json: bool) -> None:
+    """Show the locality split, cut tensors and per-tensor receptive fields of MODEL."""
+    from streamc.analysis import analyze
+
+    analysis = analyze(model, parse_size(image), input_name)
+    data = analysis.to_dict()
+    if as_json:
+        click.echo(json.dumps(data, indent=1))
+        return
+    click.echo(f"model:        {model}")
+    click.echo(f"image input:  {analysis.input_name} {_fmt_shape(analysis.image_shape)}")
+    click.echo(f"prefix:       {data['prefix_nodes']} local nodes")
+    head = ", ".join(f"{op}×{n}" if n > 1 else op for op, n in data["head_ops"].items())
+    click.echo(f"head:         {data['head_nodes']} nodes ({head or 'none'})")
+    click.echo(f"alignment:    tile origins must be multiples of {_fmt_stride(analysis.alignment)}")
+    for stop in analysis.stops[:3]:
+        click.echo(f"prefix stops: {stop.sentence()}")
+    click.echo("cut tensors:")
+    for cut in analysis.cut_tensors:
+        info = analysis.tensors[cut]
+        click.echo(
+            f"  {cut}  shape {_fmt_shape(info.shape)}  stride {_fmt_stride(info.stride)}  "
+            f"receptive field {_fmt_stride(info.receptive_field)}  "
+            f"offset {_fmt_stride(info.offset)}"
+        )
+    click.echo("")
+    rows = [("tensor", "op", "shape", "stride", "field", "offset")]
+    for info in analysis.tensors.values():
+        rows.append((info.name, info.op, _fmt_shape(info.shape), _fmt_stride(info.stride),
+                     _fmt_stride(info.receptive_field), _fmt_stride(info.offset)))
+    widths = [min(48, max(len(r[i]) for r in rows)) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell[:48].ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def _default_output(model: str) -> Path:
+    path = Path(model)
+    return path.with_name(path.stem + ".streamc")
+
+
+def _print_program_summary(program, out: Path | None) -> None:
+    meta = program.meta
+    click.echo(f"tiles:        {len(program.tiles)} ({' x '.join(map(str, meta['grid']))} grid, "
+               f"{len(program.classes)} shape classes), tile {_fmt_stride(meta['tile'])} px")
+    flops = meta.get("flops") or {}
+    if flops:
+        click.echo(f"recompute:    forward {flops['forward_overhead']:.3f}x, backward "
+                   f"{flops['backward_overhead']:.3f}x the untiled FLOPs")
+    for cut in meta["cut_tensors"]:
+        click.echo(f"cut tensor:   {cut['name']} {_fmt_shape(cut['shape'])} stride "
+                   f"{_fmt_stride(cut['stride'])}")
+    plan = meta.get("memory_plan")
+    if plan and "headline" in plan:
+        click.echo(f"memory:       {plan['headline']}")
+    for note in meta.get("notes", []):
+        click.echo(f"note:         {note}")
+    if out is not None:
+        click.echo(f"written to:   {out}")
+
+
+@main.command("compile")
+@click.argument("model", type=str)
+@click.option("--tile", help="Largest tile (input crop) size: 2048 or 2048x1536.")
+@click.option("--image", help="Image size HxW (required if the model's size is dynamic).")
+@click.option("--input", "input_name", help="Name of the image input (if ambiguous).")
+@click.option("-o", "--output", type=click.Path(), help="Program directory (MODEL.streamc).")
+@click.option("--memory-budget", help="Choose the tile for this peak memory, e.g. 4GiB.")
+@_fail_cleanly
+def compile_command(model: str, tile: str | None, image: str | None, input_name: str | None,
+                    output: str | None, memory_budget: str | None) -> None:
+    """Compile MODEL into a tiled training program directory."""
+    from streamc.compiler import compile as compile_program
+
+    tile_value = _resolve_tile(model, tile, image, input_name, memory_budget)
+    program = compile_program(model, tile_value, image=parse_size(image), input=input_name)
+    out = program.save(Path(output) if output else _default_output(model))
+    _print_program_summary(program, out)
+
+
+def _resolve_tile(model, tile, image, input_name, memory_budget):
+    if tile and memory_budget:
+        raise StreamcError("give either --tile or --memory-budget, not both.")
+    if memory_budget:
+        from streamc.passes.memory_plan import choose_tile, parse_size as parse_bytes
+
+        chosen, _plan = choose_tile(model, parse_size(image), parse_bytes(memory_budget),
+                                    input=input_name)
+        click.echo(f"memory budget {memory_budget}: chose tile {chosen}")
+        return chosen
+    if not tile:
+        raise StreamcError("give a tile size (--tile 2048) or a memory budget (--memory-budget).")
+    return tile
+
+
+@main.command()
+@click.argument("model", type=str)
+@click.option("--image", help="Image size HxW (required if the model's size is dynamic).")
+@click.option("--tile", required=True, help="Largest tile size: 2048 or 2048x1536.")
+@click.option("--input", "input_name", help="Name of the image input (if ambiguous).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random image.")
+@click.option("--tolerance", default=1e-4, show_default=True,
+              help="Largest accepted relative error.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_fail_cleanly
+def check(model: str, image: str | None, tile: str, input_name: str | None, seed: int,
+          tolerance: float, as_json: bool) -> None:
+    """Run the tiled program against an untiled run of MODEL; exit 1 on a mismatch."""
+    from streamc.check import check as run_check
+
+    report = run_check(model, parse_size(image), tile, input=input_name, seed=seed,
+                       tolerance=tolerance)
+    _print_check(report, as_json)
+    if not report.ok:
+        sys.exit(1)
+
+
+def _print_check(report, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=1))
+        return
+    click.echo(f"tiles: {len(report.program.tiles)}  (image "
+               f"{_fmt_stride(report.program.image_size)}, tile "
+               f"{_fmt_stride(report.program.meta['tile'])})")
+    click.echo(f"{'tensor':<40} {'max abs err':>12} {'max rel err':>12}")
+    for kind, items in (("output", report.outputs), ("grad", report.gradients)):
+        for d in items:
+            click.echo(f"{kind + ' ' + d.name:<40.40} {d.max_abs:>12.3e} {d.max_rel:>12.3e}")
+    worst = report.worst
+    verdict = "OK" if report.ok else "MISMATCH"
+    if worst is not None:
+        click.echo(f"{verdict}: largest relative error {worst.max_rel:.3e} ({worst.name}), "
+                   f"tolerance {report.tolerance:.0e}")
+
+
+@main.command()
+@click.option("-o", "--output", type=click.Path(), default="streamc-demo",
+              show_default=True, help="Folder for the demo model and its program.")
+@click.option("--image", default="512x512", show_default=True, help="Image size.")
+@click.option("--tile", default="256", show_default=True, help="Largest tile size.")
+@click.option("--channels", default=16, show_default=True, help="Width of the demo CNN.")
+@_fail_cleanly
+def demo(output: str, image: str, tile: str, channels: int) -> None:
+    """Generate the embedded default CNN, inspect it, compile it and check it is exact."""
+    import onnx
+
+    from streamc.analysis import analyze
+    from streamc.check import check as run_check
+    from streamc.compiler import compile as compile_program
+    from streamc.demo import demo_model
+
+    folder = Path(output)
+    folder.mkdir(parents=True, exist_ok=True)
+    model_path = folder / "demo.onnx"
+    onnx.save(demo_model(channels=channels), str(model_path))
+    size = parse_size(image)
+    click.echo(f"demo model:   {model_path} (ResNet-style, {channels} channels)")
+    analysis = analyze(str(model_path), size)
+    cut = analysis.cut_tensors[0]
+    click.echo(f"analysis:     {len(analysis.prefix)} local nodes, cut at {cut} "
+               f"(stride {_fmt_stride(analysis.tensors[cut].stride)}, receptive field "
+               f"{_fmt_stride(analysis.tensors[cut].receptive_field)})")
+    program = compile_program(str(model_path), tile, image=size)
+    out = program.save(folder / "demo.streamc")
+    _print_program_summary(program, out)
+    report = run_check(str(model_path), size, tile, program=program)
+    _print_check(report, as_json=False)
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.command("example-model")
+@click.argument("path", type=click.Path())
+@click.option("--channels", default=16, show_default=True, help="Width of the demo CNN.")
+@_fail_cleanly
+def example_model(path: str, channels: int) -> None:
+    """Write the embedded default CNN (dynamic H, W) to PATH as ONNX."""
+    import onnx
+
+    from streamc.demo import demo_model
+
+    onnx.save(demo_model(channels=channels), path)
+    click.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,475 @@
+"""The locality table: which ops are spatially local, and how each one maps regions.
+
+Contract of a rule: ``rule(node, ctx) -> LocalOp``. It reads the node's attributes and the
+shapes/constants in ``ctx`` and returns how the node acts on the spatial grid, or raises
+:class:`NotLocal` with a sentence saying why this node is not local (training-mode
+normalisation, a spatial Concat, a non-integer Resize...). Ops without a rule are not local.
+
+Rules are N-dimensional: one :data:`~streamc.ops.axis.AxisMap` per spatial axis (2-D images
+and 3-D volumes alike).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import numpy as np
+import onnx
+
+from streamc.errors import UnsupportedModelError
+from streamc.graph import Graph, attributes
+from streamc.ops.axis import IDENTITY, AxisMap, Transposed, Upsample, Window
+from streamc.ops.registry import OpTable
+
+
+class NotLocal(Exception):
+    """Raised by a locality rule: the node is not spatially local, and why (one sentence)."""
+
+
+@dataclass(frozen=True)
+class LocalOp:
+    """How one node acts on the spatial grid.
+
+    ``axes``: one map per spatial axis. ``grid_inputs``: input slots that carry the image grid
+    (the others must be constants that do not vary over space). ``kind`` tells the tiling pass
+    how to re-emit the node for a tile: ``pointwise`` (unchanged), ``window`` (new ``pads``
+    attribute), ``pad`` (new pads input), ``resize`` and ``transposed`` (computed on the input
+    region, then sliced).
+    """
+
+    axes: tuple[AxisMap, ...]
+    grid_inputs: tuple[int, ...] = (0,)
+    kind: str = "pointwise"
+    attrs: dict = field(default_factory=dict, compare=False)
+
+
+@dataclass
+class LocalityContext:
+    """What a rule may look at: the graph, the image-dependent tensors, the spatial rank."""
+
+    graph: Graph
+    image_dependent: set[str]
+    n_spatial: int
+
+    def spatial_shape(self, tensor: str) -> tuple[int | None, ...] | None:
+        shape = self.graph.shape(tensor)
+        if shape is None or len(shape) != self.n_spatial + 2:
+            return None
+        return tuple(shape[2:])
+
+    def constant(self, tensor: str) -> np.ndarray | None:
+        return self.graph.constants.get(tensor)
+
+
+LOCALITY: OpTable = OpTable("locality")
+
+_NONLOCAL_HINTS = {
+    "InstanceNormalization": "it normalises over the whole spatial extent; replace it by a "
+    "frozen per-channel affine map (BatchNorm in eval mode) or keep it in the head",
+    "GroupNormalization": "it normalises over the whole spatial extent; freeze it into a "
+    "per-channel affine map or keep it in the head",
+    "LayerNormalization": "over spatial axes it reads the whole image; keep it in the head",
+    "LpNormalization": "it reads the whole axis it normalises",
+    "GlobalAveragePool": "it reads the whole image (it usually starts the head)",
+    "GlobalMaxPool": "it reads the whole image (it usually starts the head)",
+    "GlobalLpPool": "it reads the whole image (it usually starts the head)",
+}
+
+
+def nonlocal_reason(node: onnx.NodeProto) -> str:
+    """Why an op that has no locality rule is not local (for messages)."""
+    hint = _NONLOCAL_HINTS.get(node.op_type)
+    if hint:
+        return f"{node.op_type} is not spatially local: {hint}"
+    return (
+        f"{node.op_type} is not in streamc's table of spatially local ops "
+        "(it may mix positions across the image)"
+    )
+
+
+def _spatial_attr(values: Sequence[int] | None, n: int, default: int, what: str) -> list[int]:
+    if values is None or len(values) == 0:
+        return [default] * n
+    values = list(values)
+    if len(values) != n:
+        raise NotLocal(f"its {what} has {len(values)} entries for {n} spatial axes")
+    return values
+
+
+def _pads(node, attrs: dict, ctx: LocalityContext, kernel: list[int], strides: list[int],
+          dilations: list[int]) -> list[tuple[int, int]]:
+    n = ctx.n_spatial
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    if auto_pad in ("NOTSET", ""):
+        pads = attrs.get("pads") or [0] * (2 * n)
+        if len(pads) != 2 * n:
+            raise NotLocal(f"its pads have {len(pads)} entries for {n} spatial axes")
+        return [(pads[i], pads[i + n]) for i in range(n)]
+    if auto_pad == "VALID":
+        return [(0, 0)] * n
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        sizes = ctx.spatial_shape(node.input[0])
+        out = []
+        for axis in range(n):
+            span = dilations[axis] * (kernel[axis] - 1) + 1
+            size = None if sizes is None else sizes[axis]
+            if size is None:
+                if strides[axis] != 1:
+                    raise UnsupportedModelError(
+                        f"node {node.name!r} ({node.op_type}) uses auto_pad={auto_pad} with "
+                        "stride > 1, whose padding depends on the image size: pass --image."
+                    )
+                total = span - 1
+            else:
+                out_size = -(-size // strides[axis])
+                total = max((out_size - 1) * strides[axis] + span - size, 0)
+            small = total // 2
+            big = total - small
+            out.append((small, big) if auto_pad == "SAME_UPPER" else (big, small))
+        return out
+    raise NotLocal(f"auto_pad={auto_pad!r} is not an ONNX value")
+
+
+def _kernel_from_weight(node, ctx: LocalityContext, first_spatial_dim: int = 2) -> list[int]:
+    w_shape = ctx.graph.shape(node.input[1])
+    if w_shape is None or any(d is None for d in w_shape[first_spatial_dim:]):
+        raise NotLocal("its weight shape is unknown")
+    return list(w_shape[first_spatial_dim:])
+
+
+def _check_grid_slots(node, ctx: LocalityContext, grid: Sequence[int]) -> None:
+    for slot, name in enumerate(node.input):
+        if name and slot not in grid and name in ctx.image_dependent:
+            raise NotLocal(
+                f"its input {slot} ({name!r}) depends on the image, so the op's parameters "
+                "vary with the image content"
+            )
+
+
+@LOCALITY.register("Conv")
+def conv(node, ctx: LocalityContext) -> LocalOp:
+    attrs = attributes(node)
+    n = ctx.n_spatial
+    kernel = list(attrs.get("kernel_shape") or _kernel_from_weight(node, ctx))
+    strides = _spatial_attr(attrs.get("strides"), n, 1, "strides")
+    dilations = _spatial_attr(attrs.get("dilations"), n, 1, "dilations")
+    pads = _pads(node, attrs, ctx, kernel, strides, dilations)
+    _check_grid_slots(node, ctx, (0,))
+    axes = tuple(Window(kernel[i], strides[i], dilations[i], *pads[i]) for i in range(n))
+    return LocalOp(axes, (0,), "window")
+
+
+@LOCALITY.register("ConvTranspose")
+def conv_transpose(node, ctx: LocalityContext) -> LocalOp:
+    attrs = attributes(node)
+    n = ctx.n_spatial
+    kernel = list(attrs.get("kernel_shape") or _kernel_from_weight(node, ctx))
+    strides = _spatial_attr(attrs.get("strides"), n, 1, "strides")
+    dilations = _spatial_attr(attrs.get("dilations"), n, 1, "dilations")
+    out_pad = _spatial_attr(attrs.get("output_padding"), n, 0, "output_padding")
+    if attrs.get("output_shape"):
+        raise NotLocal("output_shape is not supported; export with explicit pads")
+    if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "", "VALID"):
+        raise NotLocal("auto_pad SAME is not supported for ConvTranspose; use explicit pads")
+    pads = attrs.get("pads") or [0] * (2 * n)
+    _check_grid_slots(node, ctx, (0,))
+    axes = tuple(
+        Transposed(kernel[i], strides[i], dilations[i], pads[i], pads[i + n], out_pad[i])
+        for i in range(n)
+    )
+    return LocalOp(axes, (0,), "transposed")
+
+
+def _pool(node, ctx: LocalityContext) -> LocalOp:
+    attrs = attributes(node)
+    n = ctx.n_spatial
+    kernel = _spatial_attr(attrs.get("kernel_shape"), n, 1, "kernel_shape")
+    strides = _spatial_attr(attrs.get("strides"), n, 1, "strides")
+    dilations = _spatial_attr(attrs.get("dilations"), n, 1, "dilations")
+    pads = _pads(node, attrs, ctx, kernel, strides, dilations)
+    ceil_mode = bool(attrs.get("ceil_mode", 0))
+    if len(node.output) > 1 and node.output[1] and node.output[1] in ctx.graph.consumers:
+        raise NotLocal("its Indices output is used, and indices are positions in the whole image")
+    axes = tuple(
+        Window(kernel[i], strides[i], dilations[i], *pads[i], ceil_mode=ceil_mode)
+        for i in range(n)
+    )
+    if ceil_mode and node.op_type == "AveragePool" and attrs.get("count_include_pad", 0):
+        sizes = ctx.spatial_shape(node.input[0])
+        for axis, size in zip(axes, sizes or ()):
+            if size is not None and axis.out_size(size) != Window(
+                axis.kernel, axis.stride, axis.dilation, axis.pad_begin, axis.pad_end
+            ).out_size(size):
+                raise NotLocal(
+                    "AveragePool with ceil_mode=1 and count_include_pad=1 has a last window "
+                    "that overhangs the padding, whose divisor streamc cannot reproduce per tile"
+                )
+    return LocalOp(axes, (0,), "window")
+
+
+LOCALITY.add("MaxPool", _pool)
+LOCALITY.add("AveragePool", _pool)
+LOCALITY.add("LpPool", _pool)
+
+
+def _pointwise_axes(ctx: LocalityContext) -> tuple[AxisMap, ...]:
+    return (IDENTITY,) * ctx.n_spatial
+
+
+@LOCALITY.register(
+    "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu",
+    "Softplus", "Gelu", "Erf", "Identity", "Cast",
+)
+def unary(node, ctx: LocalityContext) -> LocalOp:
+    return LocalOp(_pointwise_axes(ctx), (0,))
+
+
+@LOCALITY.register("Dropout")
+def dropout(node, ctx: LocalityContext) -> LocalOp:
+    attrs = attributes(node)
+    if len(node.input) > 2 and node.input[2]:
+        training = ctx.constant(node.input[2])
+        if training is None or bool(np.asarray(training).item()):
+            raise NotLocal("it runs in training mode; export the model in eval mode")
+    if attrs.get("is_test", 1) == 0 and ctx.graph.opset < 7:
+        raise NotLocal("it runs in training mode; export the model in eval mode")
+    if len(node.output) > 1 and node.output[1] in ctx.graph.consumers:
+        raise NotLocal("its mask output is used")
+    return LocalOp(_pointwise_axes(ctx), (0,))
+
+
+@LOCALITY.register("BatchNormalization")
+def batch_norm(node, ctx: LocalityContext) -> LocalOp:
+    attrs = attributes(node)
+    if attrs.get("training_mode", 0) or sum(1 for o in node.output if o) > 1:
+        raise NotLocal(
+            "BatchNormalization runs in training mode (batch statistics over the whole image); "
+            "export the model in eval mode (model.eval()) so it uses running statistics"
+        )
+    _check_grid_slots(node, ctx, (0,))
+    return LocalOp(_pointwise_axes(ctx), (0,))
+
+
+def _check_broadcast_constant(node, ctx: LocalityContext, slot: int) -> None:
+    name = node.input[slot]
+    shape = ctx.graph.shape(name)
+    if shape is None:
+        raise NotLocal(f"the shape of its constant input {name!r} is unknown")
+    out_rank = ctx.n_spatial + 2
+    if len(shape) > out_rank:
+        raise NotLocal(f"its constant input {name!r} has more axes than the image")
+    # Right-aligned broadcasting: the trailing n_spatial axes are the spatial ones.
+    spatial = shape[max(0, len(shape) - ctx.n_spatial):]
+    if any(d not in (1, None) for d in spatial) or any(d is None for d in spatial):
+        raise NotLocal(
+            f"its constant input {name!r} (shape {list(shape)}) varies over space; only "
+            "per-channel or scalar constants keep the op local"
+        )
+
+
+def _elementwise(node, ctx: LocalityContext, constant_slots_ok: bool = True) -> LocalOp:
+    out_spatial = ctx.spatial_shape(node.output[0])
+    grid = []
+    for slot, name in enumerate(node.input):
+        if not name:
+            continue
+        if name in ctx.image_dependent:
+            shape = ctx.graph.shape(name)
+            if shape is None or len(shape) != ctx.n_spatial + 2:
+                raise NotLocal(f"its input {name!r} is not a tensor on the image grid")
+            if out_spatial is not None and tuple(shape[2:]) != tuple(out_spatial):
+                raise NotLocal(
+                    f"its input {name!r} (spatial size {list(shape[2:])}) is broadcast over "
+                    f"space to {list(out_spatial)}"
+                )
+            grid.append(slot)
+        elif constant_slots_ok:
+            _check_broadcast_constant(node, ctx, slot)
+        else:
+            raise NotLocal(f"its input {name!r} is a constant where a grid tensor is needed")
+    return LocalOp(_pointwise_axes(ctx), tuple(grid))
+
+
+@LOCALITY.register("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min")
+def binary(node, ctx: LocalityContext) -> LocalOp:
+    return _elementwise(node, ctx)
+
+
+@LOCALITY.register("PRelu")
+def prelu(node, ctx: LocalityContext) -> LocalOp:
+    _check_grid_slots(node, ctx, (0,))
+    _check_broadcast_constant(node, ctx, 1)
+    return LocalOp(_pointwise_axes(ctx), (0,))
+
+
+@LOCALITY.register("Clip")
+def clip(node, ctx: LocalityContext) -> LocalOp:
+    _check_grid_slots(node, ctx, (0,))
+    return LocalOp(_pointwise_axes(ctx), (0,))
+
+
+def _channel_axis(node, ctx: LocalityContext, default: int | None = None) -> None:
+    axis = attributes(node).get("axis", default)
+    if axis is None:
+        raise NotLocal("it has no axis")
+    rank = ctx.n_spatial + 2
+    if axis < 0:
+        axis += rank
+    if axis != 1:
+        raise NotLocal(f"it works along axis {axis}; only the channel axis (1) keeps it local")
+
+
+@LOCALITY.register("Concat")
+def concat(node, ctx: LocalityContext) -> LocalOp:
+    _channel_axis(node, ctx)
+    return _elementwise(node, ctx, constant_slots_ok=False)
+
+
+@LOCALITY.register("Split")
+def split(node, ctx: LocalityContext) -> LocalOp:
+    _channel_axis(node, ctx, default=0)
+    _check_grid_slots(node, ctx, (0,))
+    return LocalOp(_pointwise_axes(ctx), (0,))
+
+
+@LOCALITY.register("Pad")
+def pad(node, ctx: LocalityContext) -> LocalOp:
+    attrs = attributes(node)
+    mode = attrs.get("mode", "constant")
+    if mode != "constant":
+        raise NotLocal(f"Pad mode {mode!r} mirrors or repeats image content; use mode 'constant'")
+    rank = ctx.n_spatial + 2
+    if ctx.graph.opset < 11:
+        pads = list(attrs.get("pads", []))
+    else:
+        pads_value = ctx.constant(node.input[1]) if len(node.input) > 1 else None
+        if pads_value is None:
+            raise NotLocal("its pads are not constant (fix the image size with --image)")
+        pads = [int(v) for v in np.asarray(pads_value).ravel()]
+        if len(node.input) > 3 and node.input[3]:
+            axes_value = ctx.constant(node.input[3])
+            if axes_value is None:
+                raise NotLocal("its axes are not constant")
+            axes = [int(a) + rank if int(a) < 0 else int(a) for a in np.asarray(axes_value)]
+            full = [0] * (2 * rank)
+            for i, a in enumerate(axes):
+                full[a] = pads[i]
+                full[a + rank] = pads[i + len(axes)]
+            pads = full
+    if len(pads) != 2 * rank:
+        raise NotLocal(f"its pads have {len(pads)} entries for a rank-{rank} tensor")
+    if pads[0] or pads[rank]:
+        raise NotLocal("it pads the batch axis")
+    for slot in (1, 2, 3):
+        if len(node.input) > slot and node.input[slot] in ctx.image_dependent:
+            raise NotLocal("its pads or value depend on the image")
+    axes = tuple(Window(1, 1, 1, pads[2 + i], pads[2 + i + rank]) for i in range(ctx.n_spatial))
+    return LocalOp(axes, (0,), "pad", attrs={"pads": pads})
+
+
+def _nearest_index(j: int, factor: int, n_in: int, mode: str, nearest: str) -> int:
+    out = n_in * factor
+    if mode == "asymmetric":
+        x = j / factor
+    elif mode in ("half_pixel", "pytorch_half_pixel"):
+        x = (j + 0.5) / factor - 0.5 if not (mode == "pytorch_half_pixel" and out == 1) else 0.0
+    elif mode == "tf_half_pixel_for_nn":
+        x = (j + 0.5) / factor
+    elif mode == "align_corners":
+        x = j * (n_in - 1) / (out - 1) if out > 1 else 0.0
+    else:
+        return -1
+    if nearest == "floor":
+        i = int(np.floor(x))
+    elif nearest == "ceil":
+        i = int(np.ceil(x))
+    elif nearest == "round_prefer_ceil":
+        i = int(np.floor(x + 0.5))
+    else:  # round_prefer_floor (the default)
+        i = int(np.ceil(x - 0.5))
+    return min(max(i, 0), n_in - 1)
+
+
+def _upsample_axes(node, ctx: LocalityContext, factors: Sequence[float], mode: str,
+                   nearest: str) -> tuple[AxisMap, ...]:
+    rank = ctx.n_spatial + 2
+    if len(factors) != rank:
+        raise NotLocal(f"it has {len(factors)} scales for a rank-{rank} tensor")
+    if factors[0] != 1 or factors[1] != 1:
+        raise NotLocal("it resizes the batch or channel axis")
+    axes: list[AxisMap] = []
+    for f in factors[2:]:
+        if f < 1 or abs(f - round(f)) > 1e-6:
+            raise NotLocal(f"its scale {f} is not an integer upsampling factor")
+        f = int(round(f))
+        # The map must be j -> floor(j / f) everywhere (checked on a few periods).
+        n_in = 7
+        if any(_nearest_index(j, f, n_in, mode, nearest) != j // f for j in range(n_in * f)):
+            raise NotLocal(
+                f"coordinate_transformation_mode={mode!r} with nearest_mode={nearest!r} does not "
+                "map output j to input floor(j/f)"
+            )
+        axes.append(IDENTITY if f == 1 else Upsample(f))
+    return tuple(axes)
+
+
+@LOCALITY.register("Resize")
+def resize(node, ctx: LocalityContext) -> LocalOp:
+    attrs = attributes(node)
+    mode = attrs.get("mode", "nearest")
+    if mode != "nearest":
+        raise NotLocal(
+            f"Resize mode {mode!r} is not supported; only nearest upsampling by an integer "
+            "factor is (interpolating modes read neighbours across tile borders differently)"
+        )
+    if attrs.get("antialias", 0) or attrs.get("axes") or attrs.get("keep_aspect_ratio_policy",
+                                                                      "stretch") != "stretch":
+        raise NotLocal("antialias, axes and keep_aspect_ratio_policy are not supported")
+    in_shape = ctx.graph.shape(node.input[0])
+    out_shape = ctx.graph.shape(node.output[0])
+    factors = None
+    if ctx.graph.opset < 11:
+        scales = ctx.constant(node.input[1]) if len(node.input) > 1 else None
+        factors = None if scales is None else [float(v) for v in scales]
+    else:
+        scales = ctx.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if scales is not None and scales.size:
+            factors = [float(v) for v in scales]
+        elif (
+            len(node.input) > 3 and node.input[3] and in_shape and out_shape
+            and None not in in_shape and None not in out_shape
+        ):
+            factors = [o / i for o, i in zip(out_shape, in_shape)]
+    if factors is None:
+        raise NotLocal("its scales are not constant (fix the image size with --image)")
+    for slot in range(1, len(node.input)):
+        if node.input[slot] in ctx.image_dependent:
+            raise NotLocal("its scales depend on the image")
+    axes = _upsample_axes(
+        node, ctx, factors, attrs.get("coordinate_transformation_mode", "half_pixel"),
+        attrs.get("nearest_mode", "round_prefer_floor"),
+    )
+    return LocalOp(axes, (0,), "resize")
+
+
+@LOCALITY.register("Upsample")
+def upsample(node, ctx: LocalityContext) -> LocalOp:
+    attrs = attributes(node)
+    if attrs.get("mode", "nearest") != "nearest":
+        raise NotLocal("only nearest Upsample by an integer factor is supported")
+    if "scales" in attrs:
+        factors = list(attrs["scales"])
+    else:
+        scales = ctx.constant(node.input[1]) if len(node.input) > 1 else None
+        if scales is None:
+            raise NotLocal("its scales are not constant")
+        factors = [float(v) for v in scales]
+    axes = _upsample_axes(node, ctx, factors, "asymmetric", "floor")
+    return LocalOp(axes, (0,), "resize")
+
+
+def cumulative_scale(op: LocalOp) -> tuple[Fraction, ...]:
+    """Input steps per output step, per axis, of one op."""
+    return tuple(axis.scale for axis in op.axes)

@@ -1,0 +1,135 @@
+"""Extract pass: the head (everything after the cut) as a standalone ONNX graph, and the model's
+parameters.
+
+Contract: :func:`extract_head` takes an :class:`~streamc.analysis.Analysis` and the set of
+parameter names and returns a :class:`Head`: a graph whose inputs are the full cut tensors and
+the parameters it reads, and whose outputs are the model's outputs. :func:`model_parameters`
+says which initializers the runtime owns (trainable weights, and buffers such as BatchNorm
+statistics) and which are plain constants baked into the graphs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from streamc.analysis import Analysis
+from streamc.graph import FLOAT_TYPES
+from streamc.ops.vjp import VJP
+from streamc.passes.autodiff import trainable_initializers
+
+#: Ops whose inputs pass a weight through unchanged in value (a trainable tensor may be
+#: reshaped on its way to the op that uses it, e.g. PReLU slopes through Unsqueeze).
+_VALUE_PRESERVING = {"Unsqueeze", "Squeeze", "Reshape", "Identity", "Flatten", "Cast",
+                     "Expand", "Transpose"}
+#: (op type, input slot) of non-trainable state the runtime still owns as buffers.
+_BUFFER_SLOTS = {("BatchNormalization", 3), ("BatchNormalization", 4)}
+
+
+@dataclass
+class Parameters:
+    """Initializers the runtime owns: ``trainable`` get gradients, ``buffers`` do not."""
+
+    trainable: list[str]
+    buffers: list[str]
+
+    @property
+    def names(self) -> set[str]:
+        return set(self.trainable) | set(self.buffers)
+
+
+def model_parameters(model: onnx.ModelProto) -> Parameters:
+    """Trainable weights (per the VJP table, followed back through reshapes) and buffers."""
+    graph = model.graph
+    floats = {i.name for i in graph.initializer if i.data_type in FLOAT_TYPES}
+    producers = {o: n for n in graph.node for o in n.output}
+    trainable = dict.fromkeys(trainable_initializers(model))
+    for node in graph.node:
+        rule = VJP.get(node.op_type, None, node.domain)
+        if rule is None:
+            continue
+        for slot in rule.trainable_slots(node, producers):
+            if slot < len(node.input) and node.input[slot] in producers:
+                source = _value_source(node.input[slot], producers)
+                if source in floats:
+                    trainable.setdefault(source)
+    buffers = []
+    for node in graph.node:
+        for slot, name in enumerate(node.input):
+            if (node.op_type, slot) in _BUFFER_SLOTS and name in floats and name not in trainable:
+                if name not in buffers:
+                    buffers.append(name)
+    return Parameters(list(trainable), buffers)
+
+
+def _value_source(tensor: str, producers: dict[str, onnx.NodeProto]) -> str:
+    """Follow value-preserving ops back from ``tensor`` to where its values come from."""
+    while tensor in producers and producers[tensor].op_type in _VALUE_PRESERVING:
+        tensor = producers[tensor].input[0]
+    return tensor
+
+
+@dataclass
+class Head:
+    """The head graph and how its outputs map to the model's outputs."""
+
+    model: onnx.ModelProto
+    inputs: list[str]  # cut tensor names, in order
+    outputs: dict[str, str]  # model output name -> head graph output name
+
+
+def extract_head(analysis: Analysis, parameters: set[str]) -> Head:
+    """The head as an ONNX model (see module docstring)."""
+    graph = analysis.graph
+    model = analysis.model
+    cuts = list(analysis.cut_tensors)
+    head_set = set(analysis.head)
+    nodes = [onnx.NodeProto() for _ in analysis.head]
+    for copy, name in zip(nodes, analysis.head):
+        copy.CopyFrom(graph.nodes[name])
+    # Image-independent nodes the head reads (computed constants, reshaped weights).
+    needed = {i for n in nodes for i in n.input if i}
+    constant_nodes = []
+    for name in reversed(analysis.split.constant_nodes):
+        node = graph.nodes[name]
+        if name not in head_set and any(o in needed for o in node.output):
+            constant_nodes.append(node)
+            needed.update(i for i in node.input if i)
+    nodes = list(reversed(constant_nodes)) + nodes
+    outputs: dict[str, str] = {}
+    for out in graph.outputs:
+        if out in cuts:
+            renamed = f"{out}:out"
+            nodes.append(helper.make_node("Identity", [out], [renamed], name=f"{renamed}_identity"))
+            outputs[out] = renamed
+        else:
+            outputs[out] = out
+    used = {i for n in nodes for i in n.input if i}
+    inits = {i.name: i for i in model.graph.initializer}
+    inputs = []
+    for cut in cuts:
+        inputs.append(helper.make_tensor_value_info(
+            cut, graph.dtypes.get(cut, onnx.TensorProto.FLOAT), list(graph.shape(cut))))
+    for name in sorted(p for p in parameters if p in used):
+        t = inits[name]
+        inputs.append(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+    initializers = [t for n, t in inits.items() if n in used and n not in parameters]
+    out_vis = []
+    for out in graph.outputs:
+        shape = graph.shape(out)
+        out_vis.append(helper.make_tensor_value_info(
+            outputs[out], graph.dtypes.get(out, onnx.TensorProto.FLOAT),
+            list(shape) if shape is not None else None))
+    g = helper.make_graph(nodes, "head", inputs, out_vis, initializers)
+    proto = helper.make_model(g, opset_imports=list(model.opset_import), producer_name="streamc")
+    proto.ir_version = model.ir_version
+    proto = onnx.shape_inference.infer_shapes(proto)
+    return Head(proto, cuts, outputs)
+
+
+def parameter_values(model: onnx.ModelProto, names: set[str]) -> dict[str, np.ndarray]:
+    """Current values of the named initializers."""
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name in names}

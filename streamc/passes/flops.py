@@ -1,0 +1,84 @@
+"""FLOP counts of ONNX graphs, one rule per op type.
+
+Contract of a rule: ``rule(node, shapes) -> int``, the floating-point operations the node
+performs given the static shapes of its inputs and outputs (a multiply-add counts as two). Ops
+without a rule count one operation per output element: they are memory-bound and small next to
+convolutions and matrix products, which the table covers exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import onnx
+
+from streamc.graph import Graph, attributes
+from streamc.ops.registry import OpTable
+
+Shapes = Mapping[str, tuple[int | None, ...] | None]
+
+FLOPS: OpTable = OpTable("FLOP count")
+
+
+def _numel(shape) -> int:
+    if not shape or any(d is None for d in shape):
+        return 0
+    return math.prod(shape)
+
+
+@FLOPS.register("Conv")
+def conv_flops(node: onnx.NodeProto, shapes: Shapes) -> int:
+    out = shapes.get(node.output[0])
+    w = shapes.get(node.input[1])
+    if not out or not w:
+        return 0
+    # Each output element: (C_in / group) * prod(kernel) multiply-adds.
+    return 2 * _numel(out) * _numel(w[1:])
+
+
+@FLOPS.register("ConvTranspose")
+def conv_transpose_flops(node: onnx.NodeProto, shapes: Shapes) -> int:
+    x = shapes.get(node.input[0])
+    w = shapes.get(node.input[1])
+    if not x or not w:
+        return 0
+    # Weights are (C_in, C_out / group, *kernel): each input element scatters into
+    # (C_out / group) * prod(kernel) outputs.
+    return 2 * _numel(x) * _numel(w[1:])
+
+
+@FLOPS.register("MatMul", "Gemm")
+def matmul_flops(node: onnx.NodeProto, shapes: Shapes) -> int:
+    a = shapes.get(node.input[0])
+    out = shapes.get(node.output[0])
+    if not a or not out:
+        return 0
+    attrs = attributes(node)
+    inner = a[-2] if node.op_type == "Gemm" and attrs.get("transA", 0) else a[-1]
+    return 2 * _numel(out) * (inner or 0)
+
+
+@FLOPS.register("MaxPool", "AveragePool", "LpPool")
+def pool_flops(node: onnx.NodeProto, shapes: Shapes) -> int:
+    kernel = attributes(node).get("kernel_shape", [1])
+    return _numel(shapes.get(node.output[0])) * math.prod(kernel)
+
+
+def count_flops(model: onnx.ModelProto | Graph) -> int:
+    """Total FLOPs of a graph with static shapes (inferred here if needed)."""
+    if isinstance(model, onnx.ModelProto):
+        if not model.graph.value_info:
+            model = onnx.shape_inference.infer_shapes(model)
+        graph = Graph.from_model(model)
+    else:
+        graph = model
+    total = 0
+    for name in graph.order:
+        node = graph.nodes[name]
+        rule = FLOPS.get(node.op_type, graph.opset, node.domain)
+        if rule is not None:
+            total += rule(node, graph.shapes)
+        else:
+            total += sum(_numel(graph.shapes.get(o)) for o in node.output if o)
+    return total

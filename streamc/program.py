@@ -1,0 +1,201 @@
+"""The compiled artifact: a directory of ONNX graphs, parameters and ``program.json``.
+
+Layout of a program directory::
+
+    program.json         format version, sizes, tiles, cut tensors, parameters, checksums
+    parameters.npz       initial parameter and buffer values (from the source model)
+    graphs/*.onnx        tile forward/backward graph per shape class, head forward/backward
+
+``program.json`` lists the SHA-256 of every other file and of its own content (without the
+``checksum`` field); :func:`load` refuses a program whose version, files or checksums do not
+match. :meth:`Program.save` writes into a temporary directory beside the target and renames it
+into place, so an interrupted save never leaves a half-written program behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from streamc.errors import ProgramError
+
+FORMAT = "streamc-program"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Program:
+    """A compiled tiled training program.
+
+    ``meta`` is the content of ``program.json`` (see :mod:`streamc.program`); ``graphs`` maps a
+    relative file name (``graphs/...onnx``) to its ModelProto; ``parameters`` maps initializer
+    names to their values.
+    """
+
+    meta: dict[str, Any]
+    graphs: dict[str, onnx.ModelProto]
+    parameters: dict[str, np.ndarray]
+    path: Path | None = None
+    _serialized: dict[str, bytes] = field(default_factory=dict, repr=False)
+
+    # -- convenient views of meta --------------------------------------------------------------
+    @property
+    def input_name(self) -> str:
+        return self.meta["input"]["name"]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.meta["input"]["shape"])
+
+    @property
+    def image_size(self) -> tuple[int, ...]:
+        return tuple(self.meta["image_size"])
+
+    @property
+    def tiles(self) -> list[dict]:
+        return self.meta["tiles"]
+
+    @property
+    def classes(self) -> list[dict]:
+        return self.meta["classes"]
+
+    @property
+    def cut_tensors(self) -> list[str]:
+        return [c["name"] for c in self.meta["cut_tensors"]]
+
+    @property
+    def memory_plan(self) -> dict | None:
+        return self.meta.get("memory_plan")
+
+    def graph(self, relative: str) -> onnx.ModelProto:
+        return self.graphs[relative]
+
+    def serialized(self, relative: str) -> bytes:
+        """The graph's bytes (cached): what ONNX Runtime sessions are built from."""
+        if relative not in self._serialized:
+            self._serialized[relative] = self.graphs[relative].SerializeToString()
+        return self._serialized[relative]
+
+    def summary(self) -> dict[str, Any]:
+        """Headline numbers for the CLI."""
+        return {
+            "tiles": len(self.tiles),
+            "grid": self.meta["grid"],
+            "classes": len(self.classes),
+            "flops": self.meta.get("flops", {}),
+            "cut_tensors": self.meta["cut_tensors"],
+            "notes": self.meta.get("notes", []),
+        }
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the program directory atomically; returns its path."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            files: dict[str, str] = {}
+            (tmp / "graphs").mkdir()
+            for relative in sorted(self.graphs):
+                data = self.serialized(relative)
+                _write(tmp / relative, data)
+                files[relative] = _sha256(data)
+            buffer = io.BytesIO()
+            np.savez(buffer, **{k: np.ascontiguousarray(v) for k, v in self.parameters.items()})
+            _write(tmp / "parameters.npz", buffer.getvalue())
+            files["parameters.npz"] = _sha256(buffer.getvalue())
+            meta = dict(self.meta)
+            meta["files"] = files
+            meta.pop("checksum", None)
+            meta["checksum"] = _meta_checksum(meta)
+            _write(tmp / "program.json", json.dumps(meta, indent=1).encode())
+            if target.exists():
+                backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+                backup.rmdir()
+                os.replace(target, backup)
+                os.replace(tmp, target)
+                shutil.rmtree(backup, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.meta = meta
+        self.path = target
+        return target
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _meta_checksum(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != "checksum"}
+    return _sha256(json.dumps(body, sort_keys=True).encode())
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load(path: str | Path) -> Program:
+    """Load a program directory, checking format version and every checksum."""
+    root = Path(path)
+    meta_path = root / "program.json"
+    if not root.is_dir():
+        raise ProgramError(f"{root}: no such program directory (compile one with streamc compile).")
+    if not meta_path.exists():
+        raise ProgramError(f"{root} is not a streamc program: program.json is missing.")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ProgramError(f"{meta_path} is not valid JSON ({exc}); recompile the program.") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ProgramError(f"{meta_path} is not a streamc program description.")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ProgramError(
+            f"{root} has program format version {meta.get('format_version')}, this streamc reads "
+            f"version {FORMAT_VERSION}: recompile it with this version."
+        )
+    if meta.get("checksum") != _meta_checksum(meta):
+        raise ProgramError(f"{meta_path} was altered after compilation (checksum mismatch); "
+                           "recompile the program.")
+    graphs: dict[str, onnx.ModelProto] = {}
+    serialized: dict[str, bytes] = {}
+    parameters: dict[str, np.ndarray] = {}
+    for relative, digest in meta.get("files", {}).items():
+        file = root / relative
+        if not file.exists():
+            raise ProgramError(f"{root} is incomplete: {relative} is missing; recompile it.")
+        data = file.read_bytes()
+        if _sha256(data) != digest:
+            raise ProgramError(f"{root}: {relative} was altered or truncated (checksum mismatch); "
+                               "recompile the program.")
+        if relative.endswith(".onnx"):
+            graphs[relative] = onnx.load_from_string(data)
+            serialized[relative] = data
+        elif relative == "parameters.npz":
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                parameters = {k: npz[k] for k in npz.files}
+    return Program(meta, graphs, parameters, root, serialized)
