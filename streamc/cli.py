@@ -165,7 +165,8 @@ def _resolve_tile(model, tile, image, input_name, memory_budget):
     if tile and memory_budget:
         raise StreamcError("give either --tile or --memory-budget, not both.")
     if memory_budget:
-        from streamc.passes.memory_plan import choose_tile, parse_size as parse_bytes
+        from streamc.passes.memory_plan import choose_tile
+        from streamc.passes.memory_plan import parse_size as parse_bytes
 
         chosen, _plan = choose_tile(model, parse_size(image), parse_bytes(memory_budget),
                                     input=input_name)

@@ -170,7 +170,9 @@ def load(path: str | Path) -> Program:
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as exc:
-        raise ProgramError(f"{meta_path} is not valid JSON ({exc}); recompile the program.") from None
+        raise ProgramError(
+            f"{meta_path} is not valid JSON ({exc}); recompile the program."
+        ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ProgramError(f"{meta_path} is not a streamc program description.")
     if meta.get("format_version") != FORMAT_VERSION:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import onnx
 
-from streamc.graph import Graph, attributes
+from streamc.graph import attributes, opset_version
 from streamc.ops.registry import OpTable
 
 Shapes = Mapping[str, tuple[int | None, ...] | None]
@@ -65,20 +65,23 @@ def pool_flops(node: onnx.NodeProto, shapes: Shapes) -> int:
     return _numel(shapes.get(node.output[0])) * math.prod(kernel)
 
 
-def count_flops(model: onnx.ModelProto | Graph) -> int:
-    """Total FLOPs of a graph with static shapes (inferred here if needed)."""
-    if isinstance(model, onnx.ModelProto):
-        if not model.graph.value_info:
-            model = onnx.shape_inference.infer_shapes(model)
-        graph = Graph.from_model(model)
-    else:
-        graph = model
+def count_flops(model: onnx.ModelProto) -> int:
+    """Total FLOPs of a graph with static shapes (inferred here if the model lacks them)."""
+    if not model.graph.value_info:
+        model = onnx.shape_inference.infer_shapes(model)
+    graph = model.graph
+    shapes: dict[str, tuple[int | None, ...] | None] = {
+        vi.name: tuple(d.dim_value if d.HasField("dim_value") else None
+                       for d in vi.type.tensor_type.shape.dim)
+        for vi in (*graph.input, *graph.value_info, *graph.output)
+    }
+    shapes.update({t.name: tuple(t.dims) for t in graph.initializer})
+    opset = opset_version(model)
     total = 0
-    for name in graph.order:
-        node = graph.nodes[name]
-        rule = FLOPS.get(node.op_type, graph.opset, node.domain)
+    for node in graph.node:
+        rule = FLOPS.get(node.op_type, opset, node.domain)
         if rule is not None:
-            total += rule(node, graph.shapes)
+            total += rule(node, shapes)
         else:
-            total += sum(_numel(graph.shapes.get(o)) for o in node.output if o)
+            total += sum(_numel(shapes.get(o)) for o in node.output if o)
     return total

@@ -1,0 +1,74 @@
+"""Compile time and FLOP overhead of the tiling compiler on ResNet-18 and ResNet-50 layouts.
+
+    python -m benchmarks.compile_time            # 8192² image, tile 2048
+    python -m benchmarks.compile_time --image 4096 --tile 1024
+
+Reports, per model: analysis and compile seconds (median of --repeat runs), tiles, shape
+classes, and the forward/backward FLOP overhead of the tiled program over the untiled prefix.
+Writes benchmarks/results/compile_time.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import streamc
+from benchmarks.resnets import export, resnet18, resnet50
+from streamc.compiler import compile as compile_program
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def measure(name: str, model, image: int, tile: int, repeat: int) -> dict:
+    times, analysis_times = [], []
+    program = None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        streamc.analyze(model, (image, image))
+        analysis_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        program = compile_program(model, tile, image=(image, image))
+        times.append(time.perf_counter() - start)
+    flops = program.meta["flops"]
+    return {
+        "model": name,
+        "image": image,
+        "tile": tile,
+        "nodes": len(model.graph.node),
+        "analysis_s": round(statistics.median(analysis_times), 3),
+        "compile_s": round(statistics.median(times), 3),
+        "tiles": len(program.tiles),
+        "grid": program.meta["grid"],
+        "classes": len(program.classes),
+        "forward_overhead": flops["forward_overhead"],
+        "backward_overhead": flops["backward_overhead"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image", type=int, default=8192)
+    parser.add_argument("--tile", type=int, default=2048)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    rows = []
+    for name, factory in (("resnet18", resnet18), ("resnet50", resnet50)):
+        model = export(factory())
+        rows.append(measure(name, model, args.image, args.tile, args.repeat))
+        r = rows[-1]
+        print(f"{name:9} {r['nodes']:4} nodes  image {args.image}²  tile {args.tile}: "
+              f"analysis {r['analysis_s']:.2f} s, compile {r['compile_s']:.2f} s, "
+              f"{r['tiles']} tiles ({r['classes']} classes), FLOP overhead fwd "
+              f"{r['forward_overhead']:.3f}x bwd {r['backward_overhead']:.3f}x", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "compile_time.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
