@@ -19,7 +19,7 @@ from streamc.errors import CompileError
 from streamc.graph import load_model
 from streamc.passes.autodiff import build_backward
 from streamc.passes.extract import extract_head, model_parameters, parameter_values
-from streamc.passes.flops import count_flops
+from streamc.passes.flops import backward_flops, count_flops
 from streamc.passes.schedule import Tile, make_schedule
 from streamc.passes.tile_graph import TileLayout, emit_tile_graph, layout_tile, verify_layout
 from streamc.program import FORMAT, FORMAT_VERSION, Program, file_sha256
@@ -184,19 +184,19 @@ def _flops(analysis: Analysis, tile_classes: list[int], classes: list[dict],
            graphs: dict[str, onnx.ModelProto], param_names: set[str], trainable: set[str]) -> dict:
     """Tiled over untiled FLOPs, forward and backward: the recompute overhead of tiling.
 
-    The untiled figures come from the same passes run on one tile that covers the whole image,
+    The untiled figures come from the same pass run on one tile that covers the whole image,
     so both sides are counted by the same table on the same kind of graph.
     """
-    per_class = [
-        (count_flops(graphs[cls["forward"]]), count_flops(graphs[cls["backward"]]))
-        for cls in classes
-    ]
+    per_class = []
+    for cls in classes:
+        forward = graphs[cls["forward"]]
+        wrt = {i.name for i in forward.graph.input if i.name in trainable}
+        per_class.append((count_flops(forward), backward_flops(forward, wrt)))
     whole_layout = layout_tile(analysis, _whole_image_tile(analysis))
-    fwd_full = emit_tile_graph(analysis, whole_layout, param_names, name="untiled_forward")
-    wrt = [i.name for i in fwd_full.graph.input if i.name in trainable]
-    bwd_full = build_backward(fwd_full, wrt=wrt, name="untiled_backward")
-    untiled_fwd = count_flops(fwd_full)
-    untiled_bwd = count_flops(bwd_full.model)
+    untiled = emit_tile_graph(analysis, whole_layout, param_names, name="untiled_forward")
+    untiled_fwd = count_flops(untiled)
+    untiled_bwd = backward_flops(untiled, {i.name for i in untiled.graph.input
+                                           if i.name in trainable})
     tiled_fwd = sum(per_class[k][0] for k in tile_classes)
     tiled_bwd = sum(per_class[k][1] for k in tile_classes)
     return {
