@@ -100,9 +100,32 @@ def resnet50(classes: int = 2, width: int = 64) -> ResNet:
     return ResNet(Bottleneck, [3, 4, 6, 3], classes, width)
 
 
+def randomize_batchnorm(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm distinct, non-trivial parameters and running statistics.
+
+    torch's ONNX exporter merges initializers with identical values: freshly initialised
+    BatchNorms (weight 1, bias 0, mean 0, var 1) would all collapse onto one set of names, and
+    their gradients onto one tensor. Pretrained networks never look like that; benchmarks
+    should not either.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d | nn.BatchNorm3d):
+                c = m.num_features
+                m.weight.copy_(1 + 0.1 * torch.randn(c, generator=generator))
+                m.bias.copy_(0.1 * torch.randn(c, generator=generator))
+                m.running_mean.copy_(0.1 * torch.randn(c, generator=generator))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=generator))
+    return module
+
+
 def export(module: nn.Module, size: int = 224, dynamic: bool = True) -> onnx.ModelProto:
-    """Export in eval mode with BatchNorm kept as BatchNormalization nodes and torch's names."""
-    module = module.eval()
+    """Export in eval mode with BatchNorm kept as BatchNormalization nodes and torch's names.
+
+    BatchNorm parameters are randomised first (:func:`randomize_batchnorm`), in place.
+    """
+    module = randomize_batchnorm(module).eval()
     buffer = io.BytesIO()
     kwargs = {"dynamic_axes": {"image": {2: "H", 3: "W"}}} if dynamic else {}
     torch.onnx.export(
