@@ -12,4 +12,22 @@ from streamc.program import Program, load
 
 __version__ = "0.1.0"
 
-__all__ = ["Analysis", "Program", "StreamcError", "analyze", "compile", "load", "__version__"]
+__all__ = [
+    "Analysis",
+    "Program",
+    "StreamcError",
+    "StreamingModel",
+    "analyze",
+    "compile",
+    "load",
+    "__version__",
+]
+
+
+def __getattr__(name: str):
+    # The runtime imports torch: load it only when it is asked for.
+    if name == "StreamingModel":
+        from streamc.runtime.module import StreamingModel
+
+        return StreamingModel
+    raise AttributeError(f"module 'streamc' has no attribute {name!r}")

@@ -18,7 +18,12 @@ from streamc.analysis import Analysis, analyze
 from streamc.errors import CompileError
 from streamc.graph import load_model
 from streamc.passes.autodiff import build_backward
-from streamc.passes.extract import extract_head, model_parameters, parameter_values
+from streamc.passes.extract import (
+    extract_head,
+    model_graph,
+    model_parameters,
+    parameter_values,
+)
 from streamc.passes.flops import backward_flops, count_flops
 from streamc.passes.schedule import Tile, make_schedule
 from streamc.passes.tile_graph import TileLayout, emit_tile_graph, layout_tile, verify_layout
@@ -93,6 +98,7 @@ def compile(
     head_bwd = build_backward(head.model, wrt=list(head.inputs) + head_params,
                               outputs=[o.name for o in float_outputs], name="head_backward")
     graphs["graphs/head_backward.onnx"] = head_bwd.model
+    graphs["graphs/model.onnx"] = model_graph(analysis.model, param_names)
 
     tile_classes = [t["class"] for t in tiles_meta]
     flops = _flops(analysis, tile_classes, classes, graphs, param_names, trainable) \
@@ -151,6 +157,7 @@ def compile(
             "gradients": head_bwd.gradients,
         },
         "outputs": list(analysis.graph.outputs),
+        "model": "graphs/model.onnx",
         "flops": flops,
         "compile_seconds": round(time.perf_counter() - started, 3),
     }

@@ -133,3 +133,23 @@ def extract_head(analysis: Analysis, parameters: set[str]) -> Head:
 def parameter_values(model: onnx.ModelProto, names: set[str]) -> dict[str, np.ndarray]:
     """Current values of the named initializers."""
     return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name in names}
+
+
+def model_graph(model: onnx.ModelProto, parameters: set[str]) -> onnx.ModelProto:
+    """The prepared model with runtime-owned initializers turned into graph inputs.
+
+    Stored in the program so the runtime can export the original graph with trained weights
+    (the values live in ``parameters.npz``, not twice in the program).
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    owned = [t for t in graph.initializer if t.name in parameters]
+    kept = [t for t in graph.initializer if t.name not in parameters]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    declared = {i.name for i in graph.input}
+    for t in owned:
+        if t.name not in declared:
+            graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return out

@@ -1,0 +1,532 @@
+"""The torch runtime: StreamingModel against torch on the full image, and its torch contract.
+
+Reference: each zoo model's torch twin (same parameter names as the ONNX initializers), run on
+the whole image in eval mode (frozen BatchNorm), is what a streamed training step must equal.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import io
+import pickle
+import sys
+import weakref
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch.nn import functional as F
+
+from streamc.compiler import compile as compile_program
+from streamc.errors import InputError, ProgramError, StreamcError
+from streamc.program import load
+from streamc.runtime.module import ESCAPED, MODEL_GRAPH, StreamingModel, escape, unescape
+from streamc.runtime.sessions import DeviceError, snapshot_weights
+from tests import zoo
+
+# (zoo name, image size, tile): several tiles each, few shape classes (fast session builds).
+CONFIGS = {
+    "resnet": ((128, 128), 96),  # frozen BN, residual DAG, stride 16: 3x3 tiles
+    "twocut": ((64, 64), 40),  # two cut tensors read by the head: 2x2 tiles
+    "vgg": ((48, 48), 32),  # max pools: 4x4 tiles
+}
+
+_PROGRAMS: dict = {}
+
+
+def program_for(name: str):
+    if name not in _PROGRAMS:
+        size, tile = CONFIGS[name]
+        z = zoo.build(name, (1, 3, *size))
+        _PROGRAMS[name] = compile_program(z.onnx_model, tile=tile, image=size, with_flops=False)
+    return _PROGRAMS[name]
+
+
+def twin(name: str) -> torch.nn.Module:
+    """A fresh copy of the zoo model's torch module (eval mode: BatchNorm frozen)."""
+    size, _ = CONFIGS[name]
+    return copy.deepcopy(zoo.build(name, (1, 3, *size)).module).eval()
+
+
+def images(name: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    size, _ = CONFIGS[name]
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((batch, 3, *size), generator=g)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = b.detach().abs().max().item()
+    diff = (a.detach() - b.detach()).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+# --------------------------------------------------------------------------------------------
+# Training equals torch on the full image
+
+
+@pytest.mark.parametrize("name", ["resnet", "twocut"])
+def test_training_steps_match_torch(name: str) -> None:
+    program = program_for(name)
+    assert len(program.tiles) > 1
+    model = StreamingModel(program)
+    reference = twin(name)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-3)
+    ref_params = dict(reference.named_parameters())
+    assert set(model.onnx_parameters) <= set(ref_params)
+    targets = torch.tensor([1, 7])
+    for step in range(5):
+        x = images(name, seed=step)
+        loss = F.cross_entropy(model(x), targets)
+        ref_loss = F.cross_entropy(reference(x), targets)
+        assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item()), step
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        loss.backward()
+        ref_loss.backward()
+        if step == 0:
+            for pname, p in model.onnx_parameters.items():
+                assert p.grad is not None, pname
+                assert rel(p.grad, ref_params[pname].grad) <= 1e-4, pname
+        opt.step()
+        ref_opt.step()
+        if step == 0:
+            for pname, p in model.onnx_parameters.items():
+                assert rel(p, ref_params[pname]) <= 1e-5, pname
+    for pname, p in model.onnx_parameters.items():
+        assert rel(p, ref_params[pname]) <= 1e-4, pname
+    # Buffers (BatchNorm statistics) are not trained.
+    ref_buffers = dict(reference.named_buffers())
+    for bname, b in model.onnx_buffers.items():
+        assert torch.equal(b, ref_buffers[bname])
+
+
+def test_weights_as_inputs_equal_initializers_and_sessions_rebuild_once_per_step() -> None:
+    program = program_for("twocut")
+    a = StreamingModel(program, weights="initializers")
+    b = StreamingModel(program, weights="inputs")
+    x = images("twocut")
+    outs = []
+    for model in (a, b):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(2):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+        outs.append(model(x).detach())
+    assert rel(outs[0], outs[1]) <= 1e-5
+    pool_a = a._runtime.engine(a.device).pool
+    pool_b = b._runtime.engine(b.device).pool
+    n_graphs = 2 * len(program.classes) + 2
+    assert pool_b.builds == n_graphs  # built once
+    # initializers: every graph per step (2 steps), then the forward graphs for the last call.
+    assert pool_a.builds == 2 * n_graphs + len(program.classes) + 1
+    with torch.no_grad():
+        for _ in range(3):
+            a(x)
+    assert pool_a.builds == 2 * n_graphs + len(program.classes) + 1  # unchanged weights: reused
+
+
+def test_auto_weights_bake_forward_graphs_and_often_run_backward_graphs() -> None:
+    program = program_for("twocut")  # 2x2 tiles, each its own shape class
+    model = StreamingModel(program)  # weights="auto"
+    pool = model._runtime.engine(model.device).pool
+    n_classes = len(program.classes)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):  # batch 2: each backward graph runs twice per step: weights fed
+        opt.zero_grad()
+        model(images("twocut", batch=2)).square().sum().backward()
+        opt.step()
+    assert pool.builds == 2 * (n_classes + 1) + (n_classes + 1)
+    assert {baked for (name, baked) in pool._sessions if "backward" in name} == {False}
+    builds = pool.builds
+    opt.zero_grad()  # batch 4: four runs per step: the backward graphs are baked as well
+    model(images("twocut", batch=4)).square().sum().backward()
+    assert pool.builds == builds + 2 * (n_classes + 1)
+    reference = twin("twocut")
+    reference.load_state_dict(model.state_dict())
+    x = images("twocut", batch=4)
+    reference(x).square().sum().backward()
+    grads = dict(reference.named_parameters())
+    for pname, p in model.onnx_parameters.items():
+        assert rel(p.grad, grads[pname].grad) <= 1e-4, pname
+
+
+def test_stream_gradients_match_torch() -> None:
+    program = program_for("vgg")
+    model = StreamingModel(program)
+    reference = twin("vgg")
+    x = images("vgg", batch=2)
+    cut = model.stream(x)
+    assert isinstance(cut, torch.Tensor) and cut.requires_grad
+    ref_cut = reference.features(x)
+    assert cut.shape == ref_cut.shape
+    assert rel(cut, ref_cut) <= 1e-5
+    cotangent = torch.randn(cut.shape, generator=torch.Generator().manual_seed(3))
+    (cut * cotangent).sum().backward()
+    (ref_cut * cotangent).sum().backward()
+    ref_params = dict(reference.named_parameters())
+    for pname, p in model.onnx_parameters.items():
+        if pname.startswith("head."):
+            assert p.grad is None  # the head is not used by stream()
+        else:
+            assert rel(p.grad, ref_params[pname].grad) <= 1e-4, pname
+
+
+def test_two_cut_stream_returns_a_tuple() -> None:
+    model = StreamingModel(program_for("twocut"))
+    cuts = model.stream(images("twocut", batch=1))
+    assert isinstance(cuts, tuple) and len(cuts) == 2 == len(model.cut_names)
+    sum(c.sum() for c in cuts).backward()
+    assert model.onnx_parameters["stem.0.weight"].grad is not None
+
+
+# --------------------------------------------------------------------------------------------
+# Inference, inputs, batches
+
+
+def test_no_grad_keeps_nothing() -> None:
+    model = StreamingModel(program_for("twocut"))
+    x = images("twocut")
+    ref = weakref.ref(x)
+    with torch.no_grad():
+        y = model(x)
+    assert y.grad_fn is None and not y.requires_grad
+    pool = model._runtime.engine(model.device).pool
+    assert pool.builds == len(model.program.classes) + 1  # forward graphs only
+    assert pool._sessions and not any("backward" in name for name, _ in pool._sessions)
+    del x
+    gc.collect()
+    assert ref() is None  # nothing holds the image
+    # With gradients on, the image is kept for the backward pass, and released after it.
+    x = images("twocut")
+    ref = weakref.ref(x)
+    y = model(x)
+    del x
+    gc.collect()
+    assert ref() is not None
+    y.sum().backward()
+    del y
+    gc.collect()
+    assert ref() is None
+
+
+def test_numpy_input_and_batches() -> None:
+    model = StreamingModel(program_for("twocut"))
+    reference = twin("twocut")
+    x = images("twocut", batch=3)
+    with torch.no_grad():
+        y = model(x.numpy())
+        y_read_only = model(np.require(x.numpy(), requirements="C").copy())
+        expected = reference(x)
+    assert y.shape == (3, 10)
+    assert rel(y, expected) <= 1e-5
+    assert torch.equal(y, y_read_only)
+    # A batch of 3 equals 3 batches of 1 (outputs concatenated, gradients summed).
+    with torch.no_grad():
+        singles = torch.cat([model(x[i:i + 1]) for i in range(3)])
+    assert rel(y, singles) <= 1e-6
+
+
+def test_requires_grad_false_parameters_get_no_grad() -> None:
+    model = StreamingModel(program_for("twocut"))
+    for pname, p in model.onnx_parameters.items():
+        p.requires_grad_(pname.startswith("fc."))
+    model(images("twocut")).sum().backward()
+    for pname, p in model.onnx_parameters.items():
+        assert (p.grad is not None) == pname.startswith("fc."), pname
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+@pytest.fixture(scope="module")
+def small_model() -> StreamingModel:
+    return StreamingModel(program_for("twocut"))
+
+
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (torch.zeros(1, 1, 64, 64), "1 channels, the program was compiled for 3"),
+        (torch.zeros(1, 3, 64, 48), "64x48 but this program was compiled for 64x64"),
+        (torch.zeros(1, 3, 64, 64, dtype=torch.float64), "float32"),
+        (np.zeros((1, 3, 64, 64), dtype=np.uint8), "float32"),
+        (torch.zeros(3, 64, 64), "3 axes"),
+        (torch.zeros(0, 3, 64, 64), "batch is 0"),
+        ([[0.0]], "torch tensor or a numpy array"),
+    ],
+)
+def test_input_errors(small_model: StreamingModel, image, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        small_model(image)
+
+
+def test_program_compiled_for_another_size() -> None:
+    z = zoo.build("twocut", (1, 3, 48, 48))
+    program = compile_program(z.onnx_model, tile=32, image=(48, 48), with_flops=False)
+    model = StreamingModel(program)
+    with pytest.raises(InputError, match=r"64x64 but this program was compiled for 48x48.*"
+                                         r"compile another program"):
+        model(torch.zeros(1, 3, 64, 64))
+    assert isinstance(InputError("x"), StreamcError)
+
+
+def test_cuda_without_gpu_or_provider(monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime as ort
+
+    program = program_for("twocut")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="torch.cuda.is_available"):
+            StreamingModel(program, device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(DeviceError, match="onnxruntime-gpu instead"):
+        StreamingModel(program, device="cuda")
+    assert issubclass(DeviceError, StreamcError)
+
+
+def _cuda_ready() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.skipif(not _cuda_ready(), reason="needs a GPU, CUDA torch and onnxruntime-gpu")
+@pytest.mark.parametrize("weights", ["initializers", "inputs"])
+def test_cuda_training_step_matches_cpu(weights: str) -> None:
+    program = program_for("resnet")
+    cpu = StreamingModel(program, weights=weights)
+    gpu = StreamingModel(program, device="cuda", weights=weights)
+    assert all(p.is_cuda for p in gpu.parameters())
+    x = images("resnet")
+    targets = torch.tensor([1, 7])
+    for model, device in ((cpu, "cpu"), (gpu, "cuda")):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(model(x.to(device)), targets.to(device)).backward()
+            opt.step()
+    for pname, p in cpu.onnx_parameters.items():
+        assert rel(gpu.onnx_parameters[pname].cpu(), p) <= 1e-4, pname
+
+
+# --------------------------------------------------------------------------------------------
+# torch contract: state_dict, optimizers, copies, export
+
+
+def test_state_dict_round_trip() -> None:
+    program = program_for("resnet")
+    model = StreamingModel(program)
+    keys = list(model.state_dict())
+    names = [p["name"] for p in program.meta["parameters"]]
+    assert sorted(keys) == sorted(names)  # keys are the ONNX initializer names
+    assert dict(model.named_parameters()).keys() == model.onnx_parameters.keys()
+    assert "bn1.running_mean" in model.onnx_buffers
+    assert "bn1.running_mean" not in dict(model.named_parameters())
+    assert model.conv1.weight is model.onnx_parameters["conv1.weight"]
+    # Train a step, save, load into a fresh model: same outputs.
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x = images("resnet")
+    model(x).square().sum().backward()
+    opt.step()
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    fresh = StreamingModel(program)
+    fresh.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    # The torch twin's state_dict loads directly (its extra num_batches_tracked aside).
+    fresh.load_state_dict(twin("resnet").state_dict(), strict=False)
+    with torch.no_grad():
+        assert rel(fresh(x), twin("resnet")(x)) <= 1e-5
+
+
+def test_escaped_names() -> None:
+    model = StreamingModel(program_for("twocut"))
+    for name in ["a..b", ".a", "forward.weight", "stream", "training", "fc"]:
+        assert model._module_path(name) is None, name
+    assert model._module_path("fc.extra") == ("fc", "extra")
+    assert model._module_path("new.0.weight") == ("new", "0", "weight")
+    assert unescape(escape("a.b%2E.c%")) == "a.b%2E.c%"
+    assert escape("a..b") == "%a%2E%2Eb"
+    model._register("forward", torch.zeros(3), trainable=False)
+    assert model.state_key("forward") == f"{ESCAPED}.%forward"
+    model._register("forward.x", torch.ones(2), trainable=True)
+    key = model.state_key("forward.x")
+    assert key == f"{ESCAPED}.{escape('forward.x')}" == f"{ESCAPED}.%forward%2Ex"
+    assert key in model.state_dict()
+    assert model.onnx_parameters["forward.x"] is dict(model.named_parameters())[key]
+    state = model.state_dict()
+    state[key] = torch.full((2,), 3.0)
+    model.load_state_dict(state)
+    assert torch.equal(model.onnx_parameters["forward.x"].detach(), torch.full((2,), 3.0))
+
+
+def test_optimizers_schedulers_and_fused_updates_are_seen() -> None:
+    program = program_for("twocut")
+    model = StreamingModel(program)
+    x = images("twocut")
+    targets = torch.tensor([1, 7])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    losses = []
+    for _ in range(4):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), targets)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert sched.get_last_lr()[0] == pytest.approx(0.0125)
+    # Fused optimizers update in place without bumping tensor versions: still detected.
+    fused = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+    with torch.no_grad():
+        before = model(x)
+    versions = [p._version for p in model.parameters()]
+    model(x).sum().backward()
+    fused.step()
+    assert [p._version for p in model.parameters()] == versions
+    with torch.no_grad():
+        after = model(x)
+    reference = twin("twocut")
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.equal(before, after)
+        assert rel(after, reference(x)) <= 1e-5
+    # .data writes are seen as well.
+    with torch.no_grad():
+        model.onnx_parameters["fc.bias"].data.add_(1.0)
+        assert rel(model(x), after + 1.0) <= 1e-5
+
+
+def test_snapshot_reuses_unchanged_weights() -> None:
+    tensors = {"w": torch.ones(3), "b": torch.zeros(2)}
+    first = snapshot_weights(tensors, None)
+    assert snapshot_weights(tensors, first) is first
+    tensors["w"].add_(1)
+    second = snapshot_weights(tensors, first)
+    assert second is not first and second.generation > first.generation
+    assert torch.equal(first.tensors["w"], torch.ones(3))  # a private copy
+
+
+def test_deepcopy_pickle_train_eval() -> None:
+    model = StreamingModel(program_for("twocut"))
+    x = images("twocut")
+    with torch.no_grad():
+        y = model(x)
+    clone = copy.deepcopy(model)
+    assert clone.program is model.program
+    with torch.no_grad():
+        assert torch.equal(clone(x), y)
+    restored = pickle.loads(pickle.dumps(model))
+    with torch.no_grad():
+        assert torch.equal(restored(x), y)
+    model.eval()
+    assert not model.training
+    with torch.no_grad():
+        assert torch.equal(model(x), y)  # BatchNorm is frozen in both modes
+    model.train()
+    assert model.training
+
+
+def test_export_onnx(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    z = zoo.build("twocut", (1, 3, 64, 64))
+    program = compile_program(z.onnx_model, tile=40, image=(64, 64), with_flops=False)
+    model = StreamingModel(program)
+    if MODEL_GRAPH not in program.graphs:
+        with pytest.raises(ProgramError, match="graphs/model.onnx"):
+            model.export_onnx(tmp_path / "x.onnx")
+        # What compile() is asked to store: the prepared model, parameters as graph inputs.
+        prepared = onnx.ModelProto()
+        prepared.CopyFrom(z.onnx_model)
+        names = {p["name"] for p in program.meta["parameters"]}
+        inits = [i for i in prepared.graph.initializer if i.name in names]
+        for init in inits:
+            prepared.graph.input.append(onnx.helper.make_tensor_value_info(
+                init.name, init.data_type, list(init.dims)))
+        keep = [i for i in prepared.graph.initializer if i.name not in names]
+        del prepared.graph.initializer[:]
+        prepared.graph.initializer.extend(keep)
+        program.graphs[MODEL_GRAPH] = prepared
+    x = images("twocut", batch=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(x).square().sum().backward()
+    opt.step()
+    path = model.export_onnx(tmp_path / "trained.onnx")
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == [program.input_name]
+    (exported,) = session.run(None, {program.input_name: x.numpy()})
+    with torch.no_grad():
+        assert rel(torch.from_numpy(exported), model(x)) <= 1e-5
+
+
+def test_export_onnx_from_source_file(tmp_path: Path) -> None:
+    z = zoo.build("twocut", (1, 3, 64, 64))
+    source = tmp_path / "twocut.onnx"
+    onnx.save_model(z.onnx_model, source)
+    program = compile_program(source, tile=40, image=(64, 64), with_flops=False)
+    program.graphs.pop(MODEL_GRAPH, None)
+    program.save(tmp_path / "program")
+    model = StreamingModel(tmp_path / "program")
+    with torch.no_grad():
+        model.onnx_parameters["fc.bias"].add_(2.0)
+    path = model.export_onnx(tmp_path / "out.onnx")
+    exported = {i.name: i for i in onnx.load(path).graph.initializer}
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(exported["fc.bias"]),
+                                  model.onnx_parameters["fc.bias"].detach().numpy())
+    assert load(tmp_path / "program").meta["source"]["path"] == str(source.resolve())
+
+
+# --------------------------------------------------------------------------------------------
+# Memory and progress
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_memory_flat_over_training_steps() -> None:
+    z = zoo.build("vgg", (1, 3, 256, 256))
+    program = compile_program(z.onnx_model, tile=128, image=(256, 256), with_flops=False)
+    model = StreamingModel(program)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.randn(1, 3, 256, 256)
+    targets = torch.tensor([3])
+    rss = []
+    for _ in range(12):
+        opt.zero_grad()
+        F.cross_entropy(model(x), targets).backward()
+        opt.step()
+        gc.collect()
+        rss.append(_rss_mib())
+    warm = rss[3:]
+    # No growth step to step: the last steps hold no more than the first warm ones (plus noise).
+    assert max(warm[-3:]) - min(warm[:3]) < 8.0, rss
+
+
+def test_progress_is_silent_off_terminal(capsys: pytest.CaptureFixture) -> None:
+    model = StreamingModel(program_for("vgg"))
+    assert not sys.stderr.isatty()
+    with torch.no_grad():
+        model(images("vgg", batch=1))
+    assert capsys.readouterr().err == ""
+    shown = StreamingModel(program_for("vgg"), progress=True)
+    with torch.no_grad():
+        shown(images("vgg", batch=1))
+    assert "tile" in capsys.readouterr().err
