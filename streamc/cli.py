@@ -1,4 +1,4 @@
-"""The ``streamc`` command line: demo, inspect, compile, check, plan.
+"""The ``streamc`` command line: demo, inspect, compile, check, plan, example-model.
 
 Every command turns a :class:`~streamc.errors.StreamcError` into one line on stderr and exit
 status 2; anything else unexpected becomes one line and exit status 3 (set STREAMC_DEBUG=1 for
@@ -215,6 +215,55 @@ def _print_check(report, as_json: bool) -> None:
     if worst is not None:
         click.echo(f"{verdict}: largest relative error {worst.max_rel:.3e} ({worst.name}), "
                    f"tolerance {report.tolerance:.0e}")
+
+
+@main.command()
+@click.argument("model", type=str)
+@click.option("--image", help="Image size HxW (required if the model's size is dynamic).")
+@click.option("--tile", help="Plan this tile size only (2048 or 2048x1536).")
+@click.option("--memory-budget", help="Choose the least-recompute tile that fits, e.g. 4GiB.")
+@click.option("--input", "input_name", help="Name of the image input (if ambiguous).")
+@click.option("--exact", is_flag=True,
+              help="Plan the graphs ONNX Runtime actually runs (slower: builds sessions).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--plot", type=click.Path(), help="Write memory and recompute vs tile size (PNG).")
+@_fail_cleanly
+def plan(model: str, image: str | None, tile: str | None, memory_budget: str | None,
+         input_name: str | None, exact: bool, as_json: bool, plot: str | None) -> None:
+    """Predict peak memory per training step for tile sizes of MODEL, before running anything."""
+    from streamc.passes import memory_plan as mp
+
+    size = parse_size(image)
+    if tile and memory_budget:
+        raise StreamcError("give either --tile or --memory-budget, not both.")
+    if tile:
+        from streamc.compiler import compile as compile_program
+
+        program = compile_program(model, tile, image=size, input=input_name,
+                                  with_memory_plan=False)
+        result = mp.plan_program(program, mp.plan_conventional(model, size, input_name),
+                                 exact=exact)
+        click.echo(json.dumps(result.to_dict(), indent=1) if as_json
+                   else "\n".join(result.summary()))
+        if plot:
+            plans = mp.plan_model(model, size, [max(program.meta["tile"])], input_name,
+                                  exact=exact)
+            mp.plot_plans(plans, plans[0].conventional, None, plot)
+        return
+    plans = mp.plan_model(model, size, None, input_name, exact=exact)
+    if plot:  # before selecting, which raises when nothing fits
+        mp.plot_plans(plans, plans[0].conventional if plans else None, memory_budget, plot)
+    chosen = mp.select_tile(plans, mp.parse_size(memory_budget)) if memory_budget else None
+    if as_json:
+        click.echo(json.dumps({"plans": [p.to_dict() for p in plans],
+                               "chosen": chosen.tile if chosen else None}, indent=1))
+    else:
+        click.echo("\n".join(mp.plans_table(plans, chosen)))
+        if chosen is not None:
+            click.echo(f"memory budget {memory_budget}: tile {chosen.tile} "
+                       f"(peak {mp.format_size(chosen.peak)})")
+    if plot:
+        click.echo(f"plot written to {plot}")
 
 
 @main.command()

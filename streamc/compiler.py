@@ -25,6 +25,7 @@ from streamc.passes.extract import (
     parameter_values,
 )
 from streamc.passes.flops import backward_flops, count_flops
+from streamc.passes.memory_plan import plan_conventional, plan_program
 from streamc.passes.schedule import Tile, make_schedule
 from streamc.passes.tile_graph import TileLayout, emit_tile_graph, layout_tile, verify_layout
 from streamc.program import FORMAT, FORMAT_VERSION, Program, file_sha256
@@ -50,12 +51,14 @@ def compile(
     image: Sequence[int] | None = None,
     input: str | None = None,
     with_flops: bool = True,
+    with_memory_plan: bool = True,
 ) -> Program:
     """Compile ``model`` into a tiled program for images of size ``image`` ((H, W) or (D, H, W)).
 
     ``tile`` is the largest input crop per axis (``2048``, ``"2048x1536"`` or a tuple); the
     schedule uses as few tiles as fit it. ``image`` is required when the model's spatial axes
-    are dynamic. ``with_flops`` also builds the untiled graphs to report recompute overhead.
+    are dynamic. ``with_flops`` also counts the untiled FLOPs to report recompute overhead;
+    ``with_memory_plan`` stores the predicted peak memory (``program.memory_plan``).
     """
     started = time.perf_counter()
     proto = load_model(model)
@@ -161,7 +164,12 @@ def compile(
         "flops": flops,
         "compile_seconds": round(time.perf_counter() - started, 3),
     }
-    return Program(meta, graphs, parameter_values(analysis.model, param_names))
+    program = Program(meta, graphs, parameter_values(analysis.model, param_names))
+    if with_memory_plan:
+        plan = plan_program(program, plan_conventional(analysis))
+        program.meta["memory_plan"] = plan.to_dict()
+    program.meta["compile_seconds"] = round(time.perf_counter() - started, 3)
+    return program
 
 
 def _emit_class(analysis: Analysis, layout: TileLayout, k: int, param_names: set[str],

@@ -1,0 +1,326 @@
+"""Memory plans (issue 6): liveness on hand-built graphs, program plans, tile choice, sizes."""
+
+from __future__ import annotations
+
+import builtins
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from streamc.compiler import compile
+from streamc.errors import CompileError, StreamcError
+from streamc.passes.memory_plan import (
+    MemoryPlan,
+    choose_tile,
+    execution_order,
+    format_size,
+    parse_size,
+    plan_conventional,
+    plan_graph,
+    plan_model,
+    plan_program,
+    plot_plans,
+)
+
+F = TensorProto.FLOAT
+S = [1, 1, 10, 10]  # 100 floats: every tensor of this shape is 400 bytes
+B = 400
+
+
+def _model(nodes, inputs, outputs, initializers=()):
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info(n, F, shape) for n, shape in inputs],
+        [helper.make_tensor_value_info(n, F, shape) for n, shape in outputs],
+        list(initializers),
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def _node(op, ins, outs, **attrs):
+    return helper.make_node(op, ins, outs, name=outs[0], **attrs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Liveness, exact byte counts
+
+
+def test_chain_frees_each_tensor_after_its_last_reader():
+    # X -> Neg -> a -> Exp -> b -> Sqrt -> y. Fed X lives throughout; at Exp, a and b are both
+    # alive (the output is allocated before the input is freed); a is gone by Sqrt.
+    model = _model([_node("Neg", ["x"], ["a"]), _node("Exp", ["a"], ["b"]),
+                    _node("Sqrt", ["b"], ["y"])], [("x", S)], [("y", S)])
+    plan = plan_graph(model, order="graph")
+    assert plan.inputs == B
+    assert plan.peak == 3 * B
+    assert plan.peak_node == "b"
+    assert plan.activations == 3 * B  # a, b, y
+    assert plan.outputs == B
+    assert [b for _, b in plan.curve] == [2 * B, 3 * B, 3 * B, 2 * B]
+
+
+def test_fan_out_keeps_a_tensor_until_its_last_reader():
+    # a is read by Exp and by Add: it lives until Add, where x, a, b, y are all alive.
+    model = _model([_node("Neg", ["x"], ["a"]), _node("Exp", ["a"], ["b"]),
+                    _node("Add", ["a", "b"], ["y"])], [("x", S)], [("y", S)])
+    assert plan_graph(model, order="graph").peak == 4 * B
+
+
+def test_resident_inputs_are_not_counted():
+    model = _model([_node("Add", ["x", "w"], ["y"])], [("x", S), ("w", S)], [("y", S)])
+    assert plan_graph(model, order="graph").peak == 3 * B
+    assert plan_graph(model, resident={"w"}, order="graph").peak == 2 * B
+
+
+def test_views_share_their_input_buffer():
+    # Reshape is a view of a: a's buffer lives until Exp reads the view.
+    model = _model([_node("Neg", ["x"], ["a"]), _node("Reshape", ["a", "shape"], ["r"]),
+                    _node("Exp", ["r"], ["y"])], [("x", S)], [("y", [100])],
+                   [numpy_helper.from_array(np.array([100], np.int64), "shape")])
+    plan = plan_graph(model, order="graph")
+    assert plan.activations == 2 * B  # a (shared with r) and y
+    assert plan.peak == 3 * B
+    assert plan.constants == 8  # the int64 shape initializer
+
+
+def test_activation_writes_into_its_dying_input():
+    # Relu reads a for the last time: it writes into a's buffer (ORT's MayInplace).
+    nodes = [_node("Neg", ["x"], ["a"]), _node("Relu", ["a"], ["b"]), _node("Neg", ["b"], ["y"])]
+    model = _model(nodes, [("x", S)], [("y", S)])
+    assert plan_graph(model, order="graph").activations == 2 * B
+    assert plan_graph(model, order="graph", inplace=False).activations == 3 * B
+    # While a is still read later, Relu needs its own buffer.
+    nodes = [_node("Neg", ["x"], ["a"]), _node("Relu", ["a"], ["b"]),
+             _node("Add", ["a", "b"], ["y"])]
+    model = _model(nodes, [("x", S)], [("y", S)])
+    plan = plan_graph(model, order="graph")
+    assert plan.activations == 3 * B
+    assert plan.peak == 4 * B
+
+
+def test_freed_buffer_kept_for_a_later_tensor_of_the_same_shape():
+    # a dies after step 1; c (same shape) is born at step 3 and takes a's buffer, which ORT's
+    # allocation planner keeps allocated in between, while z (double size) is alive.
+    nodes = [
+        _node("Neg", ["x"], ["a"]),                      # 0: a
+        _node("Neg", ["a"], ["b"]),                      # 1: b (a dies)
+        _node("Concat", ["x", "x"], ["z"], axis=1),      # 2: z, 800 bytes
+        _node("Neg", ["b"], ["c"]),                      # 3: c reuses a's buffer (b dies)
+        _node("ReduceSum", ["z"], ["s"], keepdims=1),    # 4: s (4 bytes), z dies
+        _node("Add", ["c", "s"], ["y"]),                 # 5: y
+    ]
+    model = _model(nodes, [("x", S)], [("y", S)])
+    model = onnx.shape_inference.infer_shapes(model)
+    # Without reuse: step 2 holds x, b, z = 1600; step 3 holds x, b, z, c = 2000.
+    assert plan_graph(model, order="graph", reuse=False).peak == 2000
+    # With reuse, a's buffer is held from step 0 to step 5: step 2 holds x, a/c, b, z = 2000,
+    # and step 3 the same 2000 (c lives in a's buffer).
+    with_reuse = plan_graph(model, order="graph")
+    assert with_reuse.peak == 2000
+    assert [b for _, b in with_reuse.curve][:4] == [800, 1200, 2000, 2000]
+    assert [b for _, b in plan_graph(model, order="graph", reuse=False).curve][:4] == [
+        800, 1200, 1600, 2000]
+
+
+def test_workspace_of_conv_transpose_counts_during_the_node():
+    # ConvTranspose(x: 1x4x5x5, w: 4x2x3x3) keeps a column buffer of (2*3*3) x (5*5) floats.
+    w = numpy_helper.from_array(np.ones((4, 2, 3, 3), np.float32), "w")
+    model = _model([_node("ConvTranspose", ["x", "w"], ["y"])], [("x", [1, 4, 5, 5])],
+                   [("y", [1, 2, 7, 7])], [w])
+    plan = plan_graph(model, order="graph")
+    assert plan.workspace == 4 * 18 * 25
+    assert plan.peak == 4 * (100 + 98) + 4 * 18 * 25
+    assert plan.constants == 4 * 72
+
+
+def test_constant_folding_moves_zeros_into_session_constants():
+    # ConstantOfShape of a constant shape is folded by ORT when the session is built.
+    shape = numpy_helper.from_array(np.array(S, np.int64), "shape")
+    nodes = [_node("ConstantOfShape", ["shape"], ["zeros"]), _node("Add", ["x", "zeros"], ["y"])]
+    model = _model(nodes, [("x", S)], [("y", S)], [shape])
+    folded = plan_graph(model, order="graph")
+    assert folded.constants == 32 + B
+    assert folded.peak == 2 * B
+    unfolded = plan_graph(model, order="graph", fold=False)
+    assert unfolded.constants == 32
+    assert unfolded.peak == 3 * B
+
+
+def test_ort_default_order_is_a_reverse_dfs_from_the_leaves():
+    # ORT (GraphViewer): from the leaf y, producers pushed by ascending index, so the highest
+    # index producer runs first.
+    nodes = [_node("Neg", ["x"], ["a"]), _node("Exp", ["x"], ["b"]),
+             _node("Add", ["a", "b"], ["y"])]
+    assert execution_order(nodes, "ort") == [1, 0, 2]
+    assert execution_order(nodes, "graph") == [0, 1, 2]
+    # Two leaves: the last one is expanded first.
+    nodes = [_node("Neg", ["x"], ["a"]), _node("Exp", ["a"], ["y1"]),
+             _node("Sqrt", ["x"], ["y2"])]
+    assert execution_order(nodes, "ort") == [2, 0, 1]
+
+
+def test_worst_order_takes_the_larger_peak():
+    nodes = [_node("Neg", ["x"], ["a"]), _node("Exp", ["x"], ["b"]),
+             _node("Add", ["a", "b"], ["y"])]
+    model = _model(nodes, [("x", S)], [("y", S)])
+    plans = {o: plan_graph(model, order=o) for o in ("ort", "graph", "worst")}
+    assert plans["worst"].peak == max(plans["ort"].peak, plans["graph"].peak)
+    with pytest.raises(ValueError):
+        plan_graph(model, order="random")
+
+
+# ------------------------------------------------------------------------------------------------
+# Programs
+
+
+@pytest.fixture(scope="module")
+def vgg(zoo):
+    return zoo.build("vgg").onnx_model
+
+
+@pytest.fixture(scope="module")
+def vgg_plans(vgg):
+    return plan_model(vgg, (64, 64), [24, 36, 64])
+
+
+def test_program_plan_adds_up(vgg):
+    program = compile(vgg, tile=36, image=(64, 64), with_flops=False)
+    plan = plan_program(program, plan_conventional(vgg, (64, 64)))
+    assert isinstance(plan, MemoryPlan)
+    r = plan.resident
+    assert r.image == 1 * 3 * 64 * 64 * 4
+    assert r.parameters == sum(v.nbytes for v in program.parameters.values())
+    trainable = {p["name"] for p in program.meta["parameters"] if p["trainable"]}
+    assert r.gradients == sum(v.nbytes for k, v in program.parameters.items() if k in trainable)
+    assert r.optimizer == 2 * r.gradients
+    cut_bytes = sum(4 * int(np.prod(c["shape"])) for c in program.meta["cut_tensors"])
+    assert r.cut_tensors == r.cut_gradients == cut_bytes
+    assert plan.peak == max(plan.phases.values()) == plan.phases[plan.peak_phase]
+    backward = [c.backward.peak for c in plan.classes]
+    assert plan.peak >= r.total + max(backward)
+    assert plan.session_arenas >= plan.peak
+    assert plan.tiles == len(program.tiles) and len(plan.classes) == len(program.classes)
+    assert plan.conventional is not None and plan.conventional.activations > 0
+    assert plan.saving == pytest.approx(plan.conventional.total / plan.peak)
+    json.dumps(plan.to_dict())  # serialisable as is
+    assert any("predicted peak" in line for line in plan.summary())
+
+
+def test_folded_constants_follow_the_runtime_choice(vgg):
+    # vgg's MaxPool backward scatters into zeros that ORT folds into session constants.
+    program = compile(vgg, tile=64, image=(64, 64), with_flops=False)
+    folded = plan_program(program).resident.constants
+    kept_forward = plan_program(program, fold_constants="forward").resident.constants
+    assert plan_program(program, fold_constants="none").resident.constants == kept_forward
+    assert folded > kept_forward
+    with pytest.raises(ValueError):
+        plan_program(program, fold_constants="some")
+
+
+def test_plan_grows_with_tile_size(vgg_plans):
+    assert [p.tile for p in vgg_plans] == [24, 36, 64]
+    for smaller, larger in zip(vgg_plans, vgg_plans[1:]):
+        assert smaller.forward_peak <= larger.forward_peak
+        assert smaller.backward_peak <= larger.backward_peak
+        assert smaller.overhead >= larger.overhead
+        # Above what stays resident (which grows with the number of shape classes: each
+        # session keeps its constants and run state), the peak grows with the tile.
+        assert (smaller.peak - smaller.plan.resident.total
+                <= larger.peak - larger.plan.resident.total)
+    assert vgg_plans[-1].overhead == pytest.approx(1.0)
+    json.dumps([p.to_dict() for p in vgg_plans])
+
+
+def test_choose_tile_respects_the_budget(vgg, vgg_plans):
+    middle = sorted(p.peak for p in vgg_plans)[1]
+    tile, plan = choose_tile(vgg, (64, 64), middle, tiles=[24, 36, 64])
+    assert plan.peak <= middle
+    fitting = [p for p in vgg_plans if p.peak <= middle]
+    assert plan.overhead == min(p.overhead for p in fitting)
+    assert tile == plan.tile
+    # A budget that holds everything buys the whole image in one tile: no recompute.
+    tile, plan = choose_tile(vgg, (64, 64), "1GiB", tiles=[24, 36, 64])
+    assert tile == 64 and plan.overhead == pytest.approx(1.0)
+
+
+def test_too_small_a_budget_names_the_smallest_that_works(vgg, vgg_plans):
+    least = min(p.peak for p in vgg_plans)
+    with pytest.raises(CompileError) as info:
+        choose_tile(vgg, (64, 64), least - 1, tiles=[24, 36, 64])
+    message = str(info.value)
+    assert f"at least {least} bytes" in message
+    assert "too small" in message
+    tile, plan = choose_tile(vgg, (64, 64), least, tiles=[24, 36, 64])
+    assert plan.peak == least
+
+
+def test_conventional_keeps_what_autograd_keeps():
+    # x (1x1x10x10) -> Conv 3x3 (2 ch) -> Relu -> GlobalAveragePool -> Flatten -> Gemm (3).
+    inits = [numpy_helper.from_array(np.ones((2, 1, 3, 3), np.float32), "conv.weight"),
+             numpy_helper.from_array(np.ones((3, 2), np.float32), "fc.weight"),
+             numpy_helper.from_array(np.zeros(3, np.float32), "fc.bias")]
+    nodes = [_node("Conv", ["x", "conv.weight"], ["c"], pads=[1, 1, 1, 1]),
+             _node("Relu", ["c"], ["r"]), _node("GlobalAveragePool", ["r"], ["g"]),
+             _node("Flatten", ["g"], ["f"]), _node("Gemm", ["f", "fc.weight", "fc.bias"], ["y"],
+                                                   transB=1)]
+    model = _model(nodes, [("x", S)], [("y", [1, 3])], inits)
+    plan = plan_conventional(model)
+    assert plan.image == B
+    assert plan.parameters == plan.gradients == 4 * (18 + 6 + 3)
+    assert plan.optimizer == 2 * plan.gradients
+    # Kept for backward: the Relu's output r (also the pool's input) and the Gemm's input f;
+    # the Conv's input is the image, its weight a parameter.
+    assert plan.activations == 800 + 8
+    # Backward peak at the Relu's backward: r kept, the gradients of r and of c (800 each).
+    assert plan.backward == 3 * 800 - plan.activations
+    assert plan.all_activations == 800 + 800 + 8 + 12  # c, r, g, y (f is a view)
+    assert plan.total == (plan.image + plan.parameters + plan.gradients + plan.optimizer
+                          + plan.activations + plan.backward)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sizes and plots
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("4GiB", 4 * 2**30), ("512MiB", 512 * 2**20), ("8GB", 8 * 10**9), ("1000000", 10**6),
+    ("1.5 GiB", 3 * 2**29), ("64kib", 65536), ("2k", 2000), ("  7 B ", 7), (12345, 12345),
+    ("3T", 3 * 10**12), ("1gi", 2**30),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "abc", "4 GiBs", "-1", "0", "1e9", "GiB", "0.1B", 0, -5])
+def test_parse_size_rejects_nonsense(text):
+    with pytest.raises(StreamcError, match="memory size"):
+        parse_size(text)
+
+
+def test_format_size():
+    assert format_size(3 * 2**29) == "1.50 GiB"
+    assert format_size(512) == "512 B"
+
+
+def test_plot_needs_matplotlib(monkeypatch, vgg_plans, tmp_path):
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(StreamcError, match="pip install"):
+        plot_plans(vgg_plans, vgg_plans[0].conventional, "2MiB", tmp_path / "plot.png")
+
+
+def test_plot_writes_a_file(vgg_plans, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = plot_plans(vgg_plans, vgg_plans[0].conventional, "2MiB", tmp_path / "plot.png")
+    assert path.exists() and path.stat().st_size > 1000
