@@ -145,9 +145,10 @@ def prepare(
         dims[0].dim_value = batch
     # Any stale value_info would contradict the new sizes; inference recomputes it.
     del model.graph.value_info[:]
+    # Declared output shapes come from the exporter and can contradict strict inference (a
+    # ceil_mode pool whose last window ORT drops): inference recomputes them.
     for out in model.graph.output:
-        if image is not None:
-            out.type.tensor_type.ClearField("shape")
+        out.type.tensor_type.ClearField("shape")
     model = _infer(model)
     for _ in range(20):
         model, changed = _fold_constants(model)

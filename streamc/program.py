@@ -119,14 +119,19 @@ class Program:
             meta.pop("checksum", None)
             meta["checksum"] = _meta_checksum(meta)
             _write(tmp / "program.json", json.dumps(meta, indent=1).encode())
+            backup: Path | None = None
             if target.exists():
                 backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
                 backup.rmdir()
                 os.replace(target, backup)
+            try:
                 os.replace(tmp, target)
+            except BaseException:
+                if backup is not None and not target.exists():
+                    os.replace(backup, target)  # put the old program back
+                raise
+            if backup is not None:
                 shutil.rmtree(backup, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

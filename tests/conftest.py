@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import onnx
 import pytest
+from hypothesis import settings
 
 from tests import zoo as _zoo
+
+# CI runs the same examples every time (a failure there is reproducible, and no run spends
+# minutes shrinking a new one); locally hypothesis explores. HYPOTHESIS_PROFILE=dev overrides.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("dev")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
 @pytest.fixture(scope="session")

@@ -86,9 +86,14 @@ class Analysis:
         """Spatial size of a tensor (None when the image size is symbolic)."""
         return spatial_extent(self.graph, tensor)
 
-    def regions_for(self, cut_boxes: Mapping[str, Box]) -> dict[str, Box]:
-        """Region of every prefix tensor needed to compute ``cut_boxes`` of the cut tensors."""
-        return needed_regions(self.graph, self.split, cut_boxes)
+    def regions_for(self, cut_boxes: Mapping[str, Box], runnable: bool = False
+                    ) -> dict[str, Box]:
+        """Region of every prefix tensor needed to compute ``cut_boxes`` of the cut tensors.
+
+        ``runnable``: widen regions so that every op in the cone reads at least one input
+        position (what a tile graph computes; see :func:`needed_regions`).
+        """
+        return needed_regions(self.graph, self.split, cut_boxes, runnable=runnable)
 
     def to_dict(self) -> dict:
         head_ops: dict[str, int] = {}
@@ -115,6 +120,34 @@ def _fraction_json(value: Fraction) -> int | str:
     return value.numerator if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
 
 
+def _runtime_sizes(graph: Graph, split: Split) -> bool:
+    """Give every prefix tensor the spatial size that the runtime computes; True if any changed.
+
+    ONNX shape inference (onnx 1.23) disagrees with ONNX Runtime and torch on ``ceil_mode``
+    pooling whose last window would start in the end padding: ORT and torch drop that window,
+    the inference keeps it (one position too many). The locality rules follow the runtime, so
+    sizes are recomputed from them along the prefix; without this the cut tensors, the head's
+    inputs and every tile's regions would be one position too large.
+    """
+    changed = False
+    for name in split.prefix:
+        node = graph.nodes[name]
+        op = split.local_ops[name]
+        if not op.grid_inputs:
+            continue
+        source = graph.shape(node.input[op.grid_inputs[0]])
+        if source is None or any(d is None for d in source[2:]):
+            continue
+        sizes = tuple(axis.out_size(n) for axis, n in zip(op.axes, source[2:]))
+        for out in node.output:
+            shape = graph.shape(out) if out else None
+            if shape is None or len(shape) != len(source) or tuple(shape[2:]) == sizes:
+                continue
+            graph.shapes[out] = tuple(shape[:2]) + sizes
+            changed = True
+    return changed
+
+
 def analyze(
     model: str | Path | onnx.ModelProto,
     image: Sequence[int] | None = None,
@@ -130,6 +163,10 @@ def analyze(
     prepared = prepare(proto, image, input_name, batch=1)
     graph = Graph.from_model(prepared)
     split = split_graph(graph, input_name)
+    for _ in range(len(split.prefix) + 1):
+        if not _runtime_sizes(graph, split):
+            break
+        split = split_graph(graph, input_name)  # rules that read sizes (auto_pad SAME) again
     fields: dict[str, Field] = receptive_fields(graph, split)
     tensors = {}
     for tensor in split.prefix_tensors:

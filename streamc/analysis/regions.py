@@ -60,6 +60,7 @@ def needed_regions(
     split: Split,
     cut_boxes: Mapping[str, Box],
     clip_to_extent: bool = True,
+    runnable: bool = False,
 ) -> dict[str, Box]:
     """Regions every prefix tensor must hold so that the cut tensors hold ``cut_boxes``.
 
@@ -67,6 +68,12 @@ def needed_regions(
     extent (what lies outside is padding that the op supplies itself) unless
     ``clip_to_extent`` is False (then the graph's sizes are not needed). Tensors that no cut
     region depends on are absent from the result.
+
+    With ``runnable``, an op whose needed output region reads only its own padding (a Conv
+    with padding wider than its kernel, near the border) gets its output region widened
+    towards the interior until it reads at least one input position: an op cannot run on an
+    empty input, and the extra positions are sliced away. The tiling passes use this; the
+    exact dependency regions (``runnable=False``) are what receptive fields report.
     """
     needed: dict[str, Box] = {t: b for t, b in cut_boxes.items() if not is_empty(b)}
     for name in reversed(split.prefix):
@@ -77,6 +84,11 @@ def needed_regions(
         if out_box is None:
             continue
         op = split.local_ops[name]
+        if runnable and clip_to_extent:
+            out_box = _reading_something(graph, node, op, out_box)
+            for out in node.output:
+                if out:
+                    needed[out] = out_box
         for slot in op.grid_inputs:
             tensor = node.input[slot]
             box = tuple(axis.reads(iv) for axis, iv in zip(op.axes, out_box))
@@ -90,13 +102,39 @@ def needed_regions(
     return needed
 
 
+def _reading_something(graph: Graph, node, op, out_box: Box) -> Box:
+    """``out_box`` widened, per axis, until it reads at least one position of every grid input."""
+    out_extent = spatial_extent(graph, node.output[0])
+    result = list(out_box)
+    for slot in op.grid_inputs:
+        extent = spatial_extent(graph, node.input[slot])
+        if extent is None or out_extent is None:
+            continue
+        for axis, (ax, n, m) in enumerate(zip(op.axes, extent, out_extent)):
+            a, b = result[axis]
+            lo, hi = ax.reads((a, b))
+            if hi <= 0:  # everything read lies in the begin padding: grow towards the end
+                while b < m and ax.reads((b, b + 1))[1] <= 0:
+                    b += 1
+                b = min(b + 1, m)
+            elif lo >= n:  # everything read lies in the end padding: grow towards the start
+                while a > 0 and ax.reads((a - 1, a))[0] >= n:
+                    a -= 1
+                a = max(a - 1, 0)
+            result[axis] = (a, b)
+    return tuple(result)
+
+
 @dataclass
 class Field:
     """Closed-form numbers for one prefix tensor, per spatial axis.
 
-    Position ``j`` of the tensor reads input pixels ``[j·stride − offset, j·stride − offset +
-    receptive_field)`` (away from the image border; fractional strides after upsampling make the
-    field vary by phase, and the largest is reported).
+    Position ``j`` of the tensor reads input pixels inside ``[j·stride − offset, j·stride −
+    offset + receptive_field)`` (before clipping to the image). When the tensor's field varies
+    with the position's phase (a stride-2 layer followed by a ×2 upsampling: even and odd
+    positions read windows shifted by one pixel; or a fractional stride), ``offset`` and
+    ``receptive_field`` describe the smallest interval of that form that covers every phase,
+    so the formula never understates what a position reads.
     """
 
     stride: tuple[Fraction, ...]
@@ -122,31 +160,43 @@ def strides(graph: Graph, split: Split) -> dict[str, tuple[Fraction, ...]]:
     return result
 
 
+#: Most phases measured per tensor (the period is the lcm of stride ratios; it is 1 unless a
+#: tensor is upsampled from a coarser grid).
+MAX_PHASES = 64
+
+
 def receptive_fields(graph: Graph, split: Split) -> dict[str, Field]:
     """Stride, receptive field and offset of every prefix tensor (unclipped region transfer)."""
     tensor_strides = strides(graph, split)
-    period = 1
-    for stride in tensor_strides.values():
-        for s in stride:
-            period = math.lcm(period, s.denominator)
     fields: dict[str, Field] = {}
     n = split.n_spatial
     for tensor, stride in tensor_strides.items():
-        sizes = [0] * n
-        offset = [0] * n
-        for phase in range(min(period, 64)):
+        # Positions j and j + period read the same window shifted by period·stride when
+        # period·stride is a whole number of steps of every tensor upstream.
+        period = 1
+        for other in tensor_strides.values():
+            for s, o in zip(stride, other):
+                period = math.lcm(period, (s / o).denominator)
+        before: list[Fraction | None] = [None] * n  # max over phases of j·S − start
+        after: list[Fraction | None] = [None] * n  # max over phases of stop − j·S
+        for phase in range(min(period, MAX_PHASES)):
             box = ((phase, phase + 1),) * n
             regions = needed_regions(graph, split, {tensor: box}, clip_to_extent=False)
             image_box = regions.get(split.input_name, box)
             for axis, (a, b) in enumerate(image_box):
-                sizes[axis] = max(sizes[axis], b - a)
-                if phase == 0:
-                    offset[axis] = -a
-        fields[tensor] = Field(stride, tuple(sizes), tuple(offset))
+                centre = phase * stride[axis]
+                lo, hi = centre - a, b - centre
+                before[axis] = lo if before[axis] is None else max(before[axis], lo)
+                after[axis] = hi if after[axis] is None else max(after[axis], hi)
+        offset = tuple(math.ceil(v) for v in before)
+        size = tuple(math.ceil(p + v) for p, v in zip(offset, after))
+        fields[tensor] = Field(stride, size, offset)
     return fields
 
 
-def alignment(tensor_strides: Mapping[str, tuple[Fraction, ...]], n_spatial: int) -> tuple[int, ...]:
+def alignment(
+    tensor_strides: Mapping[str, tuple[Fraction, ...]], n_spatial: int
+) -> tuple[int, ...]:
     """Per axis, the multiple every tile origin must be: lcm of stride numerators (DESIGN §3)."""
     result = [1] * n_spatial
     for stride in tensor_strides.values():

@@ -6,7 +6,14 @@ from dataclasses import dataclass, field
 
 from streamc.errors import UnsupportedModelError
 from streamc.graph import Graph
-from streamc.ops.locality import LOCALITY, LocalityContext, LocalOp, NotLocal, nonlocal_reason
+from streamc.ops.locality import (
+    LOCALITY,
+    LocalityContext,
+    LocalOp,
+    NotLocal,
+    Refuse,
+    nonlocal_reason,
+)
 
 
 @dataclass
@@ -82,6 +89,10 @@ def split_graph(graph: Graph, input_name: str) -> Split:
             else:
                 try:
                     op = rule(node, ctx)
+                except Refuse as exc:
+                    raise UnsupportedModelError(
+                        f"node {name!r} ({node.op_type}) cannot be streamed: {exc}."
+                    ) from None
                 except NotLocal as exc:
                     reason = str(exc)
             if reason is None:

@@ -49,7 +49,8 @@ class Window:
         a, b = out
         if b <= a:
             return (0, 0)
-        return (a * self.stride - self.pad_begin, (b - 1) * self.stride - self.pad_begin + self.span)
+        start = a * self.stride - self.pad_begin
+        return (start, (b - 1) * self.stride - self.pad_begin + self.span)
 
     def out_size(self, n: int) -> int:
         total = n + self.pad_begin + self.pad_end - self.span
@@ -130,7 +131,8 @@ class Transposed:
     def produces(self, available: Interval) -> Interval:
         """Full-image output positions that a transposed conv over ``available`` (no pads) spans."""
         u, v = available
-        return (u * self.stride - self.pad_begin, (v - 1) * self.stride - self.pad_begin + self.span)
+        start = u * self.stride - self.pad_begin
+        return (start, (v - 1) * self.stride - self.pad_begin + self.span)
 
 
 AxisMap = Window | Upsample | Transposed

@@ -28,6 +28,11 @@ class NotLocal(Exception):
     """Raised by a locality rule: the node is not spatially local, and why (one sentence)."""
 
 
+class Refuse(NotLocal):
+    """Raised by a locality rule for a node that must not silently end the prefix either: the
+    model was exported wrongly (training-mode BatchNorm or Dropout) and the user must fix it."""
+
+
 @dataclass(frozen=True)
 class LocalOp:
     """How one node acts on the spatial grid.
@@ -196,6 +201,14 @@ def _pool(node, ctx: LocalityContext) -> LocalOp:
         Window(kernel[i], strides[i], dilations[i], *pads[i], ceil_mode=ceil_mode)
         for i in range(n)
     )
+    sizes = ctx.spatial_shape(node.input[0])
+    if sizes is not None and None not in sizes and all(
+        axis.span >= size and axis.out_size(size) == 1 for axis, size in zip(axes, sizes)
+    ):
+        raise NotLocal(
+            "its window covers the whole feature map: it is a global pooling (an exported "
+            "AdaptiveMaxPool/AdaptiveAvgPool to size 1), which starts the head"
+        )
     if ceil_mode and node.op_type == "AveragePool" and attrs.get("count_include_pad", 0):
         sizes = ctx.spatial_shape(node.input[0])
         for axis, size in zip(axes, sizes or ()):
@@ -232,9 +245,11 @@ def dropout(node, ctx: LocalityContext) -> LocalOp:
     if len(node.input) > 2 and node.input[2]:
         training = ctx.constant(node.input[2])
         if training is None or bool(np.asarray(training).item()):
-            raise NotLocal("it runs in training mode; export the model in eval mode")
+            raise Refuse("Dropout runs in training mode; export the model in eval mode "
+                         "(model.eval())")
     if attrs.get("is_test", 1) == 0 and ctx.graph.opset < 7:
-        raise NotLocal("it runs in training mode; export the model in eval mode")
+        raise Refuse("Dropout runs in training mode; export the model in eval mode "
+                     "(model.eval())")
     if len(node.output) > 1 and node.output[1] in ctx.graph.consumers:
         raise NotLocal("its mask output is used")
     return LocalOp(_pointwise_axes(ctx), (0,))
@@ -244,7 +259,7 @@ def dropout(node, ctx: LocalityContext) -> LocalOp:
 def batch_norm(node, ctx: LocalityContext) -> LocalOp:
     attrs = attributes(node)
     if attrs.get("training_mode", 0) or sum(1 for o in node.output if o) > 1:
-        raise NotLocal(
+        raise Refuse(
             "BatchNormalization runs in training mode (batch statistics over the whole image); "
             "export the model in eval mode (model.eval()) so it uses running statistics"
         )

@@ -10,6 +10,7 @@ into as few tiles as fit the requested size, of equal kept size except the last.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -54,10 +55,18 @@ def parse_tile(tile: int | str | Sequence[int], n_spatial: int) -> tuple[int, ..
             raise CompileError(
                 f"tile size {tile!r} is not a number or NxM (e.g. 2048 or 2048x1536)."
             ) from None
-    elif isinstance(tile, int):
-        parts = [tile]
     else:
-        parts = [int(p) for p in tile]
+        # Whole numbers only: a float (2048.5) or a bool is a mistake, not a size.
+        values = [tile] if not isinstance(tile, Sequence) else list(tile)
+        try:
+            if any(isinstance(p, bool) for p in values):
+                raise TypeError
+            parts = [operator.index(p) for p in values]
+        except TypeError:
+            raise CompileError(
+                f"tile size {tile!r} must be a whole number of pixels per axis, e.g. 2048, "
+                "'2048x1536' or (2048, 1536)."
+            ) from None
     if len(parts) == 1:
         parts = parts * n_spatial
     if len(parts) != n_spatial:
@@ -73,11 +82,14 @@ def _cut_boundary(analysis: Analysis, cut: str, axis: int, pixel: int, last: boo
     extent = analysis.extent(cut)[axis]
     if last:
         return extent
-    stride: Fraction = analysis.tensors[cut].stride[axis]
-    value = Fraction(pixel) / stride
-    if value.denominator != 1:  # cannot happen on the alignment lattice; guard anyway
-        raise CompileError(f"tile boundary {pixel} is not aligned with cut tensor {cut!r}.")
-    return min(int(value), extent)
+    # Position j of the cut reads image pixels [j·S − P, j·S − P + r) (stride S, offset P,
+    # field r): it belongs to the tile whose image interval holds the centre of that field.
+    # Ignoring P and r (j ↔ pixel j·S) puts the positions that read mostly padding all into the
+    # first or last tile, whose crop can then be wider than any other (or cover the image).
+    info = analysis.tensors[cut]
+    centre = Fraction(info.offset[axis]) - Fraction(info.receptive_field[axis] - 1, 2)
+    value = math.ceil((Fraction(pixel) + centre) / info.stride[axis])
+    return min(max(value, 0), extent)
 
 
 def _axis_kept(analysis: Analysis, axis: int, start: int, stop: int, image_end: int
@@ -99,11 +111,51 @@ def _crop_along(analysis: Analysis, axis: int, kept: dict[str, tuple[int, int]])
         box = [(0, n) for n in extent]
         box[axis] = interval
         boxes[cut] = tuple(box)
-    regions = analysis.regions_for(boxes)
+    regions = analysis.regions_for(boxes, runnable=True)
     image_box = regions.get(analysis.input_name)
     if image_box is None or is_empty(image_box):
         return (0, 0)
     return image_box[axis]
+
+
+def _crops(analysis: Analysis, axis: int, bounds: Sequence[int], size: int
+           ) -> list[tuple[int, int]]:
+    return [_crop_along(analysis, axis, _axis_kept(analysis, axis, a, b, size))
+            for a, b in zip(bounds, bounds[1:])]
+
+
+def _without_empty(analysis: Analysis, axis: int, bounds: list[int], size: int) -> list[int]:
+    """Merge away tiles whose kept regions read no image pixel (they hold only values computed
+    from padding, at the border): a tile needs a non-empty crop. Merging one into its neighbour
+    does not widen the neighbour's crop."""
+    crops = _crops(analysis, axis, bounds, size)
+    keep = [0]
+    for i in range(1, len(bounds) - 1):
+        # Boundary i separates tile i-1 from tile i; drop it if either side is empty, unless
+        # that would merge two tiles that both read pixels.
+        if crops[i][1] > crops[i][0] and crops[i - 1][1] > crops[i - 1][0]:
+            keep.append(bounds[i])
+    return keep + [size]
+
+
+def _min_tile(analysis: Analysis, axis: int, size: int, align: int) -> int:
+    """The smallest crop that makes progress: the widest crop of the finest tiling (one aligned
+    step per tile). Any coarser tiling has a crop at least as wide, as a merged tile reads
+    everything its parts read. Steps away from the borders repeat one pattern (their starts
+    are aligned), so only the border steps and one interior step are measured."""
+    steps = list(range(0, size, align))
+    reach = max(
+        abs(info.offset[axis]) + info.receptive_field[axis]
+        for info in (analysis.tensors[c] for c in analysis.cut_tensors)
+    ) + align
+    interior = (size // 2 // align) * align
+    chosen = sorted({a for a in steps if a < reach or a + align > size - reach} | {interior})
+    widest = 0
+    for a in chosen:
+        lo, hi = _crop_along(analysis, axis,
+                             _axis_kept(analysis, axis, a, min(a + align, size), size))
+        widest = max(widest, hi - lo)
+    return widest
 
 
 def _axis_boundaries(analysis: Analysis, axis: int, size: int, tile: int, align: int
@@ -111,38 +163,31 @@ def _axis_boundaries(analysis: Analysis, axis: int, size: int, tile: int, align:
     """As few aligned boundaries as keep every crop along ``axis`` within ``tile`` pixels."""
 
     def max_crop(bounds: list[int]) -> int:
-        widest = 0
-        for start, stop in zip(bounds, bounds[1:]):
-            a, b = _crop_along(analysis, axis, _axis_kept(analysis, axis, start, stop, size))
-            widest = max(widest, b - a)
-        return widest
+        return max(b - a for a, b in _crops(analysis, axis, bounds, size))
 
     whole = [0, size]
     if max_crop(whole) <= tile:
         return whole
-    halo = 0
-    if size > 2 * align:
-        # Smallest useful tile: one alignment step kept, in the middle of the image.
-        mid = (size // 2 // align) * align
-        a, b = _crop_along(analysis, axis, _axis_kept(analysis, axis, mid, mid + align, size))
-        if b - a > tile:
-            raise CompileError(
-                f"tile {tile} along axis {axis} is too small to make progress: keeping one "
-                f"aligned step of {align} px needs a crop of {b - a} px (the receptive field's "
-                f"halo). Use a tile of at least {b - a}."
-            )
-        halo = (b - a) - align
+    smallest = _min_tile(analysis, axis, size, align)
+    if smallest > tile:
+        aligned = -(-smallest // align) * align
+        raise CompileError(
+            f"tile {tile} along axis {axis} is too small to make progress: keeping one aligned "
+            f"step of {align} px needs a crop of up to {smallest} px (the receptive field's "
+            f"halo). Use a tile of at least {aligned}."
+        )
+    halo = max(0, smallest - align)
     n = max(2, math.ceil(size / max(align, tile - halo)))
     while True:
         kept = math.ceil(size / n / align) * align
-        bounds = [min(i * kept, size) for i in range(n)] + [size]
-        bounds = sorted(set(bounds))
+        bounds = sorted({min(i * kept, size) for i in range(n)} | {size})
+        bounds = _without_empty(analysis, axis, bounds, size)
         if max_crop(bounds) <= tile:
             return bounds
-        if kept <= align:
+        if kept <= align:  # cannot happen: the finest tiling's widest crop is `smallest`
             raise CompileError(
-                f"tile {tile} along axis {axis} is too small to make progress with alignment "
-                f"{align}; use a larger tile."
+                f"internal error: no tiling along axis {axis} fits tile {tile} although the "
+                f"smallest useful tile is {smallest}; please report this."
             )
         n += 1
 
@@ -189,8 +234,13 @@ def make_schedule(analysis: Analysis, tile: int | str | Sequence[int]) -> Schedu
         kept_boxes = {c: tuple(b) for c, b in kept.items() if not is_empty(tuple(b))}
         if not kept_boxes:
             continue
-        regions = analysis.regions_for(kept_boxes)
-        crop = regions[analysis.input_name]
+        regions = analysis.regions_for(kept_boxes, runnable=True)
+        crop = regions.get(analysis.input_name)
+        if crop is None:
+            raise CompileError(
+                f"internal error: tile {index} keeps {kept_boxes} of the cut tensors, which "
+                "read no image pixel; please report this."
+            )
         schedule.tiles.append(Tile(index, kept_boxes, crop))
     return schedule
 

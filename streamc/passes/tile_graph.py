@@ -62,7 +62,7 @@ def _local(box: Box, within: Box) -> Local | None:
 def layout_tile(analysis: Analysis, tile: Tile) -> TileLayout:
     """The layout of ``tile`` (see module docstring)."""
     graph = analysis.graph
-    regions = analysis.regions_for(tile.kept)
+    regions = analysis.regions_for(tile.kept, runnable=True)
     nodes = []
     for name in analysis.prefix:
         node = graph.nodes[name]
@@ -345,9 +345,17 @@ def emit_tile_graph(
     outputs = []
     for cut, local in layout.outputs:
         out_name = kept_name(cut) if output_names is None else output_names[cut]
-        source = builder.slice(cut, local) if local is not None else cut
-        builder.nodes.append(helper.make_node("Identity", [source], [out_name],
-                                              name=builder.fresh("out")))
+        if local is not None:
+            source = builder.slice(cut, local)
+            _rename(builder.nodes, source, out_name)
+        elif cut != image:
+            # The whole computed region is kept: give the tensor the output's name instead of
+            # adding an Identity. ONNX Runtime 1.32 (EliminateIdentity with Pad fusion) rejects
+            # a graph where a tensor feeds both an output Identity and a Pad before a Conv.
+            _rename(builder.nodes, cut, out_name)
+        else:
+            builder.nodes.append(helper.make_node("Identity", [cut], [out_name],
+                                                  name=builder.fresh("out")))
         outputs.append(out_name)
     nodes = _with_constant_nodes(analysis, builder.nodes)
     used = {i for n in nodes for i in n.input if i}
@@ -368,6 +376,17 @@ def emit_tile_graph(
                               producer_name="streamc")
     proto.ir_version = model.ir_version
     return _typed_outputs(proto)
+
+
+def _rename(nodes: list[onnx.NodeProto], old: str, new: str) -> None:
+    """Rename tensor ``old`` to ``new`` wherever ``nodes`` produce or read it."""
+    for node in nodes:
+        for i, name in enumerate(node.output):
+            if name == old:
+                node.output[i] = new
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
 
 
 def _with_constant_nodes(analysis: Analysis, nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
