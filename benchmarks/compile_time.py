@@ -3,7 +3,8 @@
     python -m benchmarks.compile_time            # 8192² image, tile 2048
     python -m benchmarks.compile_time --image 4096 --tile 1024
 
-Reports, per model: analysis and compile seconds (median of --repeat runs; wall clock and this
+Reports, per model: analysis seconds, compile seconds without the memory plan, the memory
+plan's seconds on its own (median of --repeat runs; wall clock and this
 process's CPU time, which a busy shared machine inflates less), tiles, shape
 classes, and the forward/backward FLOP overhead of the tiled program over the untiled prefix.
 Writes benchmarks/results/compile_time.json.
@@ -21,21 +22,25 @@ from pathlib import Path
 import streamc
 from benchmarks.resnets import export, resnet18, resnet50
 from streamc.compiler import compile as compile_program
+from streamc.passes.memory_plan import plan_conventional, plan_program
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def measure(name: str, model, image: int, tile: int, repeat: int) -> dict:
-    times, cpu_times, analysis_times = [], [], []
+    times, cpu_times, analysis_times, plan_times = [], [], [], []
     program = None
     for _ in range(repeat):
         start = time.perf_counter()
         streamc.analyze(model, (image, image))
         analysis_times.append(time.perf_counter() - start)
         start, cpu_start = time.perf_counter(), time.process_time()
-        program = compile_program(model, tile, image=(image, image))
+        program = compile_program(model, tile, image=(image, image), with_memory_plan=False)
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
+        cpu_start = time.process_time()
+        plan_program(program, plan_conventional(model, (image, image)))
+        plan_times.append(time.process_time() - cpu_start)
     flops = program.meta["flops"]
     return {
         "model": name,
@@ -45,6 +50,7 @@ def measure(name: str, model, image: int, tile: int, repeat: int) -> dict:
         "analysis_s": round(statistics.median(analysis_times), 3),
         "compile_s": round(statistics.median(times), 3),
         "compile_cpu_s": round(statistics.median(cpu_times), 3),
+        "memory_plan_cpu_s": round(statistics.median(plan_times), 3),
         "tiles": len(program.tiles),
         "grid": program.meta["grid"],
         "classes": len(program.classes),
@@ -67,7 +73,7 @@ def main() -> None:
         r = rows[-1]
         print(f"{name:9} {r['nodes']:4} nodes  image {args.image}²  tile {args.tile}: "
               f"analysis {r['analysis_s']:.2f} s, compile {r['compile_s']:.2f} s "
-              f"({r['compile_cpu_s']:.2f} s CPU), "
+              f"({r['compile_cpu_s']:.2f} s CPU; memory plan {r['memory_plan_cpu_s']:.2f} s CPU), "
               f"{r['tiles']} tiles ({r['classes']} classes), FLOP overhead fwd "
               f"{r['forward_overhead']:.3f}x bwd {r['backward_overhead']:.3f}x", flush=True)
     RESULTS.mkdir(exist_ok=True)

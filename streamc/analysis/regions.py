@@ -76,30 +76,56 @@ def needed_regions(
     exact dependency regions (``runnable=False``) are what receptive fields report.
     """
     needed: dict[str, Box] = {t: b for t, b in cut_boxes.items() if not is_empty(b)}
-    for name in reversed(split.prefix):
-        node = graph.nodes[name]
+    for step in _steps(graph, split):
         out_box = None
-        for out in node.output:
-            out_box = union(out_box, needed.get(out))
+        for out in step.outputs:
+            box = needed.get(out)
+            if box is not None:
+                out_box = box if out_box is None else union(out_box, box)
         if out_box is None:
             continue
-        op = split.local_ops[name]
         if runnable and clip_to_extent:
-            out_box = _reading_something(graph, node, op, out_box)
-            for out in node.output:
-                if out:
-                    needed[out] = out_box
-        for slot in op.grid_inputs:
-            tensor = node.input[slot]
-            box = tuple(axis.reads(iv) for axis, iv in zip(op.axes, out_box))
+            out_box = _reading_something(graph, step.node, step.op, out_box)
+            for out in step.outputs:
+                needed[out] = out_box
+        reads = tuple(axis.reads(iv) for axis, iv in zip(step.op.axes, out_box))
+        for tensor, extent in step.inputs:
+            box = reads
             if clip_to_extent:
-                extent = spatial_extent(graph, tensor)
                 if extent is None:
                     raise ValueError(f"tensor {tensor!r} has no static spatial size")
-                box = clip(box, extent)
+                box = tuple((max(a, 0), min(b, n)) for (a, b), n in zip(box, extent))
             if not is_empty(box):
-                needed[tensor] = union(needed.get(tensor), box)
+                previous = needed.get(tensor)
+                needed[tensor] = box if previous is None else union(previous, box)
     return needed
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One prefix node as region transfer sees it (precomputed once per split)."""
+
+    node: object
+    op: object
+    outputs: tuple[str, ...]
+    inputs: tuple[tuple[str, tuple[int, ...] | None], ...]  # grid input, its spatial extent
+
+
+def _steps(graph: Graph, split: Split) -> list[_Step]:
+    """The prefix in reverse topological order, cached on ``split`` (region transfer is called
+    hundreds of times per compilation)."""
+    cached = split.__dict__.get("_region_steps")
+    if cached is not None and cached[0] is graph:
+        return cached[1]
+    steps = []
+    for name in reversed(split.prefix):
+        node = graph.nodes[name]
+        op = split.local_ops[name]
+        inputs = tuple((node.input[slot], spatial_extent(graph, node.input[slot]))
+                       for slot in op.grid_inputs)
+        steps.append(_Step(node, op, tuple(o for o in node.output if o), inputs))
+    split.__dict__["_region_steps"] = (graph, steps)
+    return steps
 
 
 def _reading_something(graph: Graph, node, op, out_box: Box) -> Box:

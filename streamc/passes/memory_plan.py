@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -246,9 +246,8 @@ class GraphPlan:
     curve: list[tuple[str, int]] = field(default_factory=list, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("curve")
-        return d
+        # Not asdict(): it would deep-copy the (long) curve only to drop it.
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "curve"}
 
 
 def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
