@@ -30,10 +30,8 @@ conservative: a k×1 and a 1×k branch read a plus shape, not its box).
 
 from __future__ import annotations
 
-import io
 import math
 import random
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +39,8 @@ from typing import Any
 import onnx
 import torch
 from torch import nn
+
+from tests import zoo
 
 __all__ = [
     "Layer",
@@ -493,27 +493,7 @@ def build_module(spec: NetSpec, seed: int = 0) -> RandNet:
 
 def export(module: nn.Module, image_shape: Sequence[int]) -> onnx.ModelProto:
     """Export like the zoo: TorchScript exporter, opset 17, eval, no constant folding."""
-    module.eval()
-    x = torch.zeros(tuple(int(s) for s in image_shape), dtype=torch.float32)
-    with torch.no_grad():
-        y = module(x)
-    n_out = len(y) if isinstance(y, tuple) else 1
-    names = ["logits"] if n_out == 1 else [f"out{i}" for i in range(n_out)]
-    f = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module, (x,), f, dynamo=False, opset_version=17, do_constant_folding=False,
-            training=torch.onnx.TrainingMode.EVAL, input_names=["image"], output_names=names,
-        )
-    model = onnx.load_model_from_string(f.getvalue())
-    outs = list(y) if isinstance(y, tuple) else [y]
-    for vi, out in zip(model.graph.output, outs):
-        dims = vi.type.tensor_type.shape.dim
-        del dims[:]
-        for size in out.shape:
-            dims.add().dim_value = int(size)
-    return model
+    return zoo.export(module, image_shape)
 
 
 @dataclass
