@@ -132,10 +132,17 @@ class StreamEngine:
         given = {name: g for name, g in zip(self.cut_names, cut_grads) if g is not None}
         if not given:
             return grads
+        release = self.pool.options.release_sessions
+        if release:
+            # The baked forward sessions are of this step's weights, which the optimizer step
+            # after this backward pass replaces: free them (and their weight copies) now.
+            for cls in self.program.classes:
+                self.pool.release(cls["forward"], baked=True)
+        last = {tile["class"]: k for k, tile in enumerate(tiles)}
         with self.progress.bar(len(chunks) * len(tiles), "backward") as bar:
-            for chunk in chunks:
+            for c, chunk in enumerate(chunks):
                 x = image[chunk]
-                for tile in tiles:
+                for k, tile in enumerate(tiles):
                     cls = self.program.classes[tile["class"]]
                     if not cls["gradients"]:
                         _tick(bar)
@@ -156,6 +163,11 @@ class StreamEngine:
                                            self.pool.bakes(backward=True, runs=runs))
                     for (name, _), value in zip(pairs, values):
                         _accumulate(grads, name, value)
+                    del values, feeds
+                    if release and c == len(chunks) - 1 and last[tile["class"]] == k:
+                        # This class's last tile: a baked backward session would only be
+                        # rebuilt for the next step's weights; fed ones are kept (built once).
+                        self.pool.release(cls["backward"], baked=True)
                     _tick(bar)
         return grads
 

@@ -25,6 +25,12 @@ least ``auto_min_runs`` times per step. Measured on ResNet-18, one thread, 512²
 (``benchmarks/runtime_sessions.py``, CPU seconds): baking makes the forward graph 1.2x faster for
 a 0.05 s rebuild, but the backward graph only 1.07-1.09x faster for a 0.2-0.6 s rebuild, which
 pays off from about three runs of that graph per step (tiles of one shape class, or images).
+
+Memory (CPU; measured in ``benchmarks/tile_memory.py``, docs/memory-runtime.md): all sessions
+share one ORT arena, with ORT's memory patterns off (a patterned block beside the first run's
+per-tensor buffers held every graph's peak twice), constant folding off in backward graphs (it
+froze tile-sized zero tensors into every backward session), and baked sessions freed once the
+pass that uses them is over (:meth:`SessionPool.release`, called by the engine).
 """
 
 from __future__ import annotations
@@ -118,6 +124,34 @@ class RuntimeOptions:
     cpu_arena: bool | Literal["shared"] = "shared"
     cudnn_conv_algo_search: str | None = None
     optimization: Literal["all", "extended", "basic", "none"] = "all"
+    #: ORT memory patterns: from its second run a session allocates one planned block per run
+    #: instead of one buffer per tensor. Off by default: in the shared arena that block lands
+    #: beside the per-tensor buffers of the first run and of the other shape classes, which
+    #: the arena keeps, so every graph's peak is held about twice; off costs no measurable
+    #: time (``benchmarks/tile_memory.py``, docs/memory-runtime.md).
+    mem_pattern: bool = False
+    #: growth of the shared CPU arena: ``"same"`` (kSameAsRequested) or ``"pow2"``
+    #: (kNextPowerOfTwo). Only the first registration in a process counts.
+    arena_extend: Literal["same", "pow2"] = "same"
+    #: glibc malloc tuning (see :func:`tune_malloc`): ``None`` leaves malloc alone, else the
+    #: mmap threshold in bytes (blocks at least this large are mmapped and go back to the OS
+    #: when freed).
+    mmap_threshold: int | None = None
+    #: call glibc's ``malloc_trim(0)`` after every graph run on CPU: returns the heap freed by
+    #: released sessions, session builds and tile buffers to the OS (−0.15 GiB step peak at
+    #: 2048²/tile 1024, −1.1 GiB at 1024²/tile 512 with 49 classes; no CPU cost measured).
+    trim: bool = True
+    #: free baked sessions once the pass that uses them is over (forward sessions when the
+    #: backward pass starts, a class's backward session after its last tile): they are
+    #: rebuilt for the next optimizer step's weights anyway.
+    release_sessions: bool = True
+    #: graphs whose sessions run ORT's constant folding: ``"forward"`` (default), ``"all"`` or
+    #: ``"none"``. In a backward graph it folds tile-sized constants (the zeros a MaxPool's
+    #: ScatterElements writes into, padding blocks) into initializers that the session then
+    #: holds for its lifetime, one set per shape class: 94 MiB per backward session at tile
+    #: 1024, ~4x that at 2048 (docs/memory-runtime.md); computed at run time they cost
+    #: nothing measurable.
+    fold_constants: Literal["forward", "all", "none"] = "forward"
 
 
 def check_cuda(device: torch.device) -> None:
@@ -257,10 +291,16 @@ class SessionPool:
         self.providers = {baked: resolve_providers(self.device, self.options, baked)
                           for baked in (True, False)}
         self._parameters = {p["name"]: p for p in program.meta["parameters"]}
+        self._backward_graphs = {c["backward"] for c in program.classes if c.get("backward")}
+        head = program.meta.get("head") or {}
+        if head.get("backward"):
+            self._backward_graphs.add(head["backward"])
         self._sessions: dict[tuple[str, bool], _Session] = {}
         self._stripped: dict[str, bytes] = {}
         self._lock = threading.Lock()
         self.builds = 0  # sessions built so far (for tests and benchmarks)
+        if self.options.mmap_threshold is not None and self.device.type == "cpu":
+            tune_malloc(self.options.mmap_threshold)
 
     def bakes(self, backward: bool, runs: int = 1) -> bool:
         """Whether a graph (a backward one, run ``runs`` times per step) gets baked weights."""
@@ -281,13 +321,14 @@ class SessionPool:
             "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         }[self.options.optimization]
         so.log_severity_level = 3
+        so.enable_mem_pattern = bool(self.options.mem_pattern)
         so.intra_op_num_threads = int(self.options.threads or torch.get_num_threads())
         # Weights are allocated outside the arena: sessions are rebuilt once per step, and
         # their initializers would otherwise fragment the arena that the activations reuse.
         so.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
         shared = False
         if self.options.cpu_arena == "shared":
-            _register_shared_cpu_arena()
+            _register_shared_cpu_arena(self.options.arena_extend)
             so.enable_cpu_mem_arena = True
             shared = True
         else:
@@ -358,8 +399,12 @@ class SessionPool:
             generation = weights.generation
         else:
             data = self.program.serialized(relative)
+        fold = self.options.fold_constants
+        disabled = [] if fold == "all" or (
+            fold == "forward" and relative not in self._backward_graphs) else ["ConstantFolding"]
         try:
-            session = ort.InferenceSession(data, so, providers=self.providers[baked])
+            session = ort.InferenceSession(data, so, providers=self.providers[baked],
+                                           disabled_optimizers=disabled or None)
         except Exception as exc:  # ORT raises its own exception types
             raise StreamcError(
                 f"ONNX Runtime could not load {relative} of the program: {exc}"
@@ -395,6 +440,16 @@ class SessionPool:
         with self._lock:
             self._sessions.clear()
 
+    def release(self, relative: str, baked: bool | None = True) -> None:
+        """Drop the session(s) of graph ``relative`` (``baked``: only the baked one, ``False``:
+        only the fed one, ``None``: both). A baked session is rebuilt at every optimizer step
+        anyway, so once the pass that uses it is over it only holds memory (its copy of the
+        weights, their pre-packed forms, ORT's per-session buffers)."""
+        with self._lock:
+            for key in [(relative, True), (relative, False)]:
+                if baked is None or key[1] == baked:
+                    self._sessions.pop(key, None)
+
     # -- running -------------------------------------------------------------------------------
     def run(self, relative: str, weights: WeightSet | None, feeds: Mapping[str, torch.Tensor],
             outputs: Sequence[str], baked: bool = True) -> list[torch.Tensor]:
@@ -411,7 +466,10 @@ class SessionPool:
                 raise StreamcError(f"internal: no value for input {name!r} of {relative}")
         if self.device.type == "cuda":
             return self._run_cuda(entry, inputs, outputs)
-        return self._run_cpu(entry, inputs, outputs)
+        results = self._run_cpu(entry, inputs, outputs)
+        if self.options.trim:
+            malloc_trim()
+        return results
 
     @staticmethod
     def _run_cpu(entry: _Session, inputs: Mapping[str, torch.Tensor], outputs: Sequence[str]
@@ -461,7 +519,7 @@ class SessionPool:
 _SHARED_ARENAS: dict[str, bool] = {}
 
 
-def _register_shared_cpu_arena() -> None:
+def _register_shared_cpu_arena(extend: str = "same") -> None:
     """Register one process-wide CPU arena that every session opting in shares."""
     if "cpu" in _SHARED_ARENAS:
         return
@@ -470,8 +528,10 @@ def _register_shared_cpu_arena() -> None:
     info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
                              ort.OrtMemType.DEFAULT)
     try:
-        # max_mem 0 = unlimited, extend strategy 1 = kSameAsRequested, default chunk settings.
-        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))
+        # max_mem 0 = unlimited, extend strategy 1 = kSameAsRequested (0 = kNextPowerOfTwo),
+        # default chunk settings.
+        strategy = 0 if extend == "pow2" else 1
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, strategy, -1, -1))
     except Exception:  # noqa: BLE001 - e.g. the application registered one already: use it
         pass
     _SHARED_ARENAS["cpu"] = True
@@ -502,6 +562,51 @@ def _register_shared_cuda_arena(index: int, limit: int) -> bool:
                           f"gpu_mem_limit.", stacklevel=3)
             _SHARED_ARENAS[key] = False
     return _SHARED_ARENAS[key]
+
+
+_MALLOC_TUNED: dict[str, Any] = {}
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def tune_malloc(mmap_threshold: int) -> bool:
+    """Fix glibc's mmap threshold at ``mmap_threshold`` bytes (process-wide, once).
+
+    glibc raises its mmap threshold dynamically (up to 32 MiB) each time a mmapped block is
+    freed, after which blocks of that size come from the heap and stay resident when freed;
+    a fixed threshold keeps every tile-sized buffer mmapped. Setting ``MALLOC_*`` environment
+    variables after the interpreter started has no effect, hence ``mallopt``. Returns False
+    where there is no glibc.
+    """
+    if _MALLOC_TUNED.get("mmap") == mmap_threshold:
+        return True
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = bool(libc.mallopt(m_mmap_threshold, int(mmap_threshold)))
+    ok = bool(libc.mallopt(m_trim_threshold, int(max(mmap_threshold, 1 << 20)) * 2)) and ok
+    _MALLOC_TUNED["mmap"] = mmap_threshold
+    return ok
+
+
+def malloc_trim() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim(0)``; no-op elsewhere)."""
+    libc = _MALLOC_TUNED.get("libc")
+    if libc is None:
+        libc = _libc()
+        _MALLOC_TUNED["libc"] = libc if libc is not None and hasattr(libc, "malloc_trim") else 0
+        libc = _MALLOC_TUNED["libc"]
+    if libc:
+        libc.malloc_trim(0)
 
 
 def _numpy_view(t: torch.Tensor) -> np.ndarray:
