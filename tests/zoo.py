@@ -335,7 +335,7 @@ DEFAULT_SHAPES: dict[str, tuple[int, ...]] = {
 #: Where the local prefix should end, in words.
 CUT_HINTS: dict[str, str] = {
     "vgg": "before GlobalAveragePool: the output of the last Conv (stride 4)",
-    "resnet": "before GlobalAveragePool: the last block's final Relu (stride 16)",
+    "resnet": "before GlobalAveragePool: the last block's final Relu (stride 8)",
     "unet": "no head: the whole graph is local, the cut tensor is the output map (stride 1)",
     "dilated": "before GlobalAveragePool: the output of the last 1x1 Conv (stride 2)",
     "nonsquare": "before GlobalAveragePool: the output of the last Conv (strides (4, 6))",
