@@ -18,13 +18,8 @@ from onnx import helper, numpy_helper
 
 from streamc.analysis import Analysis
 from streamc.graph import FLOAT_TYPES
-from streamc.ops.vjp import VJP
 from streamc.passes.autodiff import trainable_initializers
 
-#: Ops whose inputs pass a weight through unchanged in value (a trainable tensor may be
-#: reshaped on its way to the op that uses it, e.g. PReLU slopes through Unsqueeze).
-_VALUE_PRESERVING = {"Unsqueeze", "Squeeze", "Reshape", "Identity", "Flatten", "Cast",
-                     "Expand", "Transpose"}
 #: (op type, input slot) of non-trainable state the runtime still owns as buffers.
 _BUFFER_SLOTS = {("BatchNormalization", 3), ("BatchNormalization", 4)}
 
@@ -42,34 +37,17 @@ class Parameters:
 
 
 def model_parameters(model: onnx.ModelProto) -> Parameters:
-    """Trainable weights (per the VJP table, followed back through reshapes) and buffers."""
-    graph = model.graph
-    floats = {i.name for i in graph.initializer if i.data_type in FLOAT_TYPES}
-    producers = {o: n for n in graph.node for o in n.output}
-    trainable = dict.fromkeys(trainable_initializers(model))
-    for node in graph.node:
-        rule = VJP.get(node.op_type, None, node.domain)
-        if rule is None:
-            continue
-        for slot in rule.trainable_slots(node, producers):
-            if slot < len(node.input) and node.input[slot] in producers:
-                source = _value_source(node.input[slot], producers)
-                if source in floats:
-                    trainable.setdefault(source)
-    buffers = []
-    for node in graph.node:
+    """Trainable weights (:func:`~streamc.passes.autodiff.trainable_initializers`, which follows
+    reshaped weights back to their initializer) and buffers (BatchNorm statistics)."""
+    floats = {i.name for i in model.graph.initializer if i.data_type in FLOAT_TYPES}
+    trainable = trainable_initializers(model)
+    owned = set(trainable)
+    buffers: dict[str, None] = {}
+    for node in model.graph.node:
         for slot, name in enumerate(node.input):
-            if (node.op_type, slot) in _BUFFER_SLOTS and name in floats and name not in trainable:
-                if name not in buffers:
-                    buffers.append(name)
-    return Parameters(list(trainable), buffers)
-
-
-def _value_source(tensor: str, producers: dict[str, onnx.NodeProto]) -> str:
-    """Follow value-preserving ops back from ``tensor`` to where its values come from."""
-    while tensor in producers and producers[tensor].op_type in _VALUE_PRESERVING:
-        tensor = producers[tensor].input[0]
-    return tensor
+            if (node.op_type, slot) in _BUFFER_SLOTS and name in floats and name not in owned:
+                buffers.setdefault(name)
+    return Parameters(trainable, list(buffers))
 
 
 @dataclass
