@@ -162,7 +162,6 @@ def compile(
         "outputs": list(analysis.graph.outputs),
         "model": "graphs/model.onnx",
         "flops": flops,
-        "compile_seconds": round(time.perf_counter() - started, 3),
     }
     program = Program(meta, graphs, parameter_values(analysis.model, param_names))
     if with_memory_plan:

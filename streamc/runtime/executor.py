@@ -194,7 +194,13 @@ class ProgramExecutor:
         outputs = self.forward_head(cuts, params)
         if output_grads is None:
             return outputs, {}
+        return outputs, self.backward(image, params, cuts, output_grads)
+
+    def backward(self, image: np.ndarray, params: Mapping[str, np.ndarray],
+                 cuts: Mapping[str, np.ndarray], output_grads: Mapping[str, np.ndarray]
+                 ) -> Arrays:
+        """Parameter gradients (head and tiles summed), given the forward's cut tensors."""
         cut_grads, grads = self.backward_head(cuts, params, output_grads)
         for name, value in self.backward_prefix(image, params, cut_grads).items():
             grads[name] = grads[name] + value if name in grads else value
-        return outputs, grads
+        return grads
