@@ -135,7 +135,10 @@ def _scale(ctx: VjpContext, name: str, factor: float, like: str) -> str:
 
 @vjp("Relu")
 def relu(ctx, node, dys):
-    return [_where_positive(ctx, node.input[0], dys[0], ctx.scalar(0.0, node.input[0]))]
+    # Y > 0 exactly where X > 0: reading the output lets X die after the forward (X is
+    # often a BatchNormalization output that nothing else in the backward pass needs).
+    y = node.output[0]
+    return [_where_positive(ctx, y, dys[0], ctx.scalar(0.0, y))]
 
 
 @vjp("LeakyRelu")
