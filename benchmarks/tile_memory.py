@@ -69,6 +69,7 @@ VARIANTS["default"] = {}
 # threshold on top. (docs/memory-runtime.md's "default + trim" rows are today's "default".)
 VARIANTS["default_no_trim"] = {"trim": False}
 VARIANTS["default_malloc"] = {"mmap_threshold": 1 << 20}
+VARIANTS["default_arena_off"] = {"cpu_arena": False}
 VARIANTS["torch"] = {}
 
 MIB = 2**20

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import onnx
 
-from streamc.analysis import Analysis, analyze
+from streamc.analysis import Analysis
+from streamc.analysis.analyze import analyze_checked
 from streamc.errors import CompileError
-from streamc.graph import load_model
+from streamc.graph import load_model_serialized
 from streamc.passes.autodiff import build_backward
 from streamc.passes.extract import (
     extract_head,
@@ -61,8 +62,8 @@ def compile(
     ``with_memory_plan`` stores the predicted peak memory (``program.memory_plan``).
     """
     started = time.perf_counter()
-    proto = load_model(model)
-    analysis = analyze(proto, image, input)
+    proto, serialized = load_model_serialized(model)
+    analysis = analyze_checked(proto, image, input)
     if any(s is None for s in analysis.image_size):
         raise CompileError(
             "the model's spatial size is dynamic: pass the image size (--image HxW, or "
@@ -113,7 +114,7 @@ def compile(
     else:
         import hashlib
 
-        source["sha256"] = hashlib.sha256(model.SerializeToString()).hexdigest()
+        source["sha256"] = hashlib.sha256(serialized).hexdigest()
     inits = {i.name: i for i in analysis.model.graph.initializer}
     meta = {
         "format": FORMAT,
@@ -163,7 +164,7 @@ def compile(
         "model": "graphs/model.onnx",
         "flops": flops,
     }
-    program = Program(meta, graphs, parameter_values(analysis.model, param_names))
+    program = Program(meta, graphs, parameter_values(analysis.graph.constants, param_names))
     if with_memory_plan:
         plan = plan_program(program, plan_conventional(analysis))
         program.meta["memory_plan"] = plan.to_dict()

@@ -9,7 +9,8 @@ and pass works on: producers, consumers, shapes, constants and a DAG of node nam
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,11 @@ FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto
 
 def load_model(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
     """Read an ONNX model from a path (or take a ModelProto) and check it; clear errors only."""
+    return load_model_serialized(model)[0]
+
+
+def load_model_serialized(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, bytes]:
+    """:func:`load_model`, also returning the serialized model that the checker read."""
     if isinstance(model, onnx.ModelProto):
         proto = model
         where = "the given model"
@@ -51,12 +57,13 @@ def load_model(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
             ) from None
         if not proto.graph.node and not proto.graph.input:
             raise ModelLoadError(f"{path} is not an ONNX model (it parsed to an empty graph).")
+    serialized = proto.SerializeToString()
     try:
-        onnx.checker.check_model(proto)
+        onnx.checker.check_model(serialized)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise ModelLoadError(f"{where} fails the ONNX checker: {first}") from None
-    return proto
+    return proto, serialized
 
 
 def opset_version(model: onnx.ModelProto) -> int:
@@ -158,10 +165,30 @@ def prepare(
     return model
 
 
+#: Float initializers with more elements than this go to shape inference as typed graph inputs
+#: (weights: their values never decide a shape, and serialising them dominates inference).
+_INFER_AS_INPUT_ELEMENTS = 1024
+
+
 def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with inferred shapes (updated in place when it holds large weights)."""
+    graph = model.graph
+    declared = {vi.name for vi in graph.input}
+    weights = [i for i in graph.initializer if i.name not in declared
+               and i.data_type in FLOAT_TYPES and math.prod(i.dims) > _INFER_AS_INPUT_ELEMENTS]
+    light = model
+    if weights:
+        light = onnx.ModelProto()
+        light.CopyFrom(model)
+        heavy = {i.name for i in weights}
+        kept = [i for i in light.graph.initializer if i.name not in heavy]
+        del light.graph.initializer[:]
+        light.graph.initializer.extend(kept)
+        light.graph.input.extend(helper.make_tensor_value_info(i.name, i.data_type, i.dims)
+                                 for i in weights)
     try:
-        return shape_inference.infer_shapes(model, check_type=False, strict_mode=True,
-                                            data_prop=True)
+        inferred = shape_inference.infer_shapes(light, check_type=False, strict_mode=True,
+                                                data_prop=True)
     except Exception as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if "node name" in ln]
         first = lines[0] if lines else (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
@@ -169,6 +196,40 @@ def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
         raise UnsupportedModelError(
             f"the model's shapes do not work out at this input size: {first}"
         ) from None
+    if not weights:
+        return inferred
+    del graph.value_info[:]  # only types were added: take them over, keep the weights
+    graph.value_info.extend(inferred.graph.value_info)
+    for output, typed in zip(graph.output, inferred.graph.output, strict=True):
+        output.CopyFrom(typed)
+    return model
+
+
+class InitializerArrays(Mapping[str, np.ndarray]):
+    """Initializers by name, converted to numpy on first access (a ResNet-50's 100 MB of
+    weights need not be copied to find the few small constants a pass reads)."""
+
+    def __init__(self, initializers: Iterable[onnx.TensorProto]) -> None:
+        self._protos = {i.name: i for i in initializers}
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        array = self._arrays.get(name)
+        if array is None:
+            array = self._arrays[name] = numpy_helper.to_array(self._protos[name])
+        return array
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._protos
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._protos)
+
+    def __len__(self) -> int:
+        return len(self._protos)
+
+    def proto(self, name: str) -> onnx.TensorProto:
+        return self._protos[name]
 
 
 def _fold_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
@@ -181,7 +242,12 @@ def _fold_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
 
     graph = model.graph
     original_inits = {i.name for i in graph.initializer}
-    const: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    inits = InitializerArrays(graph.initializer)
+    const: dict[str, np.ndarray] = {}
+
+    def array_of(name: str) -> np.ndarray:
+        return const[name] if name in const else inits[name]
+
     shapes = {vi.name: _dims(vi) for vi in list(graph.value_info) + list(graph.input)
               + list(graph.output)}
     graph_outputs = {o.name for o in graph.output}
@@ -203,14 +269,17 @@ def _fold_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
                 end = _attr(node, "end", None)
                 values = [np.array(dims[start:end] if end is not None else dims[start:],
                                    dtype=np.int64)]
-        elif node.input and all(i == "" or i in const for i in node.input):
+        elif node.input and all(i == "" or i in const or i in inits for i in node.input):
             guarded = any(
-                i in original_inits and const[i].dtype.kind == "f" and const[i].size > 1
+                i in original_inits and inits.proto(i).data_type in FLOAT_TYPES
+                and math.prod(inits.proto(i).dims) > 1
                 for i in node.input if i
             )
             if not guarded:
                 try:
-                    values = _evaluate(ReferenceEvaluator, node, const, opset_version(model))
+                    values = _evaluate(ReferenceEvaluator, node,
+                                       {i: array_of(i) for i in node.input if i},
+                                       opset_version(model))
                 except Exception:
                     values = None
                 if values is not None and any(v.size > _MAX_FOLDED_ELEMENTS for v in values):
@@ -302,7 +371,7 @@ class Graph:
     consumers: dict[str, list[str]] = field(default_factory=dict)
     shapes: dict[str, tuple[int | None, ...] | None] = field(default_factory=dict)
     dtypes: dict[str, int] = field(default_factory=dict)
-    constants: dict[str, np.ndarray] = field(default_factory=dict)
+    constants: Mapping[str, np.ndarray] = field(default_factory=dict)
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     dag: nx.DiGraph = field(default_factory=nx.DiGraph)
@@ -312,15 +381,15 @@ class Graph:
     def from_model(cls, model: onnx.ModelProto) -> Graph:
         g = cls(model=model, opset=opset_version(model))
         graph = model.graph
-        g.constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        g.constants = InitializerArrays(graph.initializer)
         g.inputs = [vi.name for vi in graph.input if vi.name not in g.constants]
         g.outputs = [vi.name for vi in graph.output]
         for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
             g.shapes[vi.name] = _dims(vi)
             g.dtypes[vi.name] = vi.type.tensor_type.elem_type
-        for name, arr in g.constants.items():
-            g.shapes[name] = tuple(arr.shape)
-            g.dtypes[name] = helper.np_dtype_to_tensor_dtype(arr.dtype)
+        for init in graph.initializer:
+            g.shapes[init.name] = tuple(init.dims)
+            g.dtypes[init.name] = init.data_type
         used_names: set[str] = set()
         for index, node in enumerate(graph.node):
             name = node.name or f"{node.op_type}_{index}"

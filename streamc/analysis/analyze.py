@@ -158,7 +158,15 @@ def analyze(
     ``image`` fixes the spatial size ((H, W) or (D, H, W)); without it the model's own sizes
     are used, and symbolic ones stay symbolic (strides and receptive fields do not need them).
     """
-    proto = load_model(model)
+    return analyze_checked(load_model(model), image, input)
+
+
+def analyze_checked(
+    proto: onnx.ModelProto,
+    image: Sequence[int] | None = None,
+    input: str | None = None,
+) -> Analysis:
+    """:func:`analyze` for a model that :func:`~streamc.graph.load_model` has already checked."""
     input_name = choose_image_input(proto, input)
     prepared = prepare(proto, image, input_name, batch=1)
     graph = Graph.from_model(prepared)

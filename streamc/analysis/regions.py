@@ -85,19 +85,24 @@ def needed_regions(
         if out_box is None:
             continue
         if runnable and clip_to_extent:
-            out_box = _reading_something(graph, step.node, step.op, out_box)
+            out_box = _reading_something(step, out_box)
             for out in step.outputs:
                 needed[out] = out_box
-        reads = tuple(axis.reads(iv) for axis, iv in zip(step.op.axes, out_box))
+        reads = [axis.reads(iv) for axis, iv in zip(step.op.axes, out_box)]
         for tensor, extent in step.inputs:
-            box = reads
             if clip_to_extent:
                 if extent is None:
                     raise ValueError(f"tensor {tensor!r} has no static spatial size")
-                box = tuple((max(a, 0), min(b, n)) for (a, b), n in zip(box, extent))
-            if not is_empty(box):
-                previous = needed.get(tensor)
-                needed[tensor] = box if previous is None else union(previous, box)
+                box = tuple((a if a > 0 else 0, b if b < n else n)
+                            for (a, b), n in zip(reads, extent))
+            else:
+                box = tuple(reads)
+            if any(b <= a for a, b in box):
+                continue
+            previous = needed.get(tensor)
+            needed[tensor] = box if previous is None else tuple(
+                (x[0] if x[0] < y[0] else y[0], x[1] if x[1] > y[1] else y[1])
+                for x, y in zip(previous, box))
     return needed
 
 
@@ -109,6 +114,7 @@ class _Step:
     op: object
     outputs: tuple[str, ...]
     inputs: tuple[tuple[str, tuple[int, ...] | None], ...]  # grid input, its spatial extent
+    out_extent: tuple[int, ...] | None  # spatial extent of the first output
 
 
 def _steps(graph: Graph, split: Split) -> list[_Step]:
@@ -123,20 +129,22 @@ def _steps(graph: Graph, split: Split) -> list[_Step]:
         op = split.local_ops[name]
         inputs = tuple((node.input[slot], spatial_extent(graph, node.input[slot]))
                        for slot in op.grid_inputs)
-        steps.append(_Step(node, op, tuple(o for o in node.output if o), inputs))
+        steps.append(_Step(node, op, tuple(o for o in node.output if o), inputs,
+                           spatial_extent(graph, node.output[0])))
     split.__dict__["_region_steps"] = (graph, steps)
     return steps
 
 
-def _reading_something(graph: Graph, node, op, out_box: Box) -> Box:
+def _reading_something(step: _Step, out_box: Box) -> Box:
     """``out_box`` widened, per axis, until it reads at least one position of every grid input."""
-    out_extent = spatial_extent(graph, node.output[0])
+    out_extent = step.out_extent
+    if out_extent is None:
+        return out_box
     result = list(out_box)
-    for slot in op.grid_inputs:
-        extent = spatial_extent(graph, node.input[slot])
-        if extent is None or out_extent is None:
+    for _tensor, extent in step.inputs:
+        if extent is None:
             continue
-        for axis, (ax, n, m) in enumerate(zip(op.axes, extent, out_extent)):
+        for axis, (ax, n, m) in enumerate(zip(step.op.axes, extent, out_extent)):
             a, b = result[axis]
             lo, hi = ax.reads((a, b))
             if hi <= 0:  # everything read lies in the begin padding: grow towards the end
@@ -196,13 +204,18 @@ def receptive_fields(graph: Graph, split: Split) -> dict[str, Field]:
     tensor_strides = strides(graph, split)
     fields: dict[str, Field] = {}
     n = split.n_spatial
+    distinct = set(tensor_strides.values())
+    periods: dict[tuple[Fraction, ...], int] = {}
     for tensor, stride in tensor_strides.items():
         # Positions j and j + period read the same window shifted by period·stride when
         # period·stride is a whole number of steps of every tensor upstream.
-        period = 1
-        for other in tensor_strides.values():
-            for s, o in zip(stride, other):
-                period = math.lcm(period, (s / o).denominator)
+        period = periods.get(stride)
+        if period is None:
+            period = 1
+            for other in distinct:
+                for s, o in zip(stride, other):
+                    period = math.lcm(period, (s / o).denominator)
+            periods[stride] = period
         before: list[Fraction | None] = [None] * n  # max over phases of j·S − start
         after: list[Fraction | None] = [None] * n  # max over phases of stop − j·S
         for phase in range(min(period, MAX_PHASES)):

@@ -760,8 +760,8 @@ def conv_input_grad(ctx, dy: str, w: str, w_shape: Sequence[int], win: Window,
     return dx
 
 
-DW_CHUNK_BYTES = 4 << 20  # aim for this much im2col data per Gemm (cache-sized)...
-DW_MAX_CHUNKS = 32  # ...but split one image's rows into at most this many Gemms
+DW_CHUNK_BYTES = 16 << 20  # aim for this much im2col data per Gemm...
+DW_MAX_CHUNKS = 8  # ...but split one image's rows into at most this many Gemms
 DW_TAPS_PER_GEMM: int | None = None  # kernel taps stacked per Gemm (None: all of them)
 DW_SHIFT_DY = True  # ungrouped convs: move last-axis taps onto dY (see _dense_weight_grad)
 

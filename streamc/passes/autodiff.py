@@ -135,6 +135,8 @@ class VjpContext:
         self._prefix = prefix
         self._scope = ""
         self._const_cache: dict[tuple, str] = {}
+        self._ints_cache: dict[tuple[int, ...], str] = {}
+        self._attr_cache: dict[tuple, onnx.AttributeProto] = {}
         self._counter = itertools.count()
         self.node: onnx.NodeProto | None = None
 
@@ -194,13 +196,30 @@ class VjpContext:
     # -- emitting --------------------------------------------------------------------------
     def op(self, op_type: str, *inputs: str | None, outputs: int = 1, **attrs) -> str:
         """Emit one node; return its output name (or a list of names when ``outputs`` > 1)."""
-        names = [self.fresh(f"{op_type}") for _ in range(outputs)]
-        attrs = {k: v for k, v in attrs.items() if v is not None}
-        node = helper.make_node(
-            op_type, [i or "" for i in inputs], names, name=self.fresh(f"{op_type}_node"), **attrs
+        name = self.fresh(op_type)
+        names = [name] + [self.fresh(op_type) for _ in range(outputs - 1)]
+        # Tensor and node names live in separate namespaces; the first output's fresh name is
+        # unique among the nodes too.
+        node = onnx.NodeProto(
+            op_type=op_type, input=[i or "" for i in inputs], output=names, name=name,
+            attribute=[self._attribute(k, v) for k, v in sorted(attrs.items()) if v is not None]
+            if attrs else None,
         )
         self.nodes.append(node)
-        return names[0] if outputs == 1 else names  # type: ignore[return-value]
+        return name if outputs == 1 else names  # type: ignore[return-value]
+
+    def _attribute(self, key: str, value) -> onnx.AttributeProto:
+        """``helper.make_attribute``, cached for the int and int-list values rules repeat."""
+        if isinstance(value, list):  # types in the key: 1 == 1.0 == True, INTS != FLOATS
+            cache_key = (key, tuple(value), tuple(map(type, value)))
+        elif isinstance(value, (int, float, str)):
+            cache_key = (key, value, type(value))
+        else:
+            return helper.make_attribute(key, value)
+        attribute = self._attr_cache.get(cache_key)
+        if attribute is None:
+            attribute = self._attr_cache[cache_key] = helper.make_attribute(key, value)
+        return attribute
 
     def ops(self, op_type: str, *inputs: str | None, outputs: int, **attrs) -> list[str]:
         """Emit one node with several outputs; return their names."""
@@ -215,15 +234,19 @@ class VjpContext:
         np_dtype = helper.tensor_dtype_to_np_dtype(dtype) if dtype is not None else None
         array = np.asarray(value, dtype=np_dtype)
         key = (array.dtype.str, array.shape, array.tobytes())
-        if key not in self._const_cache:
-            name = self.fresh("const")
-            self.initializers.append(numpy_helper.from_array(array, name))
-            self._const_cache[key] = name
-        return self._const_cache[key]
+        name = self._const_cache.get(key)
+        if name is None:
+            name = self._const_cache[key] = self.fresh("const")
+            self.initializers.append(_tensor(array, name))
+        return name
 
     def ints(self, values: Sequence[int]) -> str:
         """A 1-D int64 constant (shapes, axes, pads, starts...)."""
-        return self.const(np.asarray(list(values), dtype=np.int64))
+        key = tuple(values)
+        name = self._ints_cache.get(key)
+        if name is None:
+            name = self._ints_cache[key] = self.const(np.array(key, dtype=np.int64))
+        return name
 
     def scalar(self, value: float, like: str) -> str:
         """A scalar constant with the element type of tensor ``like``."""
@@ -397,22 +420,21 @@ class _Differentiator:
         ]
         inputs += [self._value_info(cot, out) for out, cot in cotangent_inputs.items()]
 
-        nodes = _live_nodes(forward + ctx.nodes, [v.name for v in output_values])
-        used = {i for node in nodes for i in node.input}
+        nodes, used = _live_nodes(forward + ctx.nodes, [v.name for v in output_values])
         initializers = [
             init
             for init in list(self.graph.initializer) + ctx.initializers
             if init.name in used and init.name not in self.wrt
         ]
-        graph = helper.make_graph(
-            nodes, self.name, inputs, output_values, initializer=initializers
-        )
-        emitted = helper.make_model(
-            graph,
-            opset_imports=list(self.model.opset_import),
-            ir_version=self.model.ir_version,
-            producer_name="streamc",
-        )
+        # make_graph + make_model would copy every node twice; fill the model in place.
+        emitted = onnx.ModelProto(ir_version=self.model.ir_version, producer_name="streamc")
+        emitted.opset_import.extend(self.model.opset_import)
+        graph = emitted.graph
+        graph.node.extend(nodes)
+        graph.name = self.name
+        graph.input.extend(inputs)
+        graph.output.extend(output_values)
+        graph.initializer.extend(initializers)
         return BackwardGraph(emitted, cotangent_inputs, gradient_outputs, forward_outputs)
 
     def _tensors_needing_grad(self) -> set[str]:
@@ -602,16 +624,31 @@ def _all_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-def _live_nodes(nodes: list[onnx.NodeProto], outputs: Sequence[str]) -> list[onnx.NodeProto]:
-    """The nodes some output depends on, in their original (topological) order."""
+def _live_nodes(
+    nodes: list[onnx.NodeProto], outputs: Sequence[str]
+) -> tuple[list[onnx.NodeProto], set[str]]:
+    """The nodes some output depends on, in their original (topological) order, and the names
+    they read (with ``outputs``)."""
     wanted = set(outputs)
     live = []
     for node in reversed(nodes):
-        if any(o in wanted for o in node.output):
+        if not wanted.isdisjoint(node.output):
             live.append(node)
-            wanted.update(i for i in node.input if i)
+            wanted.update(node.input)
     live.reverse()
-    return live
+    return live, wanted
+
+
+def _tensor(array: np.ndarray, name: str) -> onnx.TensorProto:
+    """``numpy_helper.from_array`` for the plain numeric arrays VJP rules make, built directly."""
+    if array.dtype.kind not in "biuf" or array.dtype == np.float16:
+        return numpy_helper.from_array(array, name)
+    return onnx.TensorProto(
+        name=name,
+        dims=array.shape,
+        data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+        raw_data=np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes(),
+    )
 
 
 def _node_label(node: onnx.NodeProto | None, index: int | None = None) -> str:

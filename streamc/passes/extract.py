@@ -10,11 +10,12 @@ statistics) and which are plain constants baked into the graphs.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from streamc.analysis import Analysis
 from streamc.graph import FLOAT_TYPES
@@ -108,9 +109,10 @@ def extract_head(analysis: Analysis, parameters: set[str]) -> Head:
     return Head(proto, cuts, outputs)
 
 
-def parameter_values(model: onnx.ModelProto, names: set[str]) -> dict[str, np.ndarray]:
-    """Current values of the named initializers."""
-    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name in names}
+def parameter_values(initializers: Mapping[str, np.ndarray], names: set[str]
+                     ) -> dict[str, np.ndarray]:
+    """Current values of the named initializers (``Graph.constants`` of the prepared model)."""
+    return {name: initializers[name] for name in initializers if name in names}
 
 
 def model_graph(model: onnx.ModelProto, parameters: set[str]) -> onnx.ModelProto:
