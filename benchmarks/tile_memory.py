@@ -70,6 +70,8 @@ VARIANTS["default"] = {}
 VARIANTS["default_no_trim"] = {"trim": False}
 VARIANTS["default_malloc"] = {"mmap_threshold": 1 << 20}
 VARIANTS["default_arena_off"] = {"cpu_arena": False}
+VARIANTS["default_opt_basic"] = {"optimization": "basic"}
+VARIANTS["default_opt_extended"] = {"optimization": "extended"}
 VARIANTS["torch"] = {}
 
 MIB = 2**20

@@ -7,6 +7,7 @@ the whole image in eval mode (frozen BatchNorm), is what a streamed training ste
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import io
 import pickle
@@ -130,9 +131,26 @@ def test_weights_as_inputs_equal_initializers_and_sessions_rebuild_once_per_step
     assert pool_a.builds == 2 * n_graphs + len(program.classes) + 1  # unchanged weights: reused
 
 
-def test_auto_weights_bake_forward_graphs_and_often_run_backward_graphs() -> None:
+def test_auto_weights_feed_unoptimised_backward_graphs() -> None:
+    program = program_for("twocut")  # 2x2 tiles, each its own shape class
+    model = StreamingModel(program)  # weights="auto", backward_optimization="none"
+    pool = model._runtime.engine(model.device).pool
+    n_classes = len(program.classes)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):  # batch 4: four runs per backward graph and step, still fed
+        opt.zero_grad()
+        model(images("twocut", batch=4)).square().sum().backward()
+        opt.step()
+    # Forward sessions are rebuilt every step; backward ones are built once.
+    assert pool.builds == 2 * (n_classes + 1) + (n_classes + 1)
+    assert {baked for (name, baked) in pool._sessions if "backward" in name} == {False}
+
+
+def test_auto_weights_bake_forward_graphs_and_often_run_optimised_backward_graphs() -> None:
     program = program_for("twocut")  # 2x2 tiles, each its own shape class
     model = StreamingModel(program)  # weights="auto"
+    model._runtime.options = dataclasses.replace(model._runtime.options,
+                                                 backward_optimization="all")
     pool = model._runtime.engine(model.device).pool
     n_classes = len(program.classes)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

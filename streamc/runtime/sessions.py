@@ -20,11 +20,12 @@ Weights reach a graph's session in one of two ways:
     rebuilt, but ORT cannot fold or pre-pack them.
 
 :attr:`RuntimeOptions.weights` chooses: ``"initializers"`` bakes every graph, ``"inputs"``
-none, and ``"auto"`` (default) bakes the forward graphs and those backward graphs that run at
-least ``auto_min_runs`` times per step. Measured on ResNet-18, one thread, 512² and 1024² tiles
+none, and ``"auto"`` (default) bakes the forward graphs, and backward graphs that run at least
+``auto_min_runs`` times per step when they are optimised (``backward_optimization`` other than
+its default ``"none"``). Measured on ResNet-18, one thread, 512² and 1024² tiles
 (``benchmarks/runtime_sessions.py``, CPU seconds): baking makes the forward graph 1.2x faster for
-a 0.05 s rebuild, but the backward graph only 1.07-1.09x faster for a 0.2-0.6 s rebuild, which
-pays off from about three runs of that graph per step (tiles of one shape class, or images).
+a 0.05 s rebuild, but a fully optimised backward graph only 1.07-1.09x faster for a 0.2-0.6 s
+rebuild; an unoptimised one not at all.
 
 Memory (CPU; measured in ``benchmarks/tile_memory.py``, docs/memory-runtime.md): all sessions
 share one ORT arena, with ORT's memory patterns off (a patterned block beside the first run's
@@ -152,6 +153,14 @@ class RuntimeOptions:
     #: 1024, ~4x that at 2048 (docs/memory-runtime.md); computed at run time they cost
     #: nothing measurable.
     fold_constants: Literal["forward", "all", "none"] = "forward"
+    #: ORT graph optimisation level of backward graphs (``optimization`` is the forward
+    #: graphs'). ``"none"`` by default: on a ResNet-18 tile backward graph (4096²/tile 2048,
+    #: class 0) ORT's basic-level rewrites (chiefly EliminateIdentity, which reorders the
+    #: gradient branches) raised the run's peak from 1.6 to 2.4 GiB for the same CPU time;
+    #: the recomputed activations are read by gradient ops, so little fuses anyway
+    #: (docs/memory-runtime.md). At ``"none"`` baking gains nothing, so ``weights="auto"``
+    #: feeds the weights of backward graphs (no rebuild per optimizer step).
+    backward_optimization: Literal["all", "extended", "basic", "none"] = "none"
 
 
 def check_cuda(device: torch.device) -> None:
@@ -306,20 +315,22 @@ class SessionPool:
         """Whether a graph (a backward one, run ``runs`` times per step) gets baked weights."""
         mode = self.options.weights
         if mode == "auto":
-            return not backward or runs >= self.options.auto_min_runs
+            return not backward or (runs >= self.options.auto_min_runs
+                                    and self.options.backward_optimization != "none")
         return mode == "initializers"
 
     # -- building ------------------------------------------------------------------------------
-    def _session_options(self):
+    def _session_options(self, backward: bool = False):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
+        level = self.options.backward_optimization if backward else self.options.optimization
         so.graph_optimization_level = {
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
             "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        }[self.options.optimization]
+        }[level]
         so.log_severity_level = 3
         so.enable_mem_pattern = bool(self.options.mem_pattern)
         so.intra_op_num_threads = int(self.options.threads or torch.get_num_threads())
@@ -383,7 +394,7 @@ class SessionPool:
     def _build(self, relative: str, weights: WeightSet | None, baked: bool) -> _Session:
         import onnxruntime as ort
 
-        so = self._session_options()
+        so = self._session_options(backward=relative in self._backward_graphs)
         keep: list[Any] = []
         generation = 0
         if baked:
