@@ -16,6 +16,7 @@ from streamc.passes.memory_plan import (
     MemoryPlan,
     choose_tile,
     execution_order,
+    fold_constants,
     format_size,
     parse_size,
     plan_conventional,
@@ -151,6 +152,17 @@ def test_constant_folding_moves_zeros_into_session_constants():
     assert unfolded.peak == 3 * B
 
 
+def test_folding_ignores_omitted_optional_inputs():
+    # Clip(c, "", hi) of constants folds; a node whose inputs are all omitted does not, and a
+    # graph output is never folded.
+    nodes = [_node("Clip", ["c", "", "hi"], ["k"]), _node("RandomNormal", [], ["r"]),
+             _node("Neg", ["c"], ["y"]), _node("Add", ["x", "k"], ["z"])]
+    steps, folded = fold_constants(nodes, ["c", "hi"], ["y", "z"])
+    assert folded == ["k"]
+    assert [node.name for node, _ins, _outs in steps] == ["r", "y", "z"]
+    assert steps[2][1:] == (("x", "k"), ("z",))
+
+
 def test_ort_default_order_is_a_reverse_dfs_from_the_leaves():
     # ORT (GraphViewer): from the leaf y, producers pushed by ascending index, so the highest
     # index producer runs first.
@@ -214,8 +226,8 @@ def test_program_plan_adds_up(vgg):
 def test_folded_constants_follow_the_runtime_choice(vgg):
     # vgg's MaxPool backward scatters into zeros that ORT folds into session constants.
     program = compile(vgg, tile=64, image=(64, 64), with_flops=False)
-    folded = plan_program(program).resident.constants
-    kept_forward = plan_program(program, fold_constants="forward").resident.constants
+    folded = plan_program(program, fold_constants="all").resident.constants
+    kept_forward = plan_program(program).resident.constants  # the runtime's default
     assert plan_program(program, fold_constants="none").resident.constants == kept_forward
     assert folded > kept_forward
     with pytest.raises(ValueError):

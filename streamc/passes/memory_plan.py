@@ -258,14 +258,19 @@ def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(model)
 
 
-Step = tuple[onnx.NodeProto, list[str], list[str]]  # node, its inputs, its outputs (renamed)
+Step = tuple[onnx.NodeProto, tuple[str, ...], tuple[str, ...]]  # node, its inputs, its outputs
 
 #: Ops ONNX Runtime never folds into constants.
 _NEVER_FOLD = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                          "Multinomial", "Bernoulli", "Constant"})
 
 
-def fold_constants(nodes: Sequence[onnx.NodeProto], constants: Iterable[str],
+def _steps(nodes: Sequence[onnx.NodeProto] | Sequence[Step]) -> list[Step]:
+    return [(n, tuple(n.input), tuple(n.output)) if isinstance(n, onnx.NodeProto) else n
+            for n in nodes]
+
+
+def fold_constants(nodes: Sequence[onnx.NodeProto] | Sequence[Step], constants: Iterable[str],
                    outputs: Iterable[str]) -> tuple[list[Step], list[str]]:
     """ONNX Runtime's constant folding (on at every optimisation level but ``ORT_DISABLE_ALL``):
     a node whose inputs are all constants (a ``ConstantOfShape`` of a static shape, say) is
@@ -274,17 +279,51 @@ def fold_constants(nodes: Sequence[onnx.NodeProto], constants: Iterable[str],
     order and the names of the folded tensors."""
     outputs = set(outputs)
     const = set(constants)
+    const.add("")  # an omitted optional input neither stops nor makes a fold
     folded: list[str] = []
     steps: list[Step] = []
-    for node in nodes:
-        ins = [t for t in node.input if t]
-        if (node.domain in ("", "ai.onnx") and node.op_type not in _NEVER_FOLD and ins
-                and all(t in const for t in ins) and not any(o in outputs for o in node.output)):
-            const.update(o for o in node.output if o)
-            folded.extend(o for o in node.output if o)
+    for step in _steps(nodes):
+        node, ins, outs = step
+        if (const.issuperset(ins) and any(ins) and node.domain in ("", "ai.onnx")
+                and node.op_type not in _NEVER_FOLD and outputs.isdisjoint(outs)):
+            made = [o for o in outs if o]
+            const.update(made)
+            folded.extend(made)
             continue
-        steps.append((node, list(node.input), list(node.output)))
+        steps.append(step)
     return steps, folded
+
+
+def _ort_order(ins: Sequence[Sequence[str]], outs: Sequence[Sequence[str]]) -> list[int]:
+    """ONNX Runtime's default order of steps given by their inputs and outputs (see
+    :func:`execution_order`)."""
+    producer: dict[str, int] = {}
+    for i, names in enumerate(outs):
+        for out in names:
+            if out:
+                producer[out] = i
+    get = producer.get
+    inputs_of: list[list[int]] = []
+    has_consumer = [False] * len(outs)
+    for names in ins:
+        preds = sorted({p for p in map(get, names) if p is not None})
+        for p in preds:
+            has_consumer[p] = True
+        inputs_of.append(preds)
+    stack: list[tuple[int, bool]] = [(i, False) for i in range(len(outs)) if not has_consumer[i]]
+    visited = [False] * len(outs)
+    order: list[int] = []
+    while stack:
+        i, leave = stack.pop()
+        if leave:
+            order.append(i)
+            continue
+        if visited[i]:
+            continue
+        visited[i] = True
+        stack.append((i, True))
+        stack.extend((p, False) for p in inputs_of[i] if not visited[p])
+    return order
 
 
 def execution_order(nodes: Sequence[onnx.NodeProto] | Sequence[Step], how: str = "ort"
@@ -300,34 +339,8 @@ def execution_order(nodes: Sequence[onnx.NodeProto] | Sequence[Step], how: str =
         return list(range(len(nodes)))
     if how != "ort":
         raise ValueError(f"unknown execution order {how!r} (use 'ort' or 'graph')")
-    steps = [(n, list(n.input), list(n.output)) if isinstance(n, onnx.NodeProto) else n
-             for n in nodes]
-    producer: dict[str, int] = {}
-    for i, (_node, _ins, outs) in enumerate(steps):
-        for out in outs:
-            if out:
-                producer[out] = i
-    inputs_of: list[list[int]] = []
-    has_consumer = [False] * len(steps)
-    for _node, ins, _outs in steps:
-        preds = sorted({producer[t] for t in ins if t in producer})
-        for p in preds:
-            has_consumer[p] = True
-        inputs_of.append(preds)
-    stack: list[tuple[int, bool]] = [(i, False) for i in range(len(steps)) if not has_consumer[i]]
-    visited = [False] * len(steps)
-    order: list[int] = []
-    while stack:
-        i, leave = stack.pop()
-        if leave:
-            order.append(i)
-            continue
-        if visited[i]:
-            continue
-        visited[i] = True
-        stack.append((i, True))
-        stack.extend((p, False) for p in inputs_of[i] if not visited[p])
-    return order
+    steps = _steps(nodes)
+    return _ort_order([s[1] for s in steps], [s[2] for s in steps])
 
 
 def _share_freed_buffers(start: list[int], end: list[int], size: list[int],
@@ -358,24 +371,32 @@ def _share_freed_buffers(start: list[int], end: list[int], size: list[int],
                 p_end.append(end[b])
                 p_size.append(size[b])
             holder.append(p)
-            ending.setdefault(end[b], []).append(b)
+            if k is not None and end[b] < steps:  # only these are ever handed on
+                ending.setdefault(end[b], []).append(b)
             b += 1
         for done in ending.pop(step, ()):
-            k = key[done]
-            if k is not None and step < steps:
-                free.setdefault(k, []).append(holder[done])
+            free.setdefault(key[done], []).append(holder[done])
     return p_start, p_end, p_size
+
+
+#: What liveness needs of one graph output of a step: (the step's first output, name, bytes,
+#: reuse key or None, counts as an unknown shape).
+_Out = tuple[bool, str, int, "tuple | None", bool]
+_PLAIN, _ALIAS, _INPLACE = 0, 1, 2
 
 
 @dataclass
 class _Prepared:
-    """A graph reduced to what liveness needs, computed once and shared by both orders."""
+    """A graph reduced to plain Python tuples, computed once and shared by both orders."""
 
-    steps: list[Step]
-    ops: list[str]
-    nbytes: dict[str, int]
-    shapes: dict[str, tuple[int, ...]]
+    names: list[str]  # node name of each step
+    ins: list[tuple[str, ...]]
+    outs: list[tuple[str, ...]]
+    kinds: list[int]  # _PLAIN, _ALIAS (a view of input 0) or _INPLACE (may write into input 0)
+    first_out_bytes: list[int]  # bytes of output 0 (-1 when unknown), for in-place writes
+    out_info: list[tuple[_Out, ...]]
     workspace: list[int]
+    nbytes: dict[str, int]
     fed: int
     constants: int
     outputs: set[str]
@@ -385,7 +406,7 @@ def _prepare(model: onnx.ModelProto, resident: Iterable[str], fold: bool) -> _Pr
     g = model.graph
     nbytes: dict[str, int] = {}
     shapes: dict[str, tuple[int, ...]] = {}
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
+    for vi in (*g.input, *g.value_info, *g.output):
         t = vi.type.tensor_type
         if t.HasField("shape"):
             # A symbolic dimension reads as 0: such a tensor counts as empty (and unknown).
@@ -395,42 +416,66 @@ def _prepare(model: onnx.ModelProto, resident: Iterable[str], fold: bool) -> _Pr
     constants = 0
     constant_names = set()
     for t in g.initializer:
-        constants += _initializer_bytes(t)
+        dims = tuple(t.dims)
+        constants += math.prod(dims) * _type_bytes(t.data_type)
         constant_names.add(t.name)
-        shapes[t.name] = tuple(t.dims)
+        shapes[t.name] = dims
     resident = set(resident)
     fed = sum(nbytes.get(i.name, 0) for i in g.input
               if i.name not in constant_names and i.name not in resident)
     outputs = {o.name for o in g.output}
-    nodes = []
+    nodes: list[Step] = []
     for n in g.node:
+        outs = tuple(n.output)
         if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
-            for o in n.output:
+            for o in outs:
                 constants += nbytes.get(o, 0)
                 constant_names.add(o)
         else:
-            nodes.append(n)
+            nodes.append((n, tuple(n.input), outs))
     if fold:
         steps, folded = fold_constants(nodes, constant_names, outputs)
         constants += sum(nbytes.get(t, 0) for t in folded)
     else:
-        steps = [(n, list(n.input), list(n.output)) for n in nodes]
-    workspace = []
-    for node, _ins, _outs in steps:
-        rule = WORKSPACE.get(node.op_type, None, node.domain)
+        steps = nodes
+    names, ins, outs_of, kinds, first_bytes, out_info, workspace = [], [], [], [], [], [], []
+    per_op: dict[tuple[str, str], tuple[int, Any]] = {}  # (op, domain) -> (kind, workspace rule)
+    for node, node_ins, node_outs in steps:
+        op_key = (node.op_type, node.domain)
+        if op_key not in per_op:
+            op = op_key[0]
+            per_op[op_key] = (_ALIAS if op in ALIAS_OPS else _INPLACE if op in INPLACE_OPS
+                              else _PLAIN, WORKSPACE.get(op, None, op_key[1]))
+        kind, rule = per_op[op_key]
+        names.append(node.name)
+        ins.append(node_ins)
+        outs_of.append(node_outs)
+        kinds.append(kind)
+        first_bytes.append(nbytes.get(node_outs[0], -1) if node_outs else -1)
+        info = []
+        for k, out in enumerate(node_outs):
+            if out:
+                b = nbytes.get(out)
+                if b:
+                    info.append((k == 0, out, b, (shapes.get(out), b), False))
+                else:
+                    info.append((k == 0, out, 0, None, b is None or 0 in shapes.get(out, (0,))))
+        out_info.append(tuple(info))
         workspace.append(rule(node, shapes) if rule is not None else 0)
-    return _Prepared(steps, [n.op_type for n, _i, _o in steps], nbytes, shapes, workspace,
-                     fed, constants, outputs)
+    return _Prepared(names, ins, outs_of, kinds, first_bytes, out_info, workspace, nbytes, fed,
+                     constants, outputs)
 
 
 def _liveness(prep: _Prepared, name: str, order: str, inplace: bool, reuse: bool) -> GraphPlan:
-    steps_list, nbytes, ops = prep.steps, prep.nbytes, prep.ops
-    sequence = execution_order(steps_list, order)
+    sequence = (range(len(prep.ins)) if order == "graph"
+                else _ort_order(prep.ins, prep.outs))
     steps = len(sequence)
+    ins_of, kinds, first_bytes, out_info = prep.ins, prep.kinds, prep.first_out_bytes, \
+        prep.out_info
     # Pass 1: the last step at which each tensor is read; outputs live to the end.
     last_use: dict[str, int] = {}
     for step, i in enumerate(sequence):
-        for t in steps_list[i][1]:
+        for t in ins_of[i]:
             last_use[t] = step
     for o in prep.outputs:
         last_use[o] = steps
@@ -441,34 +486,30 @@ def _liveness(prep: _Prepared, name: str, order: str, inplace: bool, reuse: bool
     size: list[int] = []
     key: list[tuple | None] = []
     unknown = 0
-    work = [0] * (steps + 1)
+    get_last = last_use.get
     for step, i in enumerate(sequence):
-        _node, ins, outs = steps_list[i]
-        op = ops[i]
-        work[step] = prep.workspace[i]
-        first = ins[0] if ins else ""
-        shared = buffer_of.get(first)
-        if op in ALIAS_OPS:
-            if shared is None:
-                continue  # a view of a fed input or a constant: no memory of its own
-        elif not (inplace and op in INPLACE_OPS and shared is not None and end[shared] == step
-                  and size[shared] == nbytes.get(outs[0], -1)):
-            shared = None
-        for k, out in enumerate(outs):
-            if not out:
-                continue
-            if k == 0 and shared is not None:
+        kind = kinds[i]
+        shared = None
+        if kind:
+            node_ins = ins_of[i]
+            shared = buffer_of.get(node_ins[0]) if node_ins else None
+            if kind == _ALIAS:
+                if shared is None:
+                    continue  # a view of a fed input or a constant: no memory of its own
+            elif not (inplace and shared is not None and end[shared] == step
+                      and size[shared] == first_bytes[i]):
+                shared = None
+        for first, out, b, k, unknown_shape in out_info[i]:
+            if first and shared is not None:
                 buffer_of[out] = shared
-                end[shared] = max(end[shared], last_use.get(out, step))
+                end[shared] = max(end[shared], get_last(out, step))
                 continue
             buffer_of[out] = len(size)
-            b = nbytes.get(out)
-            if not b:
-                unknown += b is None or 0 in prep.shapes.get(out, (0,))
-            size.append(b or 0)
+            unknown += unknown_shape
+            size.append(b)
             start.append(step)
-            end.append(last_use.get(out, step))
-            key.append((prep.shapes.get(out), b) if b else None)
+            end.append(get_last(out, step))
+            key.append(k)
     activations = sum(size)
     if reuse:
         start, end, size = _share_freed_buffers(start, end, size, key, steps)
@@ -476,6 +517,8 @@ def _liveness(prep: _Prepared, name: str, order: str, inplace: bool, reuse: bool
     for s0, e0, b in zip(start, end, size):
         delta[s0] += b
         delta[min(e0, steps) + 1] -= b
+    workspace = prep.workspace
+    work = [workspace[i] for i in sequence] + [0]
     live = prep.fed
     peak, peak_step = live, -1
     curve = []
@@ -485,14 +528,14 @@ def _liveness(prep: _Prepared, name: str, order: str, inplace: bool, reuse: bool
         curve.append(total)
         if total > peak:
             peak, peak_step = total, step
-    names = [steps_list[i][0].name for i in sequence] + ["(end of run)"]
+    names = [prep.names[i] for i in sequence] + ["(end of run)"]
     return GraphPlan(
         name=name,
         nodes=steps,
         peak=peak,
         peak_node="(inputs)" if peak_step < 0 else names[peak_step],
         inputs=prep.fed,
-        outputs=sum(nbytes.get(o, 0) for o in prep.outputs),
+        outputs=sum(prep.nbytes.get(o, 0) for o in prep.outputs),
         constants=prep.constants,
         activations=activations,
         workspace=max(work, default=0),
@@ -740,7 +783,7 @@ def _param_bytes(meta: dict) -> tuple[int, int]:
 
 def plan_program(program, conventional: ConventionalPlan | None = None, order: str = "worst",
                  optimizer_copies: int = 2, exact: bool | str = False,
-                 fold_constants: str = "all") -> MemoryPlan:
+                 fold_constants: str = "forward") -> MemoryPlan:
     """The memory plan of one training step of ``program`` (see :class:`MemoryPlan`).
 
     ``conventional`` (from :func:`plan_conventional`) is attached as is; it needs the source
@@ -749,8 +792,9 @@ def plan_program(program, conventional: ConventionalPlan | None = None, order: s
     :func:`plan_graph`. ``exact=True`` (or an ORT optimisation level, ``"basic"``, ``"extended"``,
     ``"all"``; True means ``"all"``, the executor's level) plans the graphs ONNX Runtime
     actually runs (:func:`ort_optimized`): one session build per graph, a second or so each.
-    ``fold_constants``: which sessions let ORT fold constants (``"all"``, ORT's default;
-    ``"forward"`` or ``"none"``, as :class:`streamc.runtime.sessions.RuntimeOptions` allows).
+    ``fold_constants``: which sessions let ORT fold constants: ``"forward"`` (the runtime's
+    default: backward graphs run unoptimised), ``"all"`` or ``"none"``, as
+    :class:`streamc.runtime.sessions.RuntimeOptions` allows.
     """
     level = "all" if exact is True else exact or None
     if fold_constants not in ("all", "forward", "none"):
