@@ -107,11 +107,15 @@ def make_image(kind: str, size: int):
 
 
 def _export(kind: str, model):
+    """The ONNX export of ``model``; ``model`` itself is left as it is (resnets.export
+    randomises BatchNorm in place, which would make (c) train another model than (a))."""
+    import copy
+
     if kind == "2d":
         from benchmarks.resnets import export
     else:
         from benchmarks.volumes import export
-    return export(model)
+    return export(copy.deepcopy(model))
 
 
 def _stages_forward(kind: str, model, x, checkpoint: bool):
