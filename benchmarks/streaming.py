@@ -302,25 +302,30 @@ def _profile(spec, step, opt, out) -> dict:
     orig_options, orig_build, orig_run = (sessions.SessionPool._session_options,
                                           sessions.SessionPool._build, sessions.SessionPool.run)
 
-    def options(self):
-        so = orig_options(self)
+    def options(self, *args, **kwargs):
+        so = orig_options(self, *args, **kwargs)
         so.enable_profiling = True
         so.profile_file_prefix = str(prof_dir / f"ort_{len(built)}")
         return so
 
-    def build(self, relative, weights):
+    def build(self, relative, *args, **kwargs):
         t = time.perf_counter()
-        entry = orig_build(self, relative, weights)
+        entry = orig_build(self, relative, *args, **kwargs)
         timers["build"][relative] = timers["build"].get(relative, 0.0) + time.perf_counter() - t
         built.append((relative, entry))
         return entry
 
-    def run(self, relative, weights, feeds, outputs):
+    def run(self, relative, *args, **kwargs):
         t = time.perf_counter()
-        result = orig_run(self, relative, weights, feeds, outputs)
+        result = orig_run(self, relative, *args, **kwargs)
         timers["run"][relative] = timers["run"].get(relative, 0.0) + time.perf_counter() - t
         return result
 
+    module = out.get("_module")
+    if module is not None:  # sessions built once (fed backward graphs): rebuild them profiled
+        pool = module._runtime.engine(module.device).pool
+        for relative, _baked in list(pool._sessions):
+            pool.release(relative, baked=None)
     sessions.SessionPool._session_options = options
     sessions.SessionPool._build = build
     sessions.SessionPool.run = run
