@@ -1014,12 +1014,14 @@ def smallest_tile(analysis) -> int:
 
 
 def candidate_tiles(analysis, factor: float = 2 ** 0.5) -> list[int]:
-    """Tile sizes worth planning: from :func:`smallest_tile` up by ``factor`` each step
+    """Tile sizes worth planning: from the smallest whose kept region is as wide as its halo
+    (twice :func:`smallest_tile` less one alignment step: below it a tile recomputes more than
+    it keeps, and a large image needs tens of thousands of tiles) up by ``factor`` each step
     (multiples of the alignment) to the first that holds the whole image in one tile."""
     align = max(analysis.alignment)
     largest = -(-max(analysis.image_size) // align) * align
     tiles = []
-    t = float(smallest_tile(analysis))
+    t = float(max(smallest_tile(analysis), 2 * smallest_tile(analysis) - align))
     while True:
         snapped = min(largest, -(-int(t) // align) * align)
         if not tiles or snapped > tiles[-1]:
@@ -1031,13 +1033,15 @@ def candidate_tiles(analysis, factor: float = 2 ** 0.5) -> list[int]:
 
 def plan_model(model, image: Sequence[int] | None, tiles: Sequence[int] | None = None,
                input: str | None = None, *, exact: bool | str = False,
-               optimizer_copies: int = 2, stop_above: int | None = None) -> list[TilePlan]:
+               optimizer_copies: int = 2, first_fit: int | None = None) -> list[TilePlan]:
     """Compile ``model`` at each tile size in ``tiles`` (default :func:`candidate_tiles`) and
-    plan it: recompute overhead, predicted peak memory, and the conventional figure.
+    plan it: recompute overhead, predicted peak memory, and the conventional figure. Plans come
+    in increasing tile size. Tiles too small for the model are skipped.
 
-    ``stop_above`` (bytes) stops at the first tile, in increasing size, whose peak exceeds it
-    once a smaller tile has fit (larger tiles need more activation memory). Tiles too small for
-    the model are skipped.
+    ``first_fit`` (bytes) plans from the largest tile down and stops at the first whose peak
+    fits it: larger tiles recompute less and need more memory, so that is the tile a budget
+    picks, and the small tiles, whose compilation is the slowest (many tiles and shape
+    classes), are compiled only when nothing larger fits.
     """
     from streamc.analysis import analyze
     from streamc.compiler import compile
@@ -1053,7 +1057,7 @@ def plan_model(model, image: Sequence[int] | None, tiles: Sequence[int] | None =
     sizes = sorted(set(int(t) for t in tiles)) if tiles else candidate_tiles(analysis)
     smallest = smallest_tile(analysis)
     plans: list[TilePlan] = []
-    for t in sizes:
+    for t in (sizes if first_fit is None else reversed(sizes)):
         if t < smallest:
             continue
         program = compile(proto, tile=t, image=analysis.image_size, input=input,
@@ -1077,9 +1081,9 @@ def plan_model(model, image: Sequence[int] | None, tiles: Sequence[int] | None =
             conventional=conventional.total,
             plan=plan,
         ))
-        if stop_above is not None and plan.peak > stop_above and any(
-                p.peak <= stop_above for p in plans):
+        if first_fit is not None and plan.peak <= first_fit:
             break
+    plans.sort(key=lambda p: p.tile)
     if not plans:
         raise CompileError(
             f"no tile size in {list(sizes)} is large enough for this model: the smallest that "
@@ -1116,7 +1120,16 @@ def choose_tile(model, image: Sequence[int] | None, budget_bytes: int | str,
     would work, when even the least demanding tile does not fit."""
     budget = parse_size(budget_bytes)
     plans = plan_model(model, image, tiles, input, exact=exact,
-                       optimizer_copies=optimizer_copies, stop_above=budget)
+                       optimizer_copies=optimizer_copies, first_fit=budget)
+    if tiles is None and not any(p.peak <= budget for p in plans):
+        # Below the candidates' floor: the smallest tile the model accepts sets the least budget.
+        from streamc.analysis import analyze
+        from streamc.graph import load_model
+
+        smallest = smallest_tile(analyze(load_model(model), image, input))
+        if all(p.tile != smallest for p in plans):
+            plans += plan_model(model, image, [smallest], input, exact=exact,
+                                optimizer_copies=optimizer_copies)
     best = select_tile(plans, budget)
     return best.tile, best
 
