@@ -241,8 +241,7 @@ def _fold_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     from onnx.reference import ReferenceEvaluator
 
     graph = model.graph
-    original_inits = {i.name for i in graph.initializer}
-    inits = InitializerArrays(graph.initializer)
+    inits = InitializerArrays(graph.initializer)  # the original ones, not those folded here
     const: dict[str, np.ndarray] = {}
 
     def array_of(name: str) -> np.ndarray:
@@ -271,7 +270,7 @@ def _fold_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
                                    dtype=np.int64)]
         elif node.input and all(i == "" or i in const or i in inits for i in node.input):
             guarded = any(
-                i in original_inits and inits.proto(i).data_type in FLOAT_TYPES
+                i in inits and inits.proto(i).data_type in FLOAT_TYPES
                 and math.prod(inits.proto(i).dims) > 1
                 for i in node.input if i
             )

@@ -88,21 +88,15 @@ def needed_regions(
             out_box = _reading_something(step, out_box)
             for out in step.outputs:
                 needed[out] = out_box
-        reads = [axis.reads(iv) for axis, iv in zip(step.op.axes, out_box)]
+        reads = tuple(axis.reads(iv) for axis, iv in zip(step.op.axes, out_box))
         for tensor, extent in step.inputs:
+            box = reads
             if clip_to_extent:
                 if extent is None:
                     raise ValueError(f"tensor {tensor!r} has no static spatial size")
-                box = tuple((a if a > 0 else 0, b if b < n else n)
-                            for (a, b), n in zip(reads, extent))
-            else:
-                box = tuple(reads)
-            if any(b <= a for a, b in box):
-                continue
-            previous = needed.get(tensor)
-            needed[tensor] = box if previous is None else tuple(
-                (x[0] if x[0] < y[0] else y[0], x[1] if x[1] > y[1] else y[1])
-                for x, y in zip(previous, box))
+                box = clip(box, extent)
+            if not is_empty(box):
+                needed[tensor] = union(needed.get(tensor), box)
     return needed
 
 

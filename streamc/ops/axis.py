@@ -49,8 +49,8 @@ class Window:
         a, b = out
         if b <= a:
             return (0, 0)
-        s, p = self.stride, self.pad_begin
-        return (a * s - p, (b - 1) * s - p + self.dilation * (self.kernel - 1) + 1)
+        start = a * self.stride - self.pad_begin
+        return (start, (b - 1) * self.stride - self.pad_begin + self.span)
 
     def out_size(self, n: int) -> int:
         total = n + self.pad_begin + self.pad_end - self.span

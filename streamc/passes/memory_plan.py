@@ -416,10 +416,9 @@ def _prepare(model: onnx.ModelProto, resident: Iterable[str], fold: bool) -> _Pr
     constants = 0
     constant_names = set()
     for t in g.initializer:
-        dims = tuple(t.dims)
-        constants += math.prod(dims) * _type_bytes(t.data_type)
+        constants += _initializer_bytes(t)
         constant_names.add(t.name)
-        shapes[t.name] = dims
+        shapes[t.name] = tuple(t.dims)
     resident = set(resident)
     fed = sum(nbytes.get(i.name, 0) for i in g.input
               if i.name not in constant_names and i.name not in resident)
@@ -1021,7 +1020,8 @@ def candidate_tiles(analysis, factor: float = 2 ** 0.5) -> list[int]:
     align = max(analysis.alignment)
     largest = -(-max(analysis.image_size) // align) * align
     tiles = []
-    t = float(max(smallest_tile(analysis), 2 * smallest_tile(analysis) - align))
+    smallest = smallest_tile(analysis)
+    t = float(max(smallest, 2 * smallest - align))
     while True:
         snapped = min(largest, -(-int(t) // align) * align)
         if not tiles or snapped > tiles[-1]:
@@ -1041,7 +1041,9 @@ def plan_model(model, image: Sequence[int] | None, tiles: Sequence[int] | None =
     ``first_fit`` (bytes) plans from the largest tile down and stops at the first whose peak
     fits it: larger tiles recompute less and need more memory, so that is the tile a budget
     picks, and the small tiles, whose compilation is the slowest (many tiles and shape
-    classes), are compiled only when nothing larger fits.
+    classes), are compiled only when nothing larger fits. With the default candidates the
+    last resort is then :func:`smallest_tile`, below the candidates' floor: its peak is the
+    least budget that works.
     """
     from streamc.analysis import analyze
     from streamc.compiler import compile
@@ -1054,8 +1056,10 @@ def plan_model(model, image: Sequence[int] | None, tiles: Sequence[int] | None =
             "the model's spatial size is dynamic: pass the image size (--image HxW) to plan it."
         )
     conventional = plan_conventional(analysis, optimizer_copies=optimizer_copies)
-    sizes = sorted(set(int(t) for t in tiles)) if tiles else candidate_tiles(analysis)
     smallest = smallest_tile(analysis)
+    sizes = sorted(set(int(t) for t in tiles)) if tiles else candidate_tiles(analysis)
+    if first_fit is not None and not tiles and smallest not in sizes:
+        sizes.insert(0, smallest)
     plans: list[TilePlan] = []
     for t in (sizes if first_fit is None else reversed(sizes)):
         if t < smallest:
@@ -1121,15 +1125,6 @@ def choose_tile(model, image: Sequence[int] | None, budget_bytes: int | str,
     budget = parse_size(budget_bytes)
     plans = plan_model(model, image, tiles, input, exact=exact,
                        optimizer_copies=optimizer_copies, first_fit=budget)
-    if tiles is None and not any(p.peak <= budget for p in plans):
-        # Below the candidates' floor: the smallest tile the model accepts sets the least budget.
-        from streamc.analysis import analyze
-        from streamc.graph import load_model
-
-        smallest = smallest_tile(analyze(load_model(model), image, input))
-        if all(p.tile != smallest for p in plans):
-            plans += plan_model(model, image, [smallest], input, exact=exact,
-                                optimizer_copies=optimizer_copies)
     best = select_tile(plans, budget)
     return best.tile, best
 
