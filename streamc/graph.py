@@ -20,6 +20,7 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from streamc.errors import ModelLoadError, UnsupportedModelError
+from streamc.ops.axis import Window
 
 #: Ops whose result must never be folded even when every input is constant.
 _NEVER_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
@@ -171,15 +172,19 @@ _INFER_AS_INPUT_ELEMENTS = 1024
 
 
 def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with inferred shapes (updated in place when it holds large weights)."""
+    """``model`` with inferred shapes (updated in place when it holds large weights or
+    ceil_mode pools, which are inferred on a stand-in copy)."""
     graph = model.graph
     declared = {vi.name for vi in graph.input}
     weights = [i for i in graph.initializer if i.name not in declared
                and i.data_type in FLOAT_TYPES and math.prod(i.dims) > _INFER_AS_INPUT_ELEMENTS]
+    ceil_pools = [i for i, n in enumerate(graph.node) if n.op_type in _CEIL_MODE_POOLS
+                  and _int_attr(n, "ceil_mode") and _str_attr(n, "auto_pad") in ("", "NOTSET")]
     light = model
-    if weights:
+    if weights or ceil_pools:
         light = onnx.ModelProto()
         light.CopyFrom(model)
+    if weights:
         heavy = {i.name for i in weights}
         kept = [i for i in light.graph.initializer if i.name not in heavy]
         del light.graph.initializer[:]
@@ -187,6 +192,8 @@ def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
         light.graph.input.extend(helper.make_tensor_value_info(i.name, i.data_type, i.dims)
                                  for i in weights)
     try:
+        if ceil_pools:
+            _floor_mode_stand_ins(light, ceil_pools)
         inferred = shape_inference.infer_shapes(light, check_type=False, strict_mode=True,
                                                 data_prop=True)
     except Exception as exc:
@@ -196,13 +203,80 @@ def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
         raise UnsupportedModelError(
             f"the model's shapes do not work out at this input size: {first}"
         ) from None
-    if not weights:
+    if light is model:
         return inferred
     del graph.value_info[:]  # only types were added: take them over, keep the weights
     graph.value_info.extend(inferred.graph.value_info)
     for output, typed in zip(graph.output, inferred.graph.output, strict=True):
         output.CopyFrom(typed)
     return model
+
+
+_CEIL_MODE_POOLS = {"MaxPool", "AveragePool", "LpPool"}
+
+
+def _int_attr(node: onnx.NodeProto, name: str) -> int:
+    return next((a.i for a in node.attribute if a.name == name), 0)
+
+
+def _str_attr(node: onnx.NodeProto, name: str) -> str:
+    return next((a.s.decode() for a in node.attribute if a.name == name), "")
+
+
+def _floor_mode_stand_ins(model: onnx.ModelProto, pools: list[int]) -> None:
+    """Replace the ceil_mode pools at ``pools`` (node indices) by floor-mode pools of the
+    output size that ONNX Runtime and torch compute, for shape inference only.
+
+    ONNX shape inference before opset 22 keeps a ceil_mode pool's last window when it would
+    start in the end padding; ORT and torch drop it, so the inferred size is one too large and
+    strict inference then fails wherever that tensor meets another (a Concat, an Add). The
+    stand-in reaches the runtime's size with end padding instead; it is never run.
+    """
+    pending = list(pools)
+    for _ in range(len(pools)):
+        shapes = _spatial_shapes(shape_inference.infer_shapes(model, check_type=False,
+                                                              strict_mode=False, data_prop=True))
+        waiting = []
+        for index in pending:
+            node = model.graph.node[index]
+            sizes = shapes.get(node.input[0])
+            if sizes is None:
+                waiting.append(index)
+            else:
+                _to_floor_mode(node, sizes)
+        if not waiting or len(waiting) == len(pending):
+            return
+        pending = waiting
+
+
+def _spatial_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Known spatial sizes (every axis after the first two) of the model's typed tensors."""
+    shapes = {}
+    for vi in [*model.graph.input, *model.graph.value_info]:
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) > 2 and all(d.HasField("dim_value") for d in dims[2:]):
+            shapes[vi.name] = [d.dim_value for d in dims[2:]]
+    return shapes
+
+
+def _to_floor_mode(node: onnx.NodeProto, sizes: list[int]) -> None:
+    n = len(sizes)
+    attrs = {a.name: list(a.ints) for a in node.attribute if a.ints}
+    kernel = attrs.get("kernel_shape", [1] * n)
+    strides = attrs.get("strides", [1] * n)
+    dilations = attrs.get("dilations", [1] * n)
+    pads = attrs.get("pads", [0] * (2 * n))
+    ends = []
+    for i, size in enumerate(sizes):
+        window = Window(kernel[i], strides[i], dilations[i], pads[i], pads[n + i], ceil_mode=True)
+        out = window.out_size(size)
+        ends.append(max(pads[n + i], (out - 1) * strides[i] + window.span - size - pads[i]))
+    for name, value in (("ceil_mode", 0), ("pads", pads[:n] + ends)):
+        for i, a in enumerate(node.attribute):
+            if a.name == name:
+                del node.attribute[i]
+                break
+        node.attribute.append(helper.make_attribute(name, value))
 
 
 class InitializerArrays(Mapping[str, np.ndarray]):

@@ -316,3 +316,58 @@ def test_ceil_mode_last_window_in_padding() -> None:
     program = compile_program(model, 18, with_flops=False)
     assert len(program.tiles) > 1
     assert_matches_torch(program, module, model, zoo.random_image(shape))
+
+
+class _DilatedCeilPool(torch.nn.Module):
+    """A ceil_mode max pool whose last window overhangs the end padding by one: on a tile
+    holding that window the exact end pad (2) reaches the kernel size (2), which ORT refuses,
+    so the tile graph keeps ceil_mode and the original pad (hypothesis found this)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 3, 1)
+        self.pool = torch.nn.MaxPool2d((1, 2), stride=(1, 2), padding=(0, 1), dilation=(1, 2),
+                                       ceil_mode=True)
+        self.fc = torch.nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_ceil_mode_overhang_on_a_tile() -> None:
+    torch.manual_seed(0)
+    module = _DilatedCeilPool().eval()
+    shape = (1, 1, 10, 10)
+    model = randnet.export(module, shape)
+    program = compile_program(model, [1, 4], with_flops=False)
+    assert len(program.tiles) > 1
+    assert_matches_torch(program, module, model, zoo.random_image(shape))
+
+
+class _DroppedWindowMeetsSkip(torch.nn.Module):
+    """Upsample, a ceil_mode pool that drops its last window, concatenated with the input:
+    ONNX shape inference before opset 22 says 11 where torch and ORT say 10, and strict
+    inference failed at the Concat (hypothesis found this)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = torch.nn.Upsample(scale_factor=2, mode="nearest")
+        self.pool = torch.nn.MaxPool2d(1, stride=2, ceil_mode=True)
+        self.conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+        self.fc = torch.nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(torch.cat([self.pool(self.up(x)), x], dim=1))
+        return self.fc(y.mean(dim=(2, 3)))
+
+
+def test_ceil_mode_dropped_window_meets_a_skip() -> None:
+    torch.manual_seed(0)
+    module = _DroppedWindowMeetsSkip().eval()
+    shape = (1, 1, 10, 10)
+    model = randnet.export(module, shape)
+    a = streamc.analyze(model)
+    assert a.extent(a.cut_tensors[0]) == (10, 10)
+    program = compile_program(model, 4, with_flops=False)
+    assert len(program.tiles) > 1
+    assert_matches_torch(program, module, model, zoo.random_image(shape))

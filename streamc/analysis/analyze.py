@@ -123,11 +123,13 @@ def _fraction_json(value: Fraction) -> int | str:
 def _runtime_sizes(graph: Graph, split: Split) -> bool:
     """Give every prefix tensor the spatial size that the runtime computes; True if any changed.
 
-    ONNX shape inference (onnx 1.23) disagrees with ONNX Runtime and torch on ``ceil_mode``
-    pooling whose last window would start in the end padding: ORT and torch drop that window,
-    the inference keeps it (one position too many). The locality rules follow the runtime, so
-    sizes are recomputed from them along the prefix; without this the cut tensors, the head's
-    inputs and every tile's regions would be one position too large.
+    Where a window finds no room, ONNX shape inference (onnx 1.23) departs from the
+    arithmetic of the locality rules: a pool whose kernel is larger than its padded input gets
+    size 1 (ORT agrees, torch refuses; the rules say 0, which the compiler reports as an image
+    too small for the network), and before opset 22 a ``ceil_mode`` window that would start in
+    the end padding is kept (ORT and torch drop it; :func:`~streamc.graph.prepare` already
+    infers through a stand-in). Sizes are recomputed from the rules along the prefix, so the
+    cut tensors, the head's inputs and every tile's regions follow them.
     """
     changed = False
     for name in split.prefix:

@@ -303,9 +303,14 @@ def emit_tile_graph(
                 copy.input[slot] = builder.slice(node.input[slot], local)
         if op.kind == "window":
             _set_attr(copy, "auto_pad", None)
-            _set_attr(copy, "pads", [p for p, _ in spec.pads] + [p for _, p in spec.pads])
-            if node.op_type in ("MaxPool", "AveragePool", "LpPool"):
-                _set_attr(copy, "ceil_mode", None)
+            ends = [p for _, p in spec.pads]
+            if any(getattr(ax, "ceil_mode", False) for ax in op.axes):
+                # A ceil_mode overhang (the last window reaching past the end padding, by less
+                # than a stride) stays ceil_mode's: written as padding it can reach the kernel
+                # size, which ONNX Runtime refuses. The tile's exact pads keep their output
+                # count under ceil_mode, since their padded length is a whole number of strides.
+                ends = [min(p, ax.pad_end) for p, ax in zip(ends, op.axes)]
+            _set_attr(copy, "pads", [p for p, _ in spec.pads] + ends)
         elif op.kind == "pad":
             rank = n_spatial + 2
             pads = list(op.attrs["pads"])
