@@ -233,20 +233,27 @@ def _floor_mode_stand_ins(model: onnx.ModelProto, pools: list[int]) -> None:
     stand-in reaches the runtime's size with end padding instead; it is never run.
     """
     pending = list(pools)
-    for _ in range(len(pools)):
+    while pending:
         shapes = _spatial_shapes(shape_inference.infer_shapes(model, check_type=False,
                                                               strict_mode=False, data_prop=True))
-        waiting = []
-        for index in pending:
-            node = model.graph.node[index]
-            sizes = shapes.get(node.input[0])
-            if sizes is None:
-                waiting.append(index)
-            else:
-                _to_floor_mode(node, sizes)
-        if not waiting or len(waiting) == len(pending):
-            return
-        pending = waiting
+        # A pool below another pending one sees a size inferred the old way: it waits.
+        downstream = _downstream(model.graph, {model.graph.node[i].output[0] for i in pending})
+        ready = [i for i in pending if model.graph.node[i].input[0] not in downstream
+                 and model.graph.node[i].input[0] in shapes]
+        if not ready:
+            return  # sizes unknown: strict inference reports what is missing
+        for index in ready:
+            _to_floor_mode(model.graph.node[index], shapes[model.graph.node[index].input[0]])
+        pending = [i for i in pending if i not in ready]
+
+
+def _downstream(graph: onnx.GraphProto, tensors: set[str]) -> set[str]:
+    """``tensors`` and every tensor computed from them (nodes are in topological order)."""
+    reached = set(tensors)
+    for node in graph.node:
+        if not reached.isdisjoint(node.input):
+            reached.update(node.output)
+    return reached
 
 
 def _spatial_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:

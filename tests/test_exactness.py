@@ -371,3 +371,34 @@ def test_ceil_mode_dropped_window_meets_a_skip() -> None:
     program = compile_program(model, 4, with_flops=False)
     assert len(program.tiles) > 1
     assert_matches_torch(program, module, model, zoo.random_image(shape))
+
+
+class _ChainedCeilPools(torch.nn.Module):
+    """Two ceil_mode pools in a row, the first dropping its last window, concatenated with a
+    strided convolution of the input: the second pool's stand-in for shape inference must be
+    sized from the first's corrected output (6 -> 3 -> 2 and 14 -> 7 -> 4) or the Concat
+    disagrees (hypothesis found this in 3-D)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool1 = torch.nn.MaxPool2d(1, stride=2, ceil_mode=True)
+        self.pool2 = torch.nn.AvgPool2d(2, stride=2, ceil_mode=True, count_include_pad=False)
+        self.skip = torch.nn.Conv2d(1, 1, 3, stride=4, padding=1)
+        self.conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+        self.fc = torch.nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([self.pool2(self.pool1(x)), self.skip(x)], dim=1)
+        return self.fc(self.conv(y).mean(dim=(2, 3)))
+
+
+def test_chained_ceil_mode_pools() -> None:
+    torch.manual_seed(0)
+    module = _ChainedCeilPools().eval()
+    shape = (1, 1, 6, 30)
+    model = randnet.export(module, shape)
+    a = streamc.analyze(model)
+    assert a.extent(a.cut_tensors[0]) == (2, 8)
+    program = compile_program(model, [8, 16], with_flops=False)
+    assert len(program.tiles) > 1
+    assert_matches_torch(program, module, model, zoo.random_image(shape))
