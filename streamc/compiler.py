@@ -14,6 +14,7 @@ from pathlib import Path
 
 import onnx
 
+from streamc._gc import paused_gc
 from streamc.analysis import Analysis
 from streamc.analysis.analyze import analyze_checked
 from streamc.errors import CompileError
@@ -61,6 +62,13 @@ def compile(
     are dynamic. ``with_flops`` also counts the untiled FLOPs to report recompute overhead;
     ``with_memory_plan`` stores the predicted peak memory (``program.memory_plan``).
     """
+    with paused_gc():
+        return _compile(model, tile, image, input, with_flops, with_memory_plan)
+
+
+def _compile(model: str | Path | onnx.ModelProto, tile: int | str | Sequence[int],
+             image: Sequence[int] | None, input: str | None, with_flops: bool,
+             with_memory_plan: bool) -> Program:
     started = time.perf_counter()
     proto, serialized = load_model_serialized(model)
     analysis = analyze_checked(proto, image, input)

@@ -226,12 +226,19 @@ def test_program_plan_adds_up(vgg):
 def test_folded_constants_follow_the_runtime_choice(vgg):
     # vgg's MaxPool backward scatters into zeros that ORT folds into session constants.
     program = compile(vgg, tile=64, image=(64, 64), with_flops=False)
-    folded = plan_program(program, fold_constants="all").resident.constants
+    # Backward graphs fold only when ORT optimises them (RuntimeOptions.backward_optimization).
+    folded = plan_program(program, fold_constants="all",
+                          backward_optimization="all").resident.constants
     kept_forward = plan_program(program).resident.constants  # the runtime's default
+    assert plan_program(program, fold_constants="all").resident.constants == kept_forward
     assert plan_program(program, fold_constants="none").resident.constants == kept_forward
+    assert plan_program(program, fold_constants="forward",
+                        backward_optimization="basic").resident.constants == kept_forward
     assert folded > kept_forward
     with pytest.raises(ValueError):
         plan_program(program, fold_constants="some")
+    with pytest.raises(ValueError):
+        plan_program(program, backward_optimization="some")
 
 
 def test_plan_grows_with_tile_size(vgg_plans):

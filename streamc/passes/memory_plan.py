@@ -35,6 +35,7 @@ from typing import Any
 
 import onnx
 
+from streamc._gc import paused_gc
 from streamc.errors import CompileError, StreamcError
 from streamc.graph import attributes
 from streamc.ops.registry import OpTable
@@ -782,7 +783,8 @@ def _param_bytes(meta: dict) -> tuple[int, int]:
 
 def plan_program(program, conventional: ConventionalPlan | None = None, order: str = "worst",
                  optimizer_copies: int = 2, exact: bool | str = False,
-                 fold_constants: str = "forward") -> MemoryPlan:
+                 fold_constants: str = "forward", backward_optimization: str = "none"
+                 ) -> MemoryPlan:
     """The memory plan of one training step of ``program`` (see :class:`MemoryPlan`).
 
     ``conventional`` (from :func:`plan_conventional`) is attached as is; it needs the source
@@ -790,21 +792,38 @@ def plan_program(program, conventional: ConventionalPlan | None = None, order: s
     trainable weight (Adam 2, SGD with momentum 1, plain SGD 0). ``order``: see
     :func:`plan_graph`. ``exact=True`` (or an ORT optimisation level, ``"basic"``, ``"extended"``,
     ``"all"``; True means ``"all"``, the executor's level) plans the graphs ONNX Runtime
-    actually runs (:func:`ort_optimized`): one session build per graph, a second or so each.
+    actually runs (:func:`ort_optimized`): one session build per optimised graph, a second or
+    so each.
     ``fold_constants``: which sessions let ORT fold constants: ``"forward"`` (the runtime's
-    default: backward graphs run unoptimised), ``"all"`` or ``"none"``, as
-    :class:`streamc.runtime.sessions.RuntimeOptions` allows.
+    default), ``"all"`` or ``"none"``; ``backward_optimization``: ORT's optimisation level for
+    backward graphs, ``"none"`` (the runtime's default) or any other level. Both mirror
+    :class:`streamc.runtime.sessions.RuntimeOptions`. An unoptimised backward graph runs as
+    written, in ORT's default order, so it is planned in that order alone and without folding.
     """
+    with paused_gc():
+        return _plan_program(program, conventional, order, optimizer_copies, exact,
+                             fold_constants, backward_optimization)
+
+
+def _plan_program(program, conventional: ConventionalPlan | None, order: str,
+                  optimizer_copies: int, exact: bool | str, fold_constants: str,
+                  backward_optimization: str) -> MemoryPlan:
     level = "all" if exact is True else exact or None
     if fold_constants not in ("all", "forward", "none"):
         raise ValueError(f"fold_constants={fold_constants!r}: use 'all', 'forward' or 'none'")
+    if backward_optimization not in ("all", "extended", "basic", "none"):
+        raise ValueError(f"backward_optimization={backward_optimization!r}: use 'all', "
+                         "'extended', 'basic' or 'none'")
 
     def plan(relative: str, resident: set[str]) -> GraphPlan:
         model = program.graph(relative)
+        backward = "backward" in relative
+        if backward and backward_optimization == "none":
+            return plan_graph(model, resident, relative, "ort", fold=False)
         if level:
-            return plan_graph(ort_optimized(model, level), resident, relative, "graph")
-        fold = fold_constants == "all" or (fold_constants == "forward"
-                                           and "backward" not in relative)
+            graph_level = backward_optimization if backward else level
+            return plan_graph(ort_optimized(model, graph_level), resident, relative, "graph")
+        fold = fold_constants == "all" or (fold_constants == "forward" and not backward)
         return plan_graph(model, resident, relative, order, fold=fold)
 
     meta = program.meta
