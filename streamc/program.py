@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -76,6 +77,22 @@ class Program:
     @property
     def memory_plan(self) -> dict | None:
         return self.meta.get("memory_plan")
+
+    @property
+    def class_order(self) -> list[int]:
+        """Tile classes in the order the runtime runs them: the largest crop first.
+
+        The order of tiles does not change the result (up to float summation order), but it
+        decides how well ORT's CPU arena, which never gives memory back, reuses its chunks: a
+        class whose tensors are larger than every earlier one's cannot use the freed chunks
+        and extends the arena by its whole working set. Largest first, the later classes'
+        smaller tensors fit into the chunks it leaves. The memory plan follows the same order.
+        """
+        largest: dict[int, int] = {}
+        for tile in self.tiles:
+            crop = math.prod(b - a for a, b in tile["crop"])
+            largest[tile["class"]] = max(largest.get(tile["class"], 0), crop)
+        return sorted(largest, key=lambda k: (-largest[k], k))
 
     def graph(self, relative: str) -> onnx.ModelProto:
         return self.graphs[relative]

@@ -247,10 +247,12 @@ def test_plan_grows_with_tile_size(vgg_plans):
         assert smaller.forward_peak <= larger.forward_peak
         assert smaller.backward_peak <= larger.backward_peak
         assert smaller.overhead >= larger.overhead
-        # Above what stays resident (which grows with the number of shape classes: each
-        # session keeps its constants and run state), the peak grows with the tile.
-        assert (smaller.peak - smaller.plan.resident.total
-                <= larger.peak - larger.plan.resident.total)
+        # Above what stays resident and the baked sessions' weight copies (both grow with the
+        # number of shape classes: each session keeps its constants, run state and, baked, a
+        # copy of its weights), the peak grows with the tile.
+        assert (smaller.peak - smaller.plan.resident.total - smaller.plan.baked_weights
+                <= larger.peak - larger.plan.resident.total - larger.plan.baked_weights)
+        assert smaller.plan.baked_weights >= larger.plan.baked_weights
     assert vgg_plans[-1].overhead == pytest.approx(1.0)
     json.dumps([p.to_dict() for p in vgg_plans])
 

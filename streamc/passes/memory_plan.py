@@ -702,6 +702,7 @@ class MemoryPlan:
     session_arenas: int
     conventional: ConventionalPlan | None = None
     order: str = "worst"
+    baked_weights: int = 0  # weight copies in baked sessions at the end of the forward pass
 
     @property
     def forward_peak(self) -> int:
@@ -748,6 +749,7 @@ class MemoryPlan:
             "conventional": self.conventional.to_dict() if self.conventional else None,
             "saving": round(self.saving, 3) if self.saving is not None else None,
             "order": self.order,
+            "baked_weights": self.baked_weights,
         }
 
     def summary(self) -> list[str]:
@@ -763,6 +765,7 @@ class MemoryPlan:
             f"{format_size(r.cut_tensors + r.cut_gradients)})",
             f"  tile forward  {format_size(self.forward_peak)}",
             f"  tile backward {format_size(self.backward_peak)}",
+            f"  weight copies in baked forward sessions {format_size(self.baked_weights)}",
             f"  with ORT's per-session CPU arenas: {format_size(self.session_arenas)}",
         ]
         if self.conventional is not None:
@@ -783,8 +786,8 @@ def _param_bytes(meta: dict) -> tuple[int, int]:
 
 def plan_program(program, conventional: ConventionalPlan | None = None, order: str = "worst",
                  optimizer_copies: int = 2, exact: bool | str = False,
-                 fold_constants: str = "forward", backward_optimization: str = "none"
-                 ) -> MemoryPlan:
+                 fold_constants: str = "forward", backward_optimization: str = "none",
+                 weights: str = "auto") -> MemoryPlan:
     """The memory plan of one training step of ``program`` (see :class:`MemoryPlan`).
 
     ``conventional`` (from :func:`plan_conventional`) is attached as is; it needs the source
@@ -799,15 +802,21 @@ def plan_program(program, conventional: ConventionalPlan | None = None, order: s
     backward graphs, ``"none"`` (the runtime's default) or any other level. Both mirror
     :class:`streamc.runtime.sessions.RuntimeOptions`. An unoptimised backward graph runs as
     written, in ORT's default order, so it is planned in that order alone and without folding.
+    ``weights`` (``"auto"``, ``"inputs"`` or ``"initializers"``, as ``RuntimeOptions.weights``)
+    says which sessions are baked and so hold a copy of their weights; ``"auto"`` with
+    optimised backward graphs is planned as if every backward session were baked (an upper
+    bound: the runtime bakes only classes with enough tiles).
     """
+    if weights not in ("auto", "inputs", "initializers"):
+        raise ValueError(f"weights={weights!r}: use 'auto', 'inputs' or 'initializers'")
     with paused_gc():
         return _plan_program(program, conventional, order, optimizer_copies, exact,
-                             fold_constants, backward_optimization)
+                             fold_constants, backward_optimization, weights)
 
 
 def _plan_program(program, conventional: ConventionalPlan | None, order: str,
                   optimizer_copies: int, exact: bool | str, fold_constants: str,
-                  backward_optimization: str) -> MemoryPlan:
+                  backward_optimization: str, weights: str) -> MemoryPlan:
     level = "all" if exact is True else exact or None
     if fold_constants not in ("all", "forward", "none"):
         raise ValueError(f"fold_constants={fold_constants!r}: use 'all', 'forward' or 'none'")
@@ -860,14 +869,35 @@ def _plan_program(program, conventional: ConventionalPlan | None, order: str,
                                                      + RUNTIME_PER_FORWARD_SESSION),
     )
     base = resident.total
+    # Baked sessions hold a copy of their graph's weights (see the RuntimeOptions.weights
+    # contract): every forward session from its class's first tile until the backward pass
+    # starts, the head's forward session for the whole step, a baked backward session until
+    # its class's last tile.
+    param_size = {p["name"]: math.prod(p["shape"]) * _type_bytes(p.get("elem_type", 1))
+                  for p in meta["parameters"]}
+    by_id = {c["id"]: c for c in meta["classes"]}
+    bake_forward = weights in ("auto", "initializers")
+    bake_backward = weights == "initializers" or (weights == "auto"
+                                                  and backward_optimization != "none")
+
+    def copies(cls: dict) -> int:
+        return sum(param_size.get(n, 0) for n in cls["parameters"])
+
+    head_copy = sum(param_size.get(i.name, 0)
+                    for i in program.graph(head["forward"]).graph.input) if bake_forward else 0
     phases: dict[str, int] = {}
-    for c in classes:
+    held = 0
+    plans = {c.id: c for c in classes}
+    for k in program.class_order:
         # Forward runs before the cut gradients exist.
-        phases[f"tile class {c.id} forward"] = base - cuts + c.forward.peak
-    phases["head forward"] = base - cuts + head_fwd.peak
-    phases["head backward"] = base - cuts + head_bwd.peak
-    for c in classes:
-        phases[f"tile class {c.id} backward"] = base + c.backward.peak
+        held += copies(by_id[k]) if bake_forward else 0
+        phases[f"tile class {k} forward"] = base - cuts + plans[k].forward.peak + held
+    baked_weights = held + head_copy
+    phases["head forward"] = base - cuts + head_fwd.peak + baked_weights
+    phases["head backward"] = base - cuts + head_bwd.peak + baked_weights
+    for k in program.class_order:
+        own = copies(by_id[k]) if bake_backward else 0
+        phases[f"tile class {k} backward"] = base + plans[k].backward.peak + head_copy + own
     peak_phase = max(phases, key=lambda k: phases[k])
     arenas = base + sum(c.forward.peak + c.backward.peak for c in classes) \
         + head_fwd.peak + head_bwd.peak
@@ -886,6 +916,7 @@ def _plan_program(program, conventional: ConventionalPlan | None, order: str,
         session_arenas=arenas,
         conventional=conventional,
         order=f"exact ({level})" if level else order,
+        baked_weights=baked_weights,
     )
 
 

@@ -16,7 +16,6 @@ cut tensors are concatenated along the batch axis, weight gradients summed.
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -221,21 +220,8 @@ class StreamEngine:
 
 
 def run_order(program: Program) -> list[dict]:
-    """The program's tiles grouped by shape class, the class with the largest crop first.
-
-    The order of tiles does not change the result (up to float summation order), but it
-    decides how well ORT's CPU arena, which never gives memory back, reuses its chunks: a
-    class whose tensors are larger than every earlier one's cannot use the freed chunks and
-    extends the arena by its whole working set. Largest first, the later classes' smaller
-    tensors fit into the chunks it leaves.
-    """
-    def crop(tile: dict) -> int:
-        return math.prod(b - a for a, b in tile["crop"])
-
-    largest: dict[int, int] = {}
-    for tile in program.tiles:
-        largest[tile["class"]] = max(largest.get(tile["class"], 0), crop(tile))
-    rank = {k: i for i, k in enumerate(sorted(largest, key=lambda k: (-largest[k], k)))}
+    """The program's tiles grouped by shape class, in :attr:`Program.class_order`."""
+    rank = {k: i for i, k in enumerate(program.class_order)}
     return sorted(program.tiles, key=lambda tile: rank[tile["class"]])
 
 
