@@ -402,3 +402,33 @@ def test_chained_ceil_mode_pools() -> None:
     program = compile_program(model, [8, 16], with_flops=False)
     assert len(program.tiles) > 1
     assert_matches_torch(program, module, model, zoo.random_image(shape))
+
+
+class _CutFeedsConvAddActivation(torch.nn.Module):
+    """A cut tensor that the prefix also reads: a strided 1×1 Conv whose output is a cut and
+    feeds an Add and a Tanh. Written as the tile graph's output by renaming, ORT 1.32's
+    Conv-Add-activation fusion swallowed it and the session failed to load (hypothesis found
+    this)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 1)
+        self.cut = torch.nn.Conv2d(2, 2, 1, stride=(3, 1))
+        self.other = torch.nn.Conv2d(2, 2, 1, stride=(3, 1), bias=False)
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        a = self.cut(y)
+        b = torch.tanh(a + self.other(y))
+        return self.fc(torch.cat([a.mean(dim=(2, 3)), b.mean(dim=(2, 3))], dim=1))
+
+
+def test_cut_tensor_read_inside_the_tile() -> None:
+    torch.manual_seed(0)
+    module = _CutFeedsConvAddActivation().eval()
+    shape = (1, 1, 12, 10)
+    model = randnet.export(module, shape)
+    program = compile_program(model, [3, 5], with_flops=False)
+    assert len(program.tiles) > 1 and len(program.cut_tensors) == 2
+    assert_matches_torch(program, module, model, zoo.random_image(shape))

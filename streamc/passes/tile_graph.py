@@ -353,12 +353,15 @@ def emit_tile_graph(
         if local is not None:
             source = builder.slice(cut, local)
             _rename(builder.nodes, source, out_name)
-        elif cut != image:
+        elif cut != image and not _identity_output_is_safe(builder.nodes, cut):
             # The whole computed region is kept: give the tensor the output's name instead of
             # adding an Identity. ONNX Runtime 1.32 (EliminateIdentity with Pad fusion) rejects
             # a graph where a tensor feeds both an output Identity and a Pad before a Conv.
             _rename(builder.nodes, cut, out_name)
         else:
+            # The image, or a tensor other nodes of the tile also read: ORT 1.32's
+            # ConvAddActivationFusion fuses a Conv into a following Add and activation even
+            # when the Conv's output is a graph output, and the session then fails to load.
             builder.nodes.append(helper.make_node("Identity", [cut], [out_name],
                                                   name=builder.fresh("out")))
         outputs.append(out_name)
@@ -381,6 +384,14 @@ def emit_tile_graph(
                               producer_name="streamc")
     proto.ir_version = model.ir_version
     return _typed_outputs(proto)
+
+
+def _identity_output_is_safe(nodes: list[onnx.NodeProto], tensor: str) -> bool:
+    """Whether ``tensor`` may reach a graph output through an Identity: it is read by other
+    nodes (so renaming it would make it a graph output with consumers, which ORT's
+    Conv-Add-activation fusion mishandles), and none of them is a Pad (see the caller)."""
+    readers = [n for n in nodes if tensor in n.input]
+    return bool(readers) and not any(n.op_type == "Pad" for n in readers)
 
 
 def _rename(nodes: list[onnx.NodeProto], old: str, new: str) -> None:
