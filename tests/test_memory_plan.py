@@ -223,6 +223,31 @@ def test_program_plan_adds_up(vgg):
     assert any("predicted peak" in line for line in plan.summary())
 
 
+def test_baked_weight_copies_follow_the_runtime_choice(vgg):
+    """Baked sessions (RuntimeOptions.weights) hold a copy of their weights: the forward ones
+    until the backward pass starts, accumulating in Program.class_order."""
+    program = compile(vgg, tile=36, image=(64, 64), with_flops=False)
+    auto, fed = plan_program(program), plan_program(program, weights="inputs")
+    baked_all = plan_program(program, weights="initializers")
+    sizes = {k: v.nbytes for k, v in program.parameters.items()}
+    copies = [sum(sizes[n] for n in program.classes[k]["parameters"])
+              for k in program.class_order]
+    head_inputs = {i.name for i in program.graph(program.meta["head"]["forward"]).graph.input}
+    head = sum(b for n, b in sizes.items() if n in head_inputs)
+    assert len(copies) == 9 and all(copies)
+    assert fed.baked_weights == 0
+    assert auto.baked_weights == sum(copies) + head
+    for i, k in enumerate(program.class_order):
+        forward = f"tile class {k} forward"
+        assert auto.phases[forward] - fed.phases[forward] == sum(copies[: i + 1])
+        backward = f"tile class {k} backward"
+        assert auto.phases[backward] - fed.phases[backward] == head
+        assert baked_all.phases[backward] - fed.phases[backward] == head + copies[i]
+    assert auto.phases["head forward"] - fed.phases["head forward"] == sum(copies) + head
+    with pytest.raises(ValueError):
+        plan_program(program, weights="some")
+
+
 def test_folded_constants_follow_the_runtime_choice(vgg):
     # vgg's MaxPool backward scatters into zeros that ORT folds into session constants.
     program = compile(vgg, tile=64, image=(64, 64), with_flops=False)
