@@ -13,6 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 from streamc.compiler import compile
 from streamc.errors import CompileError, StreamcError
 from streamc.passes.memory_plan import (
+    RUNTIME_ONCE,
+    RUNTIME_PER_NODE,
     MemoryPlan,
     choose_tile,
     execution_order,
@@ -223,27 +225,39 @@ def test_program_plan_adds_up(vgg):
     assert any("predicted peak" in line for line in plan.summary())
 
 
-def test_baked_weight_copies_follow_the_runtime_choice(vgg):
-    """Baked sessions (RuntimeOptions.weights) hold a copy of their weights: the forward ones
-    until the backward pass starts, accumulating in Program.class_order."""
+def test_baked_sessions_follow_the_runtime_choice(vgg):
+    """Baked sessions (RuntimeOptions.weights) hold a copy of their weights and ORT's per-node
+    state: the forward ones until the backward pass starts, accumulating in
+    Program.class_order; fed sessions are kept for the whole step (resident)."""
     program = compile(vgg, tile=36, image=(64, 64), with_flops=False)
     auto, fed = plan_program(program), plan_program(program, weights="inputs")
     baked_all = plan_program(program, weights="initializers")
     sizes = {k: v.nbytes for k, v in program.parameters.items()}
+    nodes = {c.id: (c.forward.nodes, c.backward.nodes) for c in auto.classes}
     copies = [sum(sizes[n] for n in program.classes[k]["parameters"])
-              for k in program.class_order]
+              + RUNTIME_PER_NODE * nodes[k][0] for k in program.class_order]
     head_inputs = {i.name for i in program.graph(program.meta["head"]["forward"]).graph.input}
     head = sum(b for n, b in sizes.items() if n in head_inputs)
     assert len(copies) == 9 and all(copies)
-    assert fed.baked_weights == 0
-    assert auto.baked_weights == sum(copies) + head
+    assert fed.baked_sessions == 0
+    assert auto.baked_sessions == sum(copies) + head
+    # Fed forward sessions are kept all step; baked ones are not resident.
+    forward_nodes = sum(f for f, _ in nodes.values())
+    backward_nodes = sum(b for _, b in nodes.values())
+    assert fed.resident.runtime - auto.resident.runtime == RUNTIME_PER_NODE * forward_nodes
+    assert auto.resident.runtime - baked_all.resident.runtime == RUNTIME_PER_NODE * backward_nodes
+    assert auto.resident.runtime >= RUNTIME_ONCE + RUNTIME_PER_NODE * backward_nodes
+    extra = fed.resident.runtime - auto.resident.runtime
     for i, k in enumerate(program.class_order):
         forward = f"tile class {k} forward"
-        assert auto.phases[forward] - fed.phases[forward] == sum(copies[: i + 1])
+        assert auto.phases[forward] - fed.phases[forward] == sum(copies[: i + 1]) - extra
         backward = f"tile class {k} backward"
-        assert auto.phases[backward] - fed.phases[backward] == head
-        assert baked_all.phases[backward] - fed.phases[backward] == head + copies[i]
-    assert auto.phases["head forward"] - fed.phases["head forward"] == sum(copies) + head
+        assert auto.phases[backward] - fed.phases[backward] == head - extra
+        own = (sum(sizes[n] for n in program.classes[k]["parameters"])
+               + RUNTIME_PER_NODE * nodes[k][1])
+        assert (baked_all.phases[backward] - auto.phases[backward]
+                == own - RUNTIME_PER_NODE * backward_nodes)
+    assert auto.phases["head forward"] - fed.phases["head forward"] == sum(copies) + head - extra
     with pytest.raises(ValueError):
         plan_program(program, weights="some")
 
@@ -275,9 +289,9 @@ def test_plan_grows_with_tile_size(vgg_plans):
         # Above what stays resident and the baked sessions' weight copies (both grow with the
         # number of shape classes: each session keeps its constants, run state and, baked, a
         # copy of its weights), the peak grows with the tile.
-        assert (smaller.peak - smaller.plan.resident.total - smaller.plan.baked_weights
-                <= larger.peak - larger.plan.resident.total - larger.plan.baked_weights)
-        assert smaller.plan.baked_weights >= larger.plan.baked_weights
+        assert (smaller.peak - smaller.plan.resident.total - smaller.plan.baked_sessions
+                <= larger.peak - larger.plan.resident.total - larger.plan.baked_sessions)
+        assert smaller.plan.baked_sessions >= larger.plan.baked_sessions
     assert vgg_plans[-1].overhead == pytest.approx(1.0)
     json.dumps([p.to_dict() for p in vgg_plans])
 

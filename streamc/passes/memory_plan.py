@@ -137,13 +137,14 @@ INPLACE_OPS = frozenset({
 
 Shapes = dict[str, tuple[int, ...]]
 
-#: What ONNX Runtime keeps for itself once sessions have run (execution frames, kernel state,
-#: thread-local MLAS buffers): measured on ORT 1.32's CPU provider as about 1-2.5 MiB once per
-#: process and 0.15-0.5 MiB per backward session, 0.03-0.07 MiB per forward session, after the
-#: first run (docs/memory.md). Not tensor memory; CPU figures (a CUDA context is far larger).
-RUNTIME_ONCE = 2 * 2**20
-RUNTIME_PER_BACKWARD_SESSION = 256 * 2**10
-RUNTIME_PER_FORWARD_SESSION = 64 * 2**10
+#: What ONNX Runtime keeps for itself besides tensors (CPU provider, ORT 1.32), measured by
+#: ``benchmarks/runtime_overhead.py`` with freed memory returned to the system: its start-up
+#: (environment, thread pools, kernel registry: 9 MiB) and the first session's first run
+#: (2 MiB more), once per process; then about 5.7 KiB per node of every live session (graph,
+#: kernels, execution plan), on ResNet-18 backward graphs of 900-1800 nodes. Not tensor memory;
+#: a CUDA context is far larger.
+RUNTIME_ONCE = 11 * 2**20
+RUNTIME_PER_NODE = 5888
 
 #: Contract of a rule: ``rule(node, shapes) -> bytes`` of scratch memory the kernel allocates for
 #: itself while it runs (freed when it returns). Ops without a rule need none.
@@ -637,7 +638,7 @@ class Resident:
     cut_gradients: int
     outputs: int  # the model's outputs (from the head)
     constants: int  # constant initializers held by the sessions (folded ones included)
-    runtime: int = 0  # ORT's own state per session after its first run (RUNTIME_* allowance)
+    runtime: int = 0  # ORT's start-up and its state in the sessions kept (RUNTIME_* allowance)
 
     @property
     def total(self) -> int:
@@ -702,7 +703,9 @@ class MemoryPlan:
     session_arenas: int
     conventional: ConventionalPlan | None = None
     order: str = "worst"
-    baked_weights: int = 0  # weight copies in baked sessions at the end of the forward pass
+    #: what the baked forward sessions (and the head's) hold at the end of the forward pass:
+    #: weight copies and ORT's per-node state
+    baked_sessions: int = 0
 
     @property
     def forward_peak(self) -> int:
@@ -749,7 +752,7 @@ class MemoryPlan:
             "conventional": self.conventional.to_dict() if self.conventional else None,
             "saving": round(self.saving, 3) if self.saving is not None else None,
             "order": self.order,
-            "baked_weights": self.baked_weights,
+            "baked_sessions": self.baked_sessions,
         }
 
     def summary(self) -> list[str]:
@@ -765,7 +768,7 @@ class MemoryPlan:
             f"{format_size(r.cut_tensors + r.cut_gradients)})",
             f"  tile forward  {format_size(self.forward_peak)}",
             f"  tile backward {format_size(self.backward_peak)}",
-            f"  weight copies in baked forward sessions {format_size(self.baked_weights)}",
+            f"  baked forward sessions (weight copies) {format_size(self.baked_sessions)}",
             f"  with ORT's per-session CPU arenas: {format_size(self.session_arenas)}",
         ]
         if self.conventional is not None:
@@ -865,14 +868,13 @@ def _plan_program(program, conventional: ConventionalPlan | None, order: str,
         outputs=head_fwd.outputs,
         constants=sum(c.forward.constants + c.backward.constants for c in classes)
         + head_fwd.constants + head_bwd.constants,
-        runtime=RUNTIME_ONCE + (len(classes) + 1) * (RUNTIME_PER_BACKWARD_SESSION
-                                                     + RUNTIME_PER_FORWARD_SESSION),
+        runtime=0,  # below, once it is known which sessions stay
     )
-    base = resident.total
     # Baked sessions hold a copy of their graph's weights (see the RuntimeOptions.weights
-    # contract): every forward session from its class's first tile until the backward pass
-    # starts, the head's forward session for the whole step, a baked backward session until
-    # its class's last tile.
+    # contract) besides ORT's per-node state: every forward session from its class's first
+    # tile until the backward pass starts, the head's forward session for the whole step, a
+    # baked backward session until its class's last tile. Fed sessions are built once and kept
+    # from step to step: resident.
     param_size = {p["name"]: math.prod(p["shape"]) * _type_bytes(p.get("elem_type", 1))
                   for p in meta["parameters"]}
     by_id = {c["id"]: c for c in meta["classes"]}
@@ -885,18 +887,25 @@ def _plan_program(program, conventional: ConventionalPlan | None, order: str,
 
     head_copy = sum(param_size.get(i.name, 0)
                     for i in program.graph(head["forward"]).graph.input) if bake_forward else 0
+    fed_nodes = head_fwd.nodes + head_bwd.nodes
+    fed_nodes += 0 if bake_forward else sum(c.forward.nodes for c in classes)
+    fed_nodes += 0 if bake_backward else sum(c.backward.nodes for c in classes)
+    resident.runtime = RUNTIME_ONCE + RUNTIME_PER_NODE * fed_nodes
+    base = resident.total
     phases: dict[str, int] = {}
     held = 0
     plans = {c.id: c for c in classes}
     for k in program.class_order:
         # Forward runs before the cut gradients exist.
-        held += copies(by_id[k]) if bake_forward else 0
+        if bake_forward:
+            held += copies(by_id[k]) + RUNTIME_PER_NODE * plans[k].forward.nodes
         phases[f"tile class {k} forward"] = base - cuts + plans[k].forward.peak + held
-    baked_weights = held + head_copy
-    phases["head forward"] = base - cuts + head_fwd.peak + baked_weights
-    phases["head backward"] = base - cuts + head_bwd.peak + baked_weights
+    baked_sessions = held + head_copy
+    phases["head forward"] = base - cuts + head_fwd.peak + baked_sessions
+    phases["head backward"] = base - cuts + head_bwd.peak + baked_sessions
     for k in program.class_order:
-        own = copies(by_id[k]) if bake_backward else 0
+        own = (copies(by_id[k]) + RUNTIME_PER_NODE * plans[k].backward.nodes
+               if bake_backward else 0)
         phases[f"tile class {k} backward"] = base + plans[k].backward.peak + head_copy + own
     peak_phase = max(phases, key=lambda k: phases[k])
     arenas = base + sum(c.forward.peak + c.backward.peak for c in classes) \
@@ -916,7 +925,7 @@ def _plan_program(program, conventional: ConventionalPlan | None, order: str,
         session_arenas=arenas,
         conventional=conventional,
         order=f"exact ({level})" if level else order,
-        baked_weights=baked_weights,
+        baked_sessions=baked_sessions,
     )
 
 
