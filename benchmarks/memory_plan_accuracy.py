@@ -10,8 +10,9 @@ measures, in a fresh child process per configuration, training steps (forward, l
 - ``default``: the runtime's defaults, what users run (weights baked into the sessions where
   worth it, one shared CPU arena, memory patterns off, sessions released after their pass,
   ``malloc_trim`` after each run);
-- ``lean``: the same with the CPU arena off and glibc's mmap threshold pinned at 64 KiB, so
-  that every freed tensor goes back to the system (what the plan's tensor model describes).
+- ``lean``: ``StreamingModel(..., allocator="system")``: the same with the CPU arena off and
+  glibc's mmap threshold pinned at 64 KiB, so that every freed tensor goes back to the system
+  (what the plan's tensor model describes).
 
 Measuring: the child loads the program, builds the ``StreamingModel`` (weights resident),
 allocates the image and the label, collects garbage, resets the high-water mark (``echo 5 >
@@ -55,7 +56,7 @@ MiB = 2**20
 #: ``lean``: no arena, glibc's mmap threshold pinned, so freed tensors go back to the system)
 VARIANTS: dict[str, dict] = {
     "default": {},
-    "lean": {"cpu_arena": False, "mmap_threshold": 65536},
+    "lean": {"allocator": "system"},
 }
 #: model: (image size, tile sizes)
 CASES = {
@@ -161,12 +162,9 @@ def child_step(program_dir: str, variant: str, steps: int = 2) -> dict:
 
     from streamc.program import load
     from streamc.runtime.module import StreamingModel
-    from streamc.runtime.sessions import RuntimeOptions
 
     program = load(program_dir)
-    model = StreamingModel(program, progress=False)
-    if VARIANTS[variant]:
-        model._runtime.options = RuntimeOptions(**VARIANTS[variant])
+    model = StreamingModel(program, progress=False, **VARIANTS[variant])
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
     image = torch.randn(program.input_shape)
     label = torch.zeros(program.input_shape[0], dtype=torch.long)

@@ -146,6 +146,15 @@ def test_auto_weights_feed_unoptimised_backward_graphs() -> None:
     assert {baked for (name, baked) in pool._sessions if "backward" in name} == {False}
 
 
+def test_system_allocator_turns_the_arena_off() -> None:
+    program = program_for("twocut")
+    options = StreamingModel(program, allocator="system")._runtime.options
+    assert options.cpu_arena is False and options.mmap_threshold == 64 * 2**10
+    assert StreamingModel(program)._runtime.options.cpu_arena == "shared"
+    with pytest.raises(StreamcError, match="allocator='malloc'"):
+        StreamingModel(program, allocator="malloc")  # type: ignore[arg-type]
+
+
 def test_auto_weights_bake_forward_graphs_and_often_run_optimised_backward_graphs() -> None:
     program = program_for("twocut")  # 2x2 tiles, each its own shape class
     model = StreamingModel(program)  # weights="auto"

@@ -761,7 +761,9 @@ class MemoryPlan:
         lines = [
             f"tile {'x'.join(map(str, self.tile))}: {self.tiles} tiles "
             f"({'x'.join(map(str, self.grid))}), {len(self.classes)} shape classes",
-            f"predicted peak  {format_size(self.peak)}  (at {self.peak_phase})",
+            f"predicted peak  {format_size(self.peak)}  (at {self.peak_phase}; the process "
+            f"peak with StreamingModel(allocator='system'); ORT's default CPU arena keeps more, "
+            f"measured 1.3-2.4x: docs/memory.md)",
             f"  resident      {format_size(r.total)}  (image {format_size(r.image)}, weights "
             f"{format_size(r.parameters)}, gradients {format_size(r.gradients)}, optimizer "
             f"{format_size(r.optimizer)}, cut tensors and gradients "

@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -53,6 +53,9 @@ from streamc.runtime.sessions import (
 )
 
 ESCAPED = "onnx_escaped"
+#: glibc's mmap threshold with ``allocator="system"``: tensors of at least this many bytes are
+#: mapped and unmapped, so freed ones go back to the system (docs/memory.md, "lean").
+SYSTEM_MMAP_THRESHOLD = 64 * 2**10
 MODEL_GRAPH = "graphs/model.onnx"
 
 
@@ -164,10 +167,14 @@ class StreamingModel(nn.Module):
     ``"initializers"`` (every session rebuilt once per optimizer step with the weights baked
     in, so ORT can fold BatchNorm, fuse and pre-pack), ``"inputs"`` (sessions built once,
     weights fed on every run) or ``"auto"`` (default: forward graphs baked, backward graphs
-    baked when they run at least four times per step); see :mod:`streamc.runtime.sessions`.
+    fed, as ORT runs them unoptimised); see :mod:`streamc.runtime.sessions`.
     ``threads``: ORT intra-op threads (default ``torch.get_num_threads()``).
     ``gpu_mem_limit``: bytes for ORT's CUDA arena (default half the GPU). ``progress``: tqdm
-    bars over tiles (default: only when stderr is a terminal).
+    bars over tiles (default: only when stderr is a terminal). ``allocator`` (CPU memory):
+    ``"arena"`` (default, the fastest) shares one ORT arena between all sessions, which keeps
+    what it took and holds 1.3-2.4x the memory plan (docs/memory.md); ``"system"`` turns the
+    arena off and pins glibc's mmap threshold at 64 KiB, so every freed tensor goes back to the
+    system and a step stays within the plan (1.00-1.16x measured), for steps 1.3-2.4x as long.
 
     Images are ``(N, C, *size)`` float32 tensors or arrays with the compiled channels and size;
     ``N`` may be any multiple of the compiled batch (chunks run one after another). The image
@@ -177,7 +184,8 @@ class StreamingModel(nn.Module):
     def __init__(self, program: Program | str | Path, device: str | torch.device = "cpu",
                  providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None, *,
                  weights: WeightMode = "auto", threads: int | None = None,
-                 gpu_mem_limit: int | None = None, progress: bool | None = None) -> None:
+                 gpu_mem_limit: int | None = None, progress: bool | None = None,
+                 allocator: Literal["arena", "system"] = "arena") -> None:
         super().__init__()
         if not isinstance(program, Program):
             program = load(program)
@@ -191,11 +199,16 @@ class StreamingModel(nn.Module):
                 "the program's image input is not float32; the streamc runtime runs float32 "
                 "programs: export the model with a float32 input."
             )
+        if allocator not in ("arena", "system"):
+            raise StreamcError(f"allocator={allocator!r}: use 'arena' or 'system'.")
         self.program = program
+        memory: dict[str, Any] = ({"cpu_arena": False, "mmap_threshold": SYSTEM_MMAP_THRESHOLD}
+                                  if allocator == "system" else {})
         self._runtime = _Runtime(
             program,
             RuntimeOptions(weights=weights, threads=threads, gpu_mem_limit=gpu_mem_limit,
-                           providers=tuple(providers) if providers is not None else None),
+                           providers=tuple(providers) if providers is not None else None,
+                           **memory),
             progress,
         )
         self._paths: dict[str, tuple[tuple[str, ...], str]] = {}
