@@ -64,6 +64,8 @@ CASES = {
     "vgg": (1024, [256, 512, 1024]),
     "unet": (1024, [256, 512, 1024]),
 }
+#: the full-scale check: ResNet-18 at width 64 (``--models resnet18w64``; ~4 min)
+FULL_SCALE = (4096, [2048])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -121,6 +123,8 @@ def build_module(name: str):
     torch.manual_seed(0)
     if name == "resnet18":
         module = ResNet(BasicBlock, [2, 2, 2, 2], classes=10, width=32)
+    elif name == "resnet18w64":
+        module = ResNet(BasicBlock, [2, 2, 2, 2], classes=2, width=64)
     else:
         module = {"vgg": VGGish, "unet": UNetish}[name]()
     return randomize_batchnorm(module).eval()
@@ -231,7 +235,9 @@ def planning_time(image: int = 8192, tile: int = 2048, repeat: int = 3) -> list[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(CASES), help="comma-separated subset")
+    parser.add_argument("--models", default=",".join(CASES),
+                        help="comma-separated subset of CASES, or resnet18w64 (full width, "
+                        f"{FULL_SCALE[0]}², tile {FULL_SCALE[1][0]}; not in the default run)")
     parser.add_argument("--tiles", default=None, help="comma-separated tile sizes (all models)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS),
@@ -256,7 +262,7 @@ def main() -> None:
     load = [os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="streamc-bench-") as tmp:
         for name in args.models.split(","):
-            size, tiles = CASES[name]
+            size, tiles = CASES[name] if name in CASES else FULL_SCALE
             if args.tiles:
                 tiles = [int(t) for t in args.tiles.split(",")]
             model = export(name, size)
