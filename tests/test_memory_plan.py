@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import re
 
 import numpy as np
 import onnx
@@ -317,6 +318,14 @@ def test_too_small_a_budget_names_the_smallest_that_works(vgg, vgg_plans):
     assert "too small" in message
     tile, plan = choose_tile(vgg, (64, 64), least, tiles=[24, 36, 64])
     assert plan.peak == least
+    # With the default candidates: every one is planned, and the least of them named.
+    with pytest.raises(CompileError) as info:
+        choose_tile(vgg, (64, 64), 1)
+    message = str(info.value)
+    match = re.search(r"needs is .* \((\d+) bytes, tile (\d+)\)", message)
+    assert match and "planned tile size" in message, message
+    tile, plan = choose_tile(vgg, (64, 64), int(match.group(1)))
+    assert plan.peak == int(match.group(1))
 
 
 def test_conventional_keeps_what_autograd_keeps():
