@@ -767,7 +767,8 @@ class MemoryPlan:
             f"  resident      {format_size(r.total)}  (image {format_size(r.image)}, weights "
             f"{format_size(r.parameters)}, gradients {format_size(r.gradients)}, optimizer "
             f"{format_size(r.optimizer)}, cut tensors and gradients "
-            f"{format_size(r.cut_tensors + r.cut_gradients)})",
+            f"{format_size(r.cut_tensors + r.cut_gradients)}, ORT's own state "
+            f"{format_size(r.runtime)}, session constants {format_size(r.constants)})",
             f"  tile forward  {format_size(self.forward_peak)}",
             f"  tile backward {format_size(self.backward_peak)}",
             f"  baked forward sessions (weight copies) {format_size(self.baked_sessions)}",
