@@ -25,6 +25,7 @@ from streamc.passes.extract import (
     model_graph,
     model_parameters,
     parameter_values,
+    tied_parameters,
 )
 from streamc.passes.flops import backward_flops, count_flops
 from streamc.passes.memory_plan import plan_conventional, plan_program
@@ -139,7 +140,12 @@ def _compile(model: str | Path | onnx.ModelProto, tile: int | str | Sequence[int
         "alignment": list(schedule.alignment),
         "grid": list(schedule.grid),
         "boundaries": [list(b) for b in schedule.boundaries],
-        "notes": schedule.notes,
+        "notes": schedule.notes + [
+            f"the exporter merged initializers of equal value: {', '.join(map(repr, aliases))} "
+            f"{'is an Identity' if len(aliases) == 1 else 'are Identities'} of {name!r}, so "
+            f"they share one value and train as one parameter; export after the weights differ "
+            f"(randomised or trained) to keep them apart."
+            for name, aliases in tied_parameters(analysis.model, params.trainable).items()],
         "cut_tensors": [
             {
                 "name": c,

@@ -242,3 +242,26 @@ def test_compile_notes_are_empty_for_aligned_requests() -> None:
     program = compile_program(zoo.build("zeropad").onnx_model, 16, with_flops=False)
     assert program.meta["notes"] == []
     assert np.all(np.array(program.meta["tile"]) == 16)
+
+
+class _FreshBatchNorms(nn.Module):
+    """Two freshly initialised BatchNorms: equal weights (ones) and biases (zeros), which the
+    torch exporter merges into one initializer each, aliased by Identity nodes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.bn1, self.bn2 = nn.BatchNorm2d(2), nn.BatchNorm2d(2)
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn2(torch.relu(self.bn1(self.conv(x)))).mean(dim=(2, 3)))
+
+
+def test_merged_initializers_are_noted() -> None:
+    model = randnet.export(_FreshBatchNorms().eval(), (1, 1, 16, 16))
+    notes = compile_program(model, 8, with_flops=False).meta["notes"]
+    merged = [n for n in notes if "merged initializers" in n]
+    assert len(merged) == 2, notes
+    assert any("'bn2.weight'" in n and "of 'bn1.weight'" in n for n in merged), merged
+    assert all("train as one parameter" in n and "\n" not in n for n in merged)

@@ -10,7 +10,7 @@ statistics) and which are plain constants baked into the graphs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +49,19 @@ def model_parameters(model: onnx.ModelProto) -> Parameters:
             if (node.op_type, slot) in _BUFFER_SLOTS and name in floats and name not in owned:
                 buffers.setdefault(name)
     return Parameters(trainable, list(buffers))
+
+
+def tied_parameters(model: onnx.ModelProto, trainable: Sequence[str]) -> dict[str, list[str]]:
+    """Trainable initializers that other names alias through ``Identity`` nodes: initializer ->
+    the aliases. The torch exporter writes this when it merges initializers of equal value (a
+    freshly initialised network's BatchNorm weights, say): the merged weights then train as
+    one parameter, which the torch module did not do."""
+    wanted = set(trainable)
+    tied: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        if node.op_type == "Identity" and node.input and node.input[0] in wanted:
+            tied.setdefault(node.input[0], []).extend(o for o in node.output if o)
+    return tied
 
 
 @dataclass
