@@ -12,9 +12,14 @@ tiled float32 result must be at most ``1e-5``. One exception, measured rather th
 gradient that sums thousands of terms (a bias gradient over a whole 3-D volume) is already off
 by ~1e-5 in an *untiled* float32 run: ONNX Runtime's float32 ReduceSum of 6240 equal values is
 off by 5.6e-6 (torch: 1.3e-7), and random net seed 75 has an untiled ORT bias gradient off by
-1.8e-5 while its tiled one is off by 1e-5 (partial sums per tile help). There the bound is 4×
+1.8e-5 while its tiled one is off by 1e-5 (partial sums per tile help). There the bound is 8×
 the untiled float32 error (torch's, or the untiled program's on ORT, measured only when
-needed). Over 300 random networks one case needed it; every zoo model is below 1e-6.
+needed). Summing per tile can also be less accurate than untiled: in a 2-D random net (two
+BatchNorms, Pad, Conv; 39×14 in 10 tiles) a BatchNorm bias gradient of 0.305 sums 546 terms
+whose absolute values add up to 587 (1900× cancellation); tiled it is off by 2.7e-5, the
+untiled ORT run by 4.6e-6, torch float32 by 2.7e-7. The tiled error is 1.4e-8 of the terms'
+total, below float32's epsilon: roundoff, not a wrong result, hence 8× rather than 4×. About
+2,000 random networks: two cases needed the factor; every zoo model is below 1e-6.
 
 Hand-built graphs (ConvTranspose, LpPool, opset-18 Pad, Resize by sizes, Split/Clip/Dropout,
 auto_pad SAME with stride 2 on odd sizes, two cuts far apart) have no torch module; they are
@@ -48,7 +53,7 @@ from tests.test_analysis import HANDBUILT
 
 TOLERANCE = 1e-5
 #: Where torch's own float32 result is already this far off float64, allow this many times it.
-FLOAT32_FACTOR = 4.0
+FLOAT32_FACTOR = 8.0
 
 # One intra-op thread: session creation is ~8x faster, which dominates these small graphs.
 FACTORY = SessionFactory(intra_op_threads=1)
