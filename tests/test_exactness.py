@@ -12,14 +12,16 @@ tiled float32 result must be at most ``1e-5``. One exception, measured rather th
 gradient that sums thousands of terms (a bias gradient over a whole 3-D volume) is already off
 by ~1e-5 in an *untiled* float32 run: ONNX Runtime's float32 ReduceSum of 6240 equal values is
 off by 5.6e-6 (torch: 1.3e-7), and random net seed 75 has an untiled ORT bias gradient off by
-1.8e-5 while its tiled one is off by 1e-5 (partial sums per tile help). There the bound is 8×
+1.8e-5 while its tiled one is off by 1e-5 (partial sums per tile help). There the bound is 4×
 the untiled float32 error (torch's, or the untiled program's on ORT, measured only when
-needed). Summing per tile can also be less accurate than untiled: in a 2-D random net (two
-BatchNorms, Pad, Conv; 39×14 in 10 tiles) a BatchNorm bias gradient of 0.305 sums 546 terms
-whose absolute values add up to 587 (1900× cancellation); tiled it is off by 2.7e-5, the
-untiled ORT run by 4.6e-6, torch float32 by 2.7e-7. The tiled error is 1.4e-8 of the terms'
-total, below float32's epsilon: roundoff, not a wrong result, hence 8× rather than 4×. About
-2,000 random networks: two cases needed the factor; every zoo model is below 1e-6.
+needed). And a bias gradient whose terms cancel is held to float32's own limit: in a 2-D random
+net (two BatchNorms, Pad, Conv; 39×14) a BatchNorm bias gradient of 0.305 sums 546 terms whose
+absolute values add up to 587 (1900× cancellation); tiled it was off by 2.7e-5 (10 tiles) and
+4.4e-5 (4 tiles) of its value, the untiled ORT run by 4.6e-6, torch float32 by 2.7e-7. Those
+errors are 1.4e-8 and 2.3e-8 of the terms' total, below float32's epsilon (1.2e-7): roundoff,
+not a wrong result. So a bias gradient also passes when it is within 4 epsilons of the sum of
+the absolute values of its layer's output gradient (float64, per channel). About 2,000 random
+networks: these were the only such cases; every zoo model is below 1e-6.
 
 Hand-built graphs (ConvTranspose, LpPool, opset-18 Pad, Resize by sizes, Split/Clip/Dropout,
 auto_pad SAME with stride 2 on odd sizes, two cuts far apart) have no torch module; they are
@@ -53,7 +55,11 @@ from tests.test_analysis import HANDBUILT
 
 TOLERANCE = 1e-5
 #: Where torch's own float32 result is already this far off float64, allow this many times it.
-FLOAT32_FACTOR = 8.0
+FLOAT32_FACTOR = 4.0
+#: A bias gradient (a sum over positions) may be off by this many float32 epsilons of the sum
+#: of its terms' absolute values.
+SUM_EPSILONS = 4.0
+EPS32 = float(np.finfo(np.float32).eps)
 
 # One intra-op thread: session creation is ~8x faster, which dominates these small graphs.
 FACTORY = SessionFactory(intra_op_threads=1)
@@ -120,9 +126,48 @@ def assert_matches_torch(program: Program, module: torch.nn.Module, model: onnx.
         ort_out, ort_grads = untiled_reference(prepared, image, params, cots, list(grad64))
         for k, v in {**ort_out, **ort_grads}.items():
             bounds[k] = max(bounds[k], FLOAT32_FACTOR * rel_error(v, exact[k]))
+    for k in [k for k in exact if errors[k] > bounds[k] and k.endswith(".bias")]:
+        # A bias gradient sums its layer's output gradient over every position: float32 can
+        # only get it to a few epsilons of that sum's absolute total (see the module docstring).
+        total = _output_gradient_total(module, image, names, cots, k[: -len(".bias")])
+        if total is not None:
+            diff = np.abs(np.asarray(tiled[k], np.float64).reshape(total.shape) - exact[k])
+            allowed = np.maximum(bounds[k] * np.abs(exact[k]).max(), SUM_EPSILONS * EPS32 * total)
+            if np.all(diff <= allowed):
+                errors[k] = 0.0
     failures = [f"{k}: {errors[k]:.2e} > {bounds[k]:.2e}" for k in exact if errors[k] > bounds[k]]
     assert not failures, "tiled differs from torch: " + "; ".join(failures)
     return max(errors.values())
+
+
+def _output_gradient_total(module: torch.nn.Module, image: np.ndarray, names: Sequence[str],
+                           cotangents: dict[str, np.ndarray], layer: str) -> np.ndarray | None:
+    """Per channel, the sum of absolute values of the gradient at ``layer``'s output (float64),
+    whose plain sum is that layer's bias gradient; None if ``layer`` is not a module with a
+    single (N, C, ...) tensor output."""
+    module = copy.deepcopy(module).double().eval()
+    target = dict(module.named_modules()).get(layer)
+    if target is None:
+        return None
+    seen: list[torch.Tensor] = []
+
+    def keep(_mod, _inputs, output):
+        if isinstance(output, torch.Tensor) and output.dim() >= 2:
+            output.retain_grad()
+            seen.append(output)
+
+    handle = target.register_forward_hook(keep)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = module(torch.from_numpy(image).double())
+    handle.remove()
+    ys = list(y) if isinstance(y, tuple) else [y]
+    loss = sum((v * torch.from_numpy(cotangents[n]).double()).sum() for n, v in zip(names, ys))
+    loss.backward()
+    if len(seen) != 1 or seen[0].grad is None:
+        return None
+    grad = seen[0].grad.abs()
+    return grad.sum(dim=[d for d in range(grad.dim()) if d != 1]).numpy()
 
 
 def resolve_tile(analysis: streamc.Analysis, tile: list[int], max_tiles: int = 64) -> list[int]:
