@@ -131,11 +131,14 @@ def build_module(name: str):
 
 
 def export(name: str, size: int):
-    """The model exported at ``size``² (static shapes)."""
+    """The model exported at ``size``² (static shapes); above 1024² exported at 512² with
+    dynamic spatial axes instead (tracing runs a full-image forward in torch)."""
     from benchmarks.resnets import export as export_module
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if size > 1024:
+            return export_module(build_module(name), 512, dynamic=True)
         return export_module(build_module(name), size, dynamic=False)
 
 
@@ -239,6 +242,7 @@ def main() -> None:
                         help="comma-separated subset of CASES, or resnet18w64 (full width, "
                         f"{FULL_SCALE[0]}², tile {FULL_SCALE[1][0]}; not in the default run)")
     parser.add_argument("--tiles", default=None, help="comma-separated tile sizes (all models)")
+    parser.add_argument("--image", type=int, default=None, help="image size (all models)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated subset of {','.join(VARIANTS)}")
@@ -263,6 +267,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="streamc-bench-") as tmp:
         for name in args.models.split(","):
             size, tiles = CASES[name] if name in CASES else FULL_SCALE
+            size = args.image or size
             if args.tiles:
                 tiles = [int(t) for t in args.tiles.split(",")]
             model = export(name, size)
