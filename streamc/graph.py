@@ -179,7 +179,8 @@ def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
     weights = [i for i in graph.initializer if i.name not in declared
                and i.data_type in FLOAT_TYPES and math.prod(i.dims) > _INFER_AS_INPUT_ELEMENTS]
     ceil_pools = [i for i, n in enumerate(graph.node) if n.op_type in _CEIL_MODE_POOLS
-                  and _int_attr(n, "ceil_mode") and _str_attr(n, "auto_pad") in ("", "NOTSET")]
+                  and attributes(n).get("ceil_mode", 0)
+                  and attributes(n).get("auto_pad", "NOTSET") == "NOTSET"]
     light = model
     if weights or ceil_pools:
         light = onnx.ModelProto()
@@ -215,14 +216,6 @@ def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
 _CEIL_MODE_POOLS = {"MaxPool", "AveragePool", "LpPool"}
 
 
-def _int_attr(node: onnx.NodeProto, name: str) -> int:
-    return next((a.i for a in node.attribute if a.name == name), 0)
-
-
-def _str_attr(node: onnx.NodeProto, name: str) -> str:
-    return next((a.s.decode() for a in node.attribute if a.name == name), "")
-
-
 def _floor_mode_stand_ins(model: onnx.ModelProto, pools: list[int]) -> None:
     """Replace the ceil_mode pools at ``pools`` (node indices) by floor-mode pools of the
     output size that ONNX Runtime and torch compute, for shape inference only.
@@ -243,7 +236,8 @@ def _floor_mode_stand_ins(model: onnx.ModelProto, pools: list[int]) -> None:
         if not ready:
             return  # sizes unknown: strict inference reports what is missing
         for index in ready:
-            _to_floor_mode(model.graph.node[index], shapes[model.graph.node[index].input[0]])
+            node = model.graph.node[index]
+            _to_floor_mode(node, shapes[node.input[0]])
         pending = [i for i in pending if i not in ready]
 
 
@@ -268,7 +262,7 @@ def _spatial_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
 
 def _to_floor_mode(node: onnx.NodeProto, sizes: list[int]) -> None:
     n = len(sizes)
-    attrs = {a.name: list(a.ints) for a in node.attribute if a.ints}
+    attrs = attributes(node)
     kernel = attrs.get("kernel_shape", [1] * n)
     strides = attrs.get("strides", [1] * n)
     dilations = attrs.get("dilations", [1] * n)
@@ -278,12 +272,8 @@ def _to_floor_mode(node: onnx.NodeProto, sizes: list[int]) -> None:
         window = Window(kernel[i], strides[i], dilations[i], pads[i], pads[n + i], ceil_mode=True)
         out = window.out_size(size)
         ends.append(max(pads[n + i], (out - 1) * strides[i] + window.span - size - pads[i]))
-    for name, value in (("ceil_mode", 0), ("pads", pads[:n] + ends)):
-        for i, a in enumerate(node.attribute):
-            if a.name == name:
-                del node.attribute[i]
-                break
-        node.attribute.append(helper.make_attribute(name, value))
+    set_attribute(node, "ceil_mode", 0)
+    set_attribute(node, "pads", list(pads[:n]) + ends)
 
 
 class InitializerArrays(Mapping[str, np.ndarray]):
@@ -423,6 +413,16 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
         if a.name == name:
             return helper.get_attribute_value(a)
     return default
+
+
+def set_attribute(node: onnx.NodeProto, name: str, value) -> None:
+    """Replace (or add) attribute ``name`` of ``node``; ``value=None`` removes it."""
+    for i, a in enumerate(node.attribute):
+        if a.name == name:
+            del node.attribute[i]
+            break
+    if value is not None:
+        node.attribute.append(helper.make_attribute(name, value))
 
 
 def attributes(node: onnx.NodeProto) -> dict:

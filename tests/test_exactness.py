@@ -84,11 +84,7 @@ def torch_reference(module: torch.nn.Module, image: np.ndarray, names: Sequence[
                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Outputs and parameter gradients of ``sum(output ⊙ c)``, full image, in ``dtype``."""
     module = copy.deepcopy(module).to(dtype).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        y = module(torch.from_numpy(image).to(dtype))
-    ys = list(y) if isinstance(y, tuple) else [y]
-    loss = sum((v * torch.from_numpy(cotangents[n]).to(dtype)).sum() for n, v in zip(names, ys))
+    ys, loss = _loss(module, image, names, cotangents, dtype)
     if loss.requires_grad:
         loss.backward()
     outputs = {n: v.detach().double().numpy() for n, v in zip(names, ys)}
@@ -97,6 +93,18 @@ def torch_reference(module: torch.nn.Module, image: np.ndarray, names: Sequence[
         for k, p in module.named_parameters()
     }
     return outputs, grads
+
+
+def _loss(module: torch.nn.Module, image: np.ndarray, names: Sequence[str],
+          cotangents: dict[str, np.ndarray], dtype: torch.dtype
+          ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``module``'s outputs on ``image`` and ``sum(output ⊙ c)``, in ``dtype``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = module(torch.from_numpy(image).to(dtype))
+    ys = list(y) if isinstance(y, tuple) else [y]
+    loss = sum((v * torch.from_numpy(cotangents[n]).to(dtype)).sum() for n, v in zip(names, ys))
+    return ys, loss
 
 
 def assert_matches_torch(program: Program, module: torch.nn.Module, model: onnx.ModelProto,
@@ -157,12 +165,8 @@ def _output_gradient_total(module: torch.nn.Module, image: np.ndarray, names: Se
             seen.append(output)
 
     handle = target.register_forward_hook(keep)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        y = module(torch.from_numpy(image).double())
+    _ys, loss = _loss(module, image, names, cotangents, torch.float64)
     handle.remove()
-    ys = list(y) if isinstance(y, tuple) else [y]
-    loss = sum((v * torch.from_numpy(cotangents[n]).double()).sum() for n, v in zip(names, ys))
     loss.backward()
     if len(seen) != 1 or seen[0].grad is None:
         return None

@@ -780,14 +780,11 @@ class MemoryPlan:
         return lines
 
 
-def _param_bytes(meta: dict) -> tuple[int, int]:
-    total = trainable = 0
-    for p in meta["parameters"]:
-        b = math.prod(p["shape"]) * _type_bytes(p.get("elem_type", onnx.TensorProto.FLOAT))
-        total += b
-        if p.get("trainable"):
-            trainable += b
-    return total, trainable
+def _param_sizes(meta: dict) -> dict[str, int]:
+    """Bytes of each parameter of a program."""
+    return {p["name"]: math.prod(p["shape"]) * _type_bytes(p.get("elem_type",
+                                                                 onnx.TensorProto.FLOAT))
+            for p in meta["parameters"]}
 
 
 def plan_program(program, conventional: ConventionalPlan | None = None, order: str = "worst",
@@ -842,7 +839,9 @@ def _plan_program(program, conventional: ConventionalPlan | None, order: str,
         return plan_graph(model, resident, relative, order, fold=fold)
 
     meta = program.meta
-    params, trainable = _param_bytes(meta)
+    param_size = _param_sizes(meta)
+    params = sum(param_size.values())
+    trainable = sum(param_size[p["name"]] for p in meta["parameters"] if p.get("trainable"))
     input_meta = meta["input"]
     image = math.prod(input_meta["shape"]) * _type_bytes(input_meta.get("elem_type", 1))
     cuts = sum(math.prod(c["shape"]) * 4 for c in meta["cut_tensors"])
@@ -878,8 +877,6 @@ def _plan_program(program, conventional: ConventionalPlan | None, order: str,
     # tile until the backward pass starts, the head's forward session for the whole step, a
     # baked backward session until its class's last tile. Fed sessions are built once and kept
     # from step to step: resident.
-    param_size = {p["name"]: math.prod(p["shape"]) * _type_bytes(p.get("elem_type", 1))
-                  for p in meta["parameters"]}
     by_id = {c["id"]: c for c in meta["classes"]}
     bake_forward = weights in ("auto", "initializers")
     bake_backward = weights == "initializers" or (weights == "auto"

@@ -22,6 +22,7 @@ from onnx import helper, numpy_helper
 from streamc.analysis import Analysis
 from streamc.analysis.regions import Box, clip, union
 from streamc.errors import CompileError
+from streamc.graph import set_attribute
 from streamc.ops.axis import Interval, Transposed, Upsample, Window
 from streamc.passes.schedule import Tile
 
@@ -265,15 +266,6 @@ class _Builder:
         return out
 
 
-def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
-    for i, a in enumerate(node.attribute):
-        if a.name == name:
-            del node.attribute[i]
-            break
-    if value is not None:
-        node.attribute.append(helper.make_attribute(name, value))
-
-
 def emit_tile_graph(
     analysis: Analysis,
     layout: TileLayout,
@@ -302,7 +294,7 @@ def emit_tile_graph(
             if local is not None:
                 copy.input[slot] = builder.slice(node.input[slot], local)
         if op.kind == "window":
-            _set_attr(copy, "auto_pad", None)
+            set_attribute(copy, "auto_pad", None)
             ends = [p for _, p in spec.pads]
             if any(getattr(ax, "ceil_mode", False) for ax in op.axes):
                 # A ceil_mode overhang (the last window reaching past the end padding, by less
@@ -310,21 +302,21 @@ def emit_tile_graph(
                 # size, which ONNX Runtime refuses. The tile's exact pads keep their output
                 # count under ceil_mode, since their padded length is a whole number of strides.
                 ends = [min(p, ax.pad_end) for p, ax in zip(ends, op.axes)]
-            _set_attr(copy, "pads", [p for p, _ in spec.pads] + ends)
+            set_attribute(copy, "pads", [p for p, _ in spec.pads] + ends)
         elif op.kind == "pad":
             rank = n_spatial + 2
             pads = list(op.attrs["pads"])
             for axis, (p_b, p_e) in enumerate(spec.pads):
                 pads[2 + axis], pads[2 + axis + rank] = p_b, p_e
             if graph.opset < 11:
-                _set_attr(copy, "pads", pads)
+                set_attribute(copy, "pads", pads)
             else:
                 del copy.input[3:]
                 copy.input[1] = builder.ints(pads)
         elif op.kind == "transposed":
-            _set_attr(copy, "auto_pad", None)
-            _set_attr(copy, "pads", [p for p, _ in spec.pads] + [p for _, p in spec.pads])
-            _set_attr(copy, "output_padding", list(spec.output_padding))
+            set_attribute(copy, "auto_pad", None)
+            set_attribute(copy, "pads", [p for p, _ in spec.pads] + [p for _, p in spec.pads])
+            set_attribute(copy, "output_padding", list(spec.output_padding))
         elif op.kind == "resize" and graph.opset >= 11 and len(copy.input) > 3 and copy.input[3]:
             # Sizes are full-image sizes: switch to the (integer) scales instead.
             scales = [1.0, 1.0] + [float(getattr(ax, "factor", 1)) for ax in op.axes]
