@@ -1,13 +1,14 @@
 """``streamc check``: a compiled program against an untiled run of the same model.
 
 Both sides run on ONNX Runtime's CPU provider with the same random image, weights and output
-cotangents. The tiled side is the program (tile forward, head, head backward, tile backward);
-the untiled side is the prepared model and its whole-graph backward from the same autodiff pass.
+cotangents. The tiled side is the program run by the runtime's interpreter with the runtime's
+policy (the same steps, order and sessions as training, on numpy arrays); the untiled side is
+the prepared model and its whole-graph backward from the same autodiff pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,8 +18,12 @@ import onnx
 from streamc.compiler import compile as compile_program
 from streamc.graph import load_model, prepare
 from streamc.passes.autodiff import build_backward
+from streamc.policy import DEFAULT_POLICY, RuntimePolicy
 from streamc.program import Program
-from streamc.runtime.executor import ProgramExecutor, SessionFactory
+from streamc.runtime.backend import NumpyBackend
+from streamc.runtime.interpreter import Interpreter
+from streamc.runtime.options import RuntimeOptions
+from streamc.runtime.weights import WeightSet
 
 
 @dataclass
@@ -72,14 +77,21 @@ def difference(name: str, actual: np.ndarray, expected: np.ndarray) -> Differenc
 
 
 def untiled_reference(model: onnx.ModelProto, image: np.ndarray, params: dict[str, np.ndarray],
-                      output_grads: dict[str, np.ndarray], trainable: Sequence[str]
+                      output_grads: dict[str, np.ndarray], trainable: Sequence[str],
+                      threads: int | None = None
                       ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Outputs and parameter gradients of the whole model on ORT, without tiling."""
-    factory = SessionFactory()
+    import onnxruntime as ort
+
     outputs = [o.name for o in model.graph.output]
     backward = build_backward(model, wrt=list(trainable), outputs=list(output_grads),
                               keep_outputs=True, name="untiled_backward")
-    session = factory(backward.model.SerializeToString())
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(backward.model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
     input_name = next(i.name for i in model.graph.input
                       if i.name not in {t.name for t in model.graph.initializer})
     feeds = {input_name: image}
@@ -95,6 +107,25 @@ def untiled_reference(model: onnx.ModelProto, image: np.ndarray, params: dict[st
     return out_values, grads
 
 
+def run_program(program: Program, image: np.ndarray, params: dict[str, np.ndarray],
+                cotangents: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None,
+                policy: RuntimePolicy = DEFAULT_POLICY, threads: int | None = None,
+                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Run ``program`` on numpy arrays through the runtime's interpreter: outputs by name, and
+    with ``cotangents`` (outputs by name -> their cotangents) the parameter gradients."""
+    backend = NumpyBackend(program, RuntimeOptions(policy=policy, threads=threads))
+    interpreter = Interpreter(program, backend, progress=False)
+    names = interpreter.output_names
+
+    def output_grads(outputs: list[np.ndarray]) -> list[np.ndarray | None]:
+        wanted = cotangents(dict(zip(names, outputs)))
+        return [wanted.get(name) for name in names]
+
+    outputs, grads = interpreter.run(image, WeightSet(dict(params)),
+                                     output_grads if cotangents is not None else None)
+    return dict(zip(names, outputs)), grads
+
+
 def check(
     model: str | Path | onnx.ModelProto,
     image: Sequence[int] | None,
@@ -103,6 +134,7 @@ def check(
     seed: int = 0,
     tolerance: float = 1e-4,
     program: Program | None = None,
+    policy: RuntimePolicy = DEFAULT_POLICY,
 ) -> CheckReport:
     """Compile (unless ``program`` is given) and compare tiled with untiled results."""
     proto = load_model(model)
@@ -111,14 +143,15 @@ def check(
     shape = program.input_shape
     img = rng.standard_normal(shape).astype(np.float32)
     params = {k: np.asarray(v) for k, v in program.parameters.items()}
-    executor = ProgramExecutor(program)
-    # The cotangents need the outputs' shapes: run the forward once and reuse its cut tensors.
-    cuts = executor.forward_prefix(img, params)
-    outputs = executor.forward_head(cuts, params)
-    output_grads = {k: rng.standard_normal(v.shape).astype(np.float32)
-                    for k, v in outputs.items() if v.dtype == np.float32}
-    grads = executor.backward(img, params, cuts, output_grads)
-    trainable = [p["name"] for p in program.meta["parameters"] if p["trainable"]]
+    output_grads: dict[str, np.ndarray] = {}
+
+    def cotangents(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        output_grads.update({k: rng.standard_normal(v.shape).astype(np.float32)
+                             for k, v in outputs.items() if v.dtype == np.float32})
+        return output_grads
+
+    outputs, grads = run_program(program, img, params, cotangents, policy)
+    trainable = program.meta.trainable
     prepared = prepare(proto, program.image_size, program.input_name, batch=shape[0])
     ref_outputs, ref_grads = untiled_reference(prepared, img, params, output_grads, trainable)
     report = CheckReport(program, tolerance)

@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from streamc.errors import StreamcError
+from streamc.units import format_bytes, parse_bytes, parse_extent
 
 
 def _fail_cleanly(func: Callable) -> Callable:
@@ -47,19 +48,16 @@ def _fail_cleanly(func: Callable) -> Callable:
     return wrapper
 
 
-def parse_size(text: str | None) -> tuple[int, ...] | None:
-    """``"1024x768"`` / ``"64x64x64"`` / ``"512"`` -> a tuple of ints (None stays None)."""
+def parse_image(text: str | None) -> tuple[int, ...] | None:
+    """``"1024x768"`` / ``"64x64x64"`` / ``"512"`` -> a tuple of ints (None stays None); one
+    number stands for every spatial axis of the model."""
     if text is None:
         return None
-    try:
-        parts = tuple(int(p) for p in text.lower().replace("×", "x").split("x"))
-    except ValueError:
-        raise StreamcError(f"image size {text!r} is not of the form HxW or DxHxW.") from None
-    if any(p <= 0 for p in parts):
-        raise StreamcError(f"image size {text!r} must be positive.")
-    if len(parts) == 1:
-        parts = parts * 2
-    return parts
+    return parse_extent(text, "image size")
+
+
+def _say(line: str) -> None:
+    click.echo(f"streamc: {line}", err=True)
 
 
 def _fmt_shape(shape) -> str:
@@ -86,7 +84,7 @@ def inspect(model: str, image: str | None, input_name: str | None, as_json: bool
     """Show the locality split, cut tensors and per-tensor receptive fields of MODEL."""
     from streamc.analysis import analyze
 
-    analysis = analyze(model, parse_size(image), input_name)
+    analysis = analyze(model, parse_image(image), input_name)
     data = analysis.to_dict()
     if as_json:
         click.echo(json.dumps(data, indent=1))
@@ -124,19 +122,18 @@ def _default_output(model: str) -> Path:
 
 def _print_program_summary(program, out: Path | None) -> None:
     meta = program.meta
-    click.echo(f"tiles:        {len(program.tiles)} ({' x '.join(map(str, meta['grid']))} grid, "
-               f"{len(program.classes)} shape classes), tile {_fmt_stride(meta['tile'])} px")
-    flops = meta.get("flops") or {}
-    if flops:
-        click.echo(f"recompute:    forward {flops['forward_overhead']:.3f}x, backward "
-                   f"{flops['backward_overhead']:.3f}x the untiled FLOPs")
-    for cut in meta["cut_tensors"]:
-        click.echo(f"cut tensor:   {cut['name']} {_fmt_shape(cut['shape'])} stride "
-                   f"{_fmt_stride(cut['stride'])}")
-    plan = meta.get("memory_plan")
+    click.echo(f"tiles:        {len(program.tiles)} ({' x '.join(map(str, meta.grid))} grid, "
+               f"{len(program.classes)} shape classes), tile {_fmt_stride(meta.tile)} px")
+    if meta.flops is not None:
+        click.echo(f"recompute:    forward {meta.flops.forward_overhead:.3f}x, backward "
+                   f"{meta.flops.backward_overhead:.3f}x the untiled FLOPs")
+    for cut in meta.cut_tensors:
+        click.echo(f"cut tensor:   {cut.name} {_fmt_shape(cut.shape)} stride "
+                   f"{_fmt_stride(cut.stride)}")
+    plan = meta.memory_plan
     if plan and "headline" in plan:
         click.echo(f"memory:       {plan['headline']}")
-    for note in meta.get("notes", []):
+    for note in meta.notes:
         click.echo(f"note:         {note}")
     if out is not None:
         click.echo(f"written to:   {out}")
@@ -155,26 +152,23 @@ def compile_command(model: str, tile: str | None, image: str | None, input_name:
     """Compile MODEL into a tiled training program directory."""
     from streamc.compiler import compile as compile_program
 
-    tile_value = _resolve_tile(model, tile, image, input_name, memory_budget)
-    program = compile_program(model, tile_value, image=parse_size(image), input=input_name)
-    out = program.save(Path(output) if output else _default_output(model))
-    _print_program_summary(program, out)
-
-
-def _resolve_tile(model, tile, image, input_name, memory_budget):
     if tile and memory_budget:
         raise StreamcError("give either --tile or --memory-budget, not both.")
-    if memory_budget:
-        from streamc.passes.memory_plan import choose_tile
-        from streamc.passes.memory_plan import parse_size as parse_bytes
-
-        chosen, _plan = choose_tile(model, parse_size(image), parse_bytes(memory_budget),
-                                    input=input_name)
-        click.echo(f"memory budget {memory_budget}: chose tile {chosen}")
-        return chosen
-    if not tile:
+    if not tile and not memory_budget:
         raise StreamcError("give a tile size (--tile 2048) or a memory budget (--memory-budget).")
-    return tile
+    if memory_budget:
+        from streamc.tile_search import search_tiles
+
+        search = search_tiles(model, parse_image(image), budget=parse_bytes(memory_budget),
+                              input=input_name, progress=_say)
+        program = search.chosen.program
+        click.echo(f"memory budget {memory_budget}: chose tile {search.chosen.tile} "
+                   f"({search.compiled} candidate{'s' if search.compiled > 1 else ''} compiled, "
+                   f"each once)")
+    else:
+        program = compile_program(model, tile, image=parse_image(image), input=input_name)
+    out = program.save(Path(output) if output else _default_output(model))
+    _print_program_summary(program, out)
 
 
 @main.command()
@@ -192,7 +186,7 @@ def check(model: str, image: str | None, tile: str, input_name: str | None, seed
     """Run the tiled program against an untiled run of MODEL; exit 1 on a mismatch."""
     from streamc.check import check as run_check
 
-    report = run_check(model, parse_size(image), tile, input=input_name, seed=seed,
+    report = run_check(model, parse_image(image), tile, input=input_name, seed=seed,
                        tolerance=tolerance)
     _print_check(report, as_json)
     if not report.ok:
@@ -205,7 +199,7 @@ def _print_check(report, as_json: bool) -> None:
         return
     click.echo(f"tiles: {len(report.program.tiles)}  (image "
                f"{_fmt_stride(report.program.image_size)}, tile "
-               f"{_fmt_stride(report.program.meta['tile'])})")
+               f"{_fmt_stride(report.program.meta.tile)})")
     click.echo(f"{'tensor':<40} {'max abs err':>12} {'max rel err':>12}")
     for kind, items in (("output", report.outputs), ("grad", report.gradients)):
         for d in items:
@@ -231,38 +225,31 @@ def _print_check(report, as_json: bool) -> None:
 def plan(model: str, image: str | None, tile: str | None, memory_budget: str | None,
          input_name: str | None, exact: bool, as_json: bool, plot: str | None) -> None:
     """Predict peak memory per training step for tile sizes of MODEL, before running anything."""
-    from streamc.passes import memory_plan as mp
+    from streamc import tile_search as ts
 
-    size = parse_size(image)
     if tile and memory_budget:
         raise StreamcError("give either --tile or --memory-budget, not both.")
+    if plot:  # before any work: a missing optional dependency is known now
+        ts.require_matplotlib()
+    budget = parse_bytes(memory_budget) if memory_budget else None
+    tiles = [max(parse_extent(tile, "tile size"))] if tile else None
+    search = ts.search_tiles(model, parse_image(image), tiles=tiles, budget=budget,
+                             input=input_name, exact=exact, progress=_say)
+    plans, chosen = search.plans, search.chosen
     if tile:
-        from streamc.compiler import compile as compile_program
-
-        program = compile_program(model, tile, image=size, input=input_name,
-                                  with_memory_plan=False)
-        result = mp.plan_program(program, mp.plan_conventional(model, size, input_name),
-                                 exact=exact)
-        click.echo(json.dumps(result.to_dict(), indent=1) if as_json
-                   else "\n".join(result.summary()))
-        if plot:
-            plans = mp.plan_model(model, size, [max(program.meta["tile"])], input_name,
-                                  exact=exact)
-            mp.plot_plans(plans, plans[0].conventional, None, plot)
-        return
-    plans = mp.plan_model(model, size, None, input_name, exact=exact)
-    if plot:  # before selecting, which raises when nothing fits
-        mp.plot_plans(plans, plans[0].conventional if plans else None, memory_budget, plot)
-    chosen = mp.select_tile(plans, mp.parse_size(memory_budget)) if memory_budget else None
-    if as_json:
+        plan_ = plans[0].plan
+        click.echo(json.dumps(plan_.to_dict(), indent=1) if as_json
+                   else "\n".join(plan_.summary()))
+    elif as_json:
         click.echo(json.dumps({"plans": [p.to_dict() for p in plans],
                                "chosen": chosen.tile if chosen else None}, indent=1))
     else:
-        click.echo("\n".join(mp.plans_table(plans, chosen)))
+        click.echo("\n".join(ts.plans_table(plans, chosen)))
         if chosen is not None:
             click.echo(f"memory budget {memory_budget}: tile {chosen.tile} "
-                       f"(peak {mp.format_size(chosen.peak)})")
+                       f"(peak {format_bytes(chosen.peak)})")
     if plot:
+        ts.plot_plans(plans, search.conventional.total, budget, plot)
         click.echo(f"plot written to {plot}")
 
 
@@ -286,7 +273,7 @@ def demo(output: str, image: str, tile: str, channels: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     model_path = folder / "demo.onnx"
     onnx.save(demo_model(channels=channels), str(model_path))
-    size = parse_size(image)
+    size = parse_image(image)
     click.echo(f"demo model:   {model_path} (ResNet-style, {channels} channels)")
     analysis = analyze(str(model_path), size)
     cut = analysis.cut_tensors[0]

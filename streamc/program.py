@@ -17,82 +17,69 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 
 from streamc.errors import ProgramError
-
-FORMAT = "streamc-program"
-FORMAT_VERSION = 1
+from streamc.meta import FORMAT, FORMAT_VERSION, ClassSpec, ProgramMeta, TileSpec, class_run_order
 
 
-@dataclass
+@dataclass(repr=False)
 class Program:
     """A compiled tiled training program.
 
-    ``meta`` is the content of ``program.json`` (see :mod:`streamc.program`); ``graphs`` maps a
-    relative file name (``graphs/...onnx``) to its ModelProto; ``parameters`` maps initializer
-    names to their values.
+    ``meta`` describes it (:class:`~streamc.meta.ProgramMeta`, the content of ``program.json``);
+    ``graphs`` maps a relative file name (``graphs/...onnx``) to its ModelProto; ``parameters``
+    maps initializer names to their values; ``path`` is where it was saved or loaded from.
     """
 
-    meta: dict[str, Any]
+    meta: ProgramMeta
     graphs: dict[str, onnx.ModelProto]
     parameters: dict[str, np.ndarray]
     path: Path | None = None
-    _serialized: dict[str, bytes] = field(default_factory=dict, repr=False)
+    _serialized: dict[str, bytes] = field(default_factory=dict)
 
     # -- convenient views of meta --------------------------------------------------------------
     @property
     def input_name(self) -> str:
-        return self.meta["input"]["name"]
+        return self.meta.input.name
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.meta["input"]["shape"])
+        return self.meta.input.shape
 
     @property
     def image_size(self) -> tuple[int, ...]:
-        return tuple(self.meta["image_size"])
+        return self.meta.image_size
 
     @property
-    def tiles(self) -> list[dict]:
-        return self.meta["tiles"]
+    def tiles(self) -> list[TileSpec]:
+        return self.meta.tiles
 
     @property
-    def classes(self) -> list[dict]:
-        return self.meta["classes"]
+    def classes(self) -> list[ClassSpec]:
+        return self.meta.classes
 
     @property
     def cut_tensors(self) -> list[str]:
-        return [c["name"] for c in self.meta["cut_tensors"]]
+        return self.meta.cut_names
 
     @property
     def memory_plan(self) -> dict | None:
-        return self.meta.get("memory_plan")
+        """The memory plan stored at compile time (for the policy it names), as a dict."""
+        return self.meta.memory_plan
 
     @property
     def class_order(self) -> list[int]:
-        """Tile classes in the order the runtime runs them: the largest crop first.
-
-        The order of tiles does not change the result (up to float summation order), but it
-        decides how well ORT's CPU arena, which never gives memory back, reuses its chunks: a
-        class whose tensors are larger than every earlier one's cannot use the freed chunks
-        and extends the arena by its whole working set. Largest first, the later classes'
-        smaller tensors fit into the chunks it leaves. The memory plan follows the same order.
-        """
-        largest: dict[int, int] = {}
-        for tile in self.tiles:
-            crop = math.prod(b - a for a, b in tile["crop"])
-            largest[tile["class"]] = max(largest.get(tile["class"], 0), crop)
-        return sorted(largest, key=lambda k: (-largest[k], k))
+        """Tile classes in the order the runtime runs them
+        (:func:`~streamc.meta.class_run_order`)."""
+        return class_run_order(self.meta.tiles)
 
     def graph(self, relative: str) -> onnx.ModelProto:
         return self.graphs[relative]
@@ -103,16 +90,13 @@ class Program:
             self._serialized[relative] = self.graphs[relative].SerializeToString()
         return self._serialized[relative]
 
-    def summary(self) -> dict[str, Any]:
-        """Headline numbers for the CLI."""
-        return {
-            "tiles": len(self.tiles),
-            "grid": self.meta["grid"],
-            "classes": len(self.classes),
-            "flops": self.meta.get("flops", {}),
-            "cut_tensors": self.meta["cut_tensors"],
-            "notes": self.meta.get("notes", []),
-        }
+    def __repr__(self) -> str:
+        meta = self.meta
+        size = "x".join(map(str, meta.image_size))
+        where = f", path={str(self.path)!r}" if self.path is not None else ""
+        return (f"Program(image={size}, tile={'x'.join(map(str, meta.tile))}, "
+                f"tiles={len(meta.tiles)}, classes={len(meta.classes)}, "
+                f"cut_tensors={meta.cut_names}{where})")
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -131,9 +115,8 @@ class Program:
             np.savez(buffer, **{k: np.ascontiguousarray(v) for k, v in self.parameters.items()})
             _write(tmp / "parameters.npz", buffer.getvalue())
             files["parameters.npz"] = _sha256(buffer.getvalue())
-            meta = dict(self.meta)
+            meta = self.meta.to_json()
             meta["files"] = files
-            meta.pop("checksum", None)
             meta["checksum"] = _meta_checksum(meta)
             _write(tmp / "program.json", json.dumps(meta, indent=1).encode())
             backup: Path | None = None
@@ -152,7 +135,6 @@ class Program:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self.meta = meta
         self.path = target
         return target
 
@@ -222,4 +204,9 @@ def load(path: str | Path) -> Program:
         elif relative == "parameters.npz":
             with np.load(io.BytesIO(data), allow_pickle=False) as npz:
                 parameters = {k: npz[k] for k in npz.files}
-    return Program(meta, graphs, parameters, root, serialized)
+    described = ProgramMeta.from_json(meta, str(meta_path))
+    missing = [f for f in described.graph_files() if f not in graphs]
+    if missing:
+        raise ProgramError(f"{root} is incomplete: {missing[0]} is not listed among its files; "
+                           "recompile it.")
+    return Program(described, graphs, parameters, root, serialized)

@@ -66,18 +66,18 @@ def test_minimum_tile_compiles_exactly() -> None:
         compile_program(zm.onnx_model, 8, with_flops=False)
     minimum = int(re.search(r"at least (\d+)\.", str(info.value)).group(1))
     program = compile_program(zm.onnx_model, minimum, with_flops=False)
-    assert program.meta["grid"] == [8, 8]  # 64 px / alignment 8
+    assert program.meta.grid == (8, 8)  # 64 px / alignment 8
     for tile in program.tiles:
-        assert all(b - a <= minimum for a, b in tile["crop"])
+        assert all(b - a <= minimum for a, b in tile.crop)
     assert_matches_torch(program, zm.module, zm.onnx_model, zm.image(seed=2))
 
 
 def test_tile_larger_than_image_is_one_tile() -> None:
     zm = zoo.build("vgg")
     program = compile_program(zm.onnx_model, 4096, with_flops=False)
-    assert len(program.tiles) == 1 and program.meta["grid"] == [1, 1]
+    assert len(program.tiles) == 1 and program.meta.grid == (1, 1)
     (tile,) = program.tiles
-    assert tile["crop"] == [[0, 64], [0, 64]]
+    assert tile.crop == ((0, 64), (0, 64))
     assert_matches_torch(program, zm.module, zm.onnx_model, zm.image(seed=3))
 
 
@@ -88,22 +88,22 @@ def test_tile_equal_to_image_is_one_tile() -> None:
     # Documented behaviour: the request is rounded *down* to the alignment first, so a tile
     # equal to an unaligned image size (56 -> 54) no longer covers it.
     program = compile_program(zm.onnx_model, "40x56", with_flops=False)
-    assert program.meta["tile"] == [40, 54] and program.meta["grid"] == [1, 2]
+    assert program.meta.tile == (40, 54) and program.meta.grid == (1, 2)
 
 
 def test_unaligned_tile_is_rounded_with_a_note() -> None:
     zm = zoo.build("resnet")  # alignment 8
     program = compile_program(zm.onnx_model, "61x59", with_flops=False)
-    assert program.meta["requested_tile"] == [61, 59]
-    assert program.meta["tile"] == [56, 56]
-    notes = program.meta["notes"]
+    assert program.meta.requested_tile == (61, 59)
+    assert program.meta.tile == (56, 56)
+    notes = program.meta.notes
     assert any("61 along axis 0" in n and "alignment 8" in n and "rounded to 56" in n
                for n in notes), notes
     assert any("59 along axis 1" in n for n in notes), notes
     for tile in program.tiles:
-        assert all(b - a <= 56 for a, b in tile["crop"])
+        assert all(b - a <= 56 for a, b in tile.crop)
     aligned = compile_program(zm.onnx_model, 56, with_flops=False)
-    assert aligned.meta["notes"] == []
+    assert aligned.meta.notes == []
 
 
 def test_tile_below_alignment_is_rounded_up_to_it() -> None:
@@ -128,7 +128,7 @@ def test_3d_tile_strings(tile, expected) -> None:
 def test_3d_compile_with_tile_string() -> None:
     zm = zoo.build("conv3d")
     program = compile_program(zm.onnx_model, "16x16x24", with_flops=False)
-    assert program.meta["grid"] == [2, 2, 1]
+    assert program.meta.grid == (2, 2, 1)
     assert_matches_torch(program, zm.module, zm.onnx_model, zm.image(seed=4))
 
 
@@ -169,7 +169,7 @@ def test_image_smaller_than_receptive_field() -> None:
     zm = zoo.build("vgg", dynamic=True)
     program = compile_program(zm.onnx_model, 64, image=(20, 20), with_flops=False)
     assert len(program.tiles) == 1
-    assert program.meta["cut_tensors"][0]["receptive_field"] == [24, 24]
+    assert program.meta.cut_tensors[0].receptive_field == (24, 24)
     assert_matches_torch(program, zm.module, zm.onnx_model,
                          zoo.random_image((1, 3, 20, 20), seed=6))
 
@@ -226,7 +226,7 @@ def test_prefix_stops_at_unsupported_op_and_head_runs_it() -> None:
     program = compile_program(model, 16, with_flops=False)
     assert len(program.tiles) > 1
     # conv3's weights live in the head; their gradients come from the head's backward.
-    assert "conv3.weight" in program.meta["head"]["gradients"]
+    assert "conv3.weight" in program.meta.head.gradients
     assert_matches_torch(program, module, model, zoo.random_image(shape, seed=9))
 
 
@@ -240,8 +240,8 @@ def test_no_head_model_output_is_the_cut() -> None:
 
 def test_compile_notes_are_empty_for_aligned_requests() -> None:
     program = compile_program(zoo.build("zeropad").onnx_model, 16, with_flops=False)
-    assert program.meta["notes"] == []
-    assert np.all(np.array(program.meta["tile"]) == 16)
+    assert program.meta.notes == []
+    assert np.all(np.array(program.meta.tile) == 16)
 
 
 class _FreshBatchNorms(nn.Module):
@@ -260,7 +260,7 @@ class _FreshBatchNorms(nn.Module):
 
 def test_merged_initializers_are_noted() -> None:
     model = randnet.export(_FreshBatchNorms().eval(), (1, 1, 16, 16))
-    notes = compile_program(model, 8, with_flops=False).meta["notes"]
+    notes = compile_program(model, 8, with_flops=False).meta.notes
     merged = [n for n in notes if "merged initializers" in n]
     assert len(merged) == 2, notes
     assert any("'bn2.weight'" in n and "of 'bn1.weight'" in n for n in merged), merged

@@ -2,10 +2,10 @@
 
 For random networks (:mod:`tests.randnet`, 2-D and 3-D, random image sizes, random tile sizes
 down to the smallest that makes progress) and for every zoo model, the program is compiled and
-run with :class:`~streamc.runtime.executor.ProgramExecutor`, and compared with the torch module
-itself on the same image: the stitched forward outputs, and the summed tile gradients of
-``sum(output ⊙ c)`` for a random ``c``, per parameter (ONNX initializer name = torch
-``state_dict`` name; BatchNorm statistics are buffers, not compared).
+run by the runtime's interpreter (:func:`streamc.check.run_program`), and compared with the
+torch module itself on the same image: the stitched forward outputs, and the summed tile
+gradients of ``sum(output ⊙ c)`` for a random ``c``, per parameter (ONNX initializer name =
+torch ``state_dict`` name; BatchNorm statistics are buffers, not compared).
 
 Tolerance. The reference is torch in float64. The relative error ``max|a − b| / max|b|`` of the
 tiled float32 result must be at most ``1e-5``. One exception, measured rather than assumed: a
@@ -43,13 +43,13 @@ from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
 import streamc
+from streamc.check import run_program as run_interpreted
 from streamc.check import untiled_reference
 from streamc.compiler import compile as compile_program
 from streamc.errors import CompileError
 from streamc.graph import prepare
 from streamc.passes.schedule import make_schedule
 from streamc.program import Program
-from streamc.runtime.executor import ProgramExecutor, SessionFactory
 from tests import randnet, zoo
 from tests.test_analysis import HANDBUILT
 
@@ -62,7 +62,7 @@ SUM_EPSILONS = 4.0
 EPS32 = float(np.finfo(np.float32).eps)
 
 # One intra-op thread: session creation is ~8x faster, which dominates these small graphs.
-FACTORY = SessionFactory(intra_op_threads=1)
+THREADS = 1
 
 
 def rel_error(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -76,7 +76,7 @@ def rel_error(actual: np.ndarray, expected: np.ndarray) -> float:
 def run_program(program: Program, image: np.ndarray, cotangents: dict[str, np.ndarray]
                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     params = {k: np.asarray(v) for k, v in program.parameters.items()}
-    return ProgramExecutor(program, FACTORY).run(image, params, cotangents)
+    return run_interpreted(program, image, params, lambda _outputs: cotangents, threads=THREADS)
 
 
 def torch_reference(module: torch.nn.Module, image: np.ndarray, names: Sequence[str],
@@ -278,11 +278,15 @@ def assert_matches_untiled(model: onnx.ModelProto, tile, seed: int = 0) -> Progr
     rng = np.random.default_rng(seed)
     image = rng.standard_normal(program.input_shape).astype(np.float32)
     params = {k: np.asarray(v) for k, v in program.parameters.items()}
-    executor = ProgramExecutor(program, FACTORY)
-    outputs, _ = executor.run(image, params)
-    cots = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in outputs.items()}
-    outputs, grads = executor.run(image, params, cots)
-    trainable = [p["name"] for p in program.meta["parameters"] if p["trainable"]]
+    cots: dict[str, np.ndarray] = {}
+
+    def cotangents(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cots.update({k: rng.standard_normal(v.shape).astype(np.float32)
+                     for k, v in outputs.items()})
+        return cots
+
+    outputs, grads = run_interpreted(program, image, params, cotangents, threads=THREADS)
+    trainable = program.meta.trainable
     prepared = prepare(model, program.image_size, program.input_name, batch=image.shape[0])
     ref_out, ref_grads = untiled_reference(prepared, image, params, cots, trainable)
     assert set(ref_out) == set(outputs)
@@ -328,14 +332,14 @@ def test_kept_region_of_one_cut_empty_on_some_tiles() -> None:
     cut; the program is still exact and every cut position is kept exactly once."""
     built = HANDBUILT["two_cuts_far_apart"]()
     program = assert_matches_untiled(built.model, 12)
-    cut6 = [c for c in program.meta["cut_tensors"] if c["stride"] == [6, 6]][0]["name"]
-    assert any(cut6 not in t["kept"] for t in program.tiles)
-    for cut in program.meta["cut_tensors"]:
-        count = np.zeros(cut["shape"][2:], dtype=int)
+    cut6 = [c for c in program.meta.cut_tensors if c.stride == (6, 6)][0].name
+    assert any(cut6 not in t.kept for t in program.tiles)
+    for cut in program.meta.cut_tensors:
+        count = np.zeros(cut.shape[2:], dtype=int)
         for t in program.tiles:
-            if cut["name"] in t["kept"]:
-                count[tuple(slice(a, b) for a, b in t["kept"][cut["name"]])] += 1
-        assert (count == 1).all(), cut["name"]
+            if cut.name in t.kept:
+                count[tuple(slice(a, b) for a, b in t.kept[cut.name])] += 1
+        assert (count == 1).all(), cut.name
 
 
 class _CeilPools(torch.nn.Module):

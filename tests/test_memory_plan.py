@@ -1,4 +1,5 @@
-"""Memory plans (issue 6): liveness on hand-built graphs, program plans, tile choice, sizes."""
+"""Memory plans: liveness on hand-built graphs, program plans under runtime policies, the tile
+search, sizes."""
 
 from __future__ import annotations
 
@@ -11,23 +12,23 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import streamc
+from streamc.check import run_program
 from streamc.compiler import compile
 from streamc.errors import CompileError, StreamcError
-from streamc.passes.memory_plan import (
-    RUNTIME_ONCE,
-    RUNTIME_PER_NODE,
+from streamc.passes.memory import (
     MemoryPlan,
-    choose_tile,
     execution_order,
-    fold_constants,
-    format_size,
-    parse_size,
     plan_conventional,
     plan_graph,
-    plan_model,
     plan_program,
-    plot_plans,
 )
+from streamc.passes.memory.allocator import RUNTIME_ONCE, RUNTIME_PER_NODE, fold_constants
+from streamc.policy import RuntimePolicy
+from streamc.runtime.backend import NumpyBackend
+from streamc.steps import phase_label
+from streamc.tile_search import plot_plans, search_tiles
+from streamc.units import format_bytes, parse_bytes
 
 F = TensorProto.FLOAT
 S = [1, 1, 10, 10]  # 100 floats: every tensor of this shape is 400 bytes
@@ -200,20 +201,25 @@ def vgg(zoo):
 
 @pytest.fixture(scope="module")
 def vgg_plans(vgg):
-    return plan_model(vgg, (64, 64), [24, 36, 64])
+    return search_tiles(vgg, (64, 64), tiles=[24, 36, 64]).plans
+
+
+def _choose(vgg, budget, tiles=(24, 36, 64)):
+    search = search_tiles(vgg, (64, 64), tiles=tiles, budget=budget)
+    return search.chosen.tile, search.chosen
 
 
 def test_program_plan_adds_up(vgg):
     program = compile(vgg, tile=36, image=(64, 64), with_flops=False)
-    plan = plan_program(program, plan_conventional(vgg, (64, 64)))
+    plan = plan_program(program, plan_conventional(streamc.analyze(vgg, (64, 64))))
     assert isinstance(plan, MemoryPlan)
     r = plan.resident
     assert r.image == 1 * 3 * 64 * 64 * 4
     assert r.parameters == sum(v.nbytes for v in program.parameters.values())
-    trainable = {p["name"] for p in program.meta["parameters"] if p["trainable"]}
+    trainable = set(program.meta.trainable)
     assert r.gradients == sum(v.nbytes for k, v in program.parameters.items() if k in trainable)
     assert r.optimizer == 2 * r.gradients
-    cut_bytes = sum(4 * int(np.prod(c["shape"])) for c in program.meta["cut_tensors"])
+    cut_bytes = sum(4 * int(np.prod(c.shape)) for c in program.meta.cut_tensors)
     assert r.cut_tensors == r.cut_gradients == cut_bytes
     assert plan.peak == max(plan.phases.values()) == plan.phases[plan.peak_phase]
     backward = [c.backward.peak for c in plan.classes]
@@ -224,61 +230,84 @@ def test_program_plan_adds_up(vgg):
     assert plan.saving == pytest.approx(plan.conventional.total / plan.peak)
     json.dumps(plan.to_dict())  # serialisable as is
     assert any("predicted peak" in line for line in plan.summary())
+    assert plan.to_dict()["policy"] == RuntimePolicy().to_json()
 
 
-def test_baked_sessions_follow_the_runtime_choice(vgg):
-    """Baked sessions (RuntimeOptions.weights) hold a copy of their weights and ORT's per-node
-    state: the forward ones until the backward pass starts, accumulating in
-    Program.class_order; fed sessions are kept for the whole step (resident)."""
+POLICIES = {
+    "default": RuntimePolicy(),
+    "fed": RuntimePolicy(weights="inputs"),
+    "baked": RuntimePolicy(weights="initializers"),
+    "optimised backward": RuntimePolicy(backward_optimization="all", auto_min_runs=2),
+    "kept sessions": RuntimePolicy(weights="initializers", release_sessions=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_planned_sessions_are_the_runtimes(vgg, name):
+    """The plan's baked sessions at every phase are the ones the runtime really holds when it
+    runs that phase (asked of the session pool during a real step, not re-derived)."""
+    policy = POLICIES[name]
     program = compile(vgg, tile=36, image=(64, 64), with_flops=False)
-    auto, fed = plan_program(program), plan_program(program, weights="inputs")
-    baked_all = plan_program(program, weights="initializers")
+    plan = plan_program(program, policy=policy)
+    seen: dict[str, set[tuple[str, ...]]] = {}
+    real_run = NumpyBackend.run
+
+    def recording_run(backend, step, weights, feeds, outputs):
+        result = real_run(backend, step, weights, feeds, outputs)
+        live = tuple(sorted(g for g, baked in backend.pool.live if baked))
+        seen.setdefault(phase_label(program.meta, step), set()).add(live)
+        return result
+
+    image = np.random.default_rng(0).standard_normal(program.input_shape).astype(np.float32)
+    params = {k: np.asarray(v) for k, v in program.parameters.items()}
+    cot = {"logits": np.ones((1, 10), np.float32)}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(NumpyBackend, "run", recording_run)
+        run_program(program, image, params, lambda _: cot, policy=policy, threads=1)
+    assert set(seen) == set(plan.phases)
+    for label, lives in seen.items():
+        assert lives == {tuple(plan.sessions[label])}, label
+    if policy.weights == "inputs":
+        assert plan.baked_sessions == 0 and not any(plan.sessions.values())
+
+
+def test_baked_sessions_cost_their_weights_and_state(vgg):
+    """A baked session holds a copy of its graph's weights and ORT's per-node state while it
+    lives; a fed one is resident for the whole step."""
+    program = compile(vgg, tile=36, image=(64, 64), with_flops=False)
+    auto, fed = plan_program(program), plan_program(program, policy=POLICIES["fed"])
     sizes = {k: v.nbytes for k, v in program.parameters.items()}
     nodes = {c.id: (c.forward.nodes, c.backward.nodes) for c in auto.classes}
-    copies = [sum(sizes[n] for n in program.classes[k]["parameters"])
+    copies = [sum(sizes[n] for n in program.classes[k].parameters)
               + RUNTIME_PER_NODE * nodes[k][0] for k in program.class_order]
-    head_inputs = {i.name for i in program.graph(program.meta["head"]["forward"]).graph.input}
+    head_inputs = {i.name for i in program.graph(program.meta.head.forward).graph.input}
     head = sum(b for n, b in sizes.items() if n in head_inputs)
-    assert len(copies) == 9 and all(copies)
     assert fed.baked_sessions == 0
     assert auto.baked_sessions == sum(copies) + head
-    # Fed forward sessions are kept all step; baked ones are not resident.
     forward_nodes = sum(f for f, _ in nodes.values())
-    backward_nodes = sum(b for _, b in nodes.values())
     assert fed.resident.runtime - auto.resident.runtime == RUNTIME_PER_NODE * forward_nodes
-    assert auto.resident.runtime - baked_all.resident.runtime == RUNTIME_PER_NODE * backward_nodes
-    assert auto.resident.runtime >= RUNTIME_ONCE + RUNTIME_PER_NODE * backward_nodes
-    extra = fed.resident.runtime - auto.resident.runtime
-    for i, k in enumerate(program.class_order):
-        forward = f"tile class {k} forward"
-        assert auto.phases[forward] - fed.phases[forward] == sum(copies[: i + 1]) - extra
-        backward = f"tile class {k} backward"
-        assert auto.phases[backward] - fed.phases[backward] == head - extra
-        own = (sum(sizes[n] for n in program.classes[k]["parameters"])
-               + RUNTIME_PER_NODE * nodes[k][1])
-        assert (baked_all.phases[backward] - auto.phases[backward]
-                == own - RUNTIME_PER_NODE * backward_nodes)
-    assert auto.phases["head forward"] - fed.phases["head forward"] == sum(copies) + head - extra
-    with pytest.raises(ValueError):
-        plan_program(program, weights="some")
+    assert auto.resident.runtime >= RUNTIME_ONCE + RUNTIME_PER_NODE * sum(
+        b for _, b in nodes.values())
+    with pytest.raises(StreamcError, match="weights='some'"):
+        RuntimePolicy(weights="some")
 
 
 def test_folded_constants_follow_the_runtime_choice(vgg):
     # vgg's MaxPool backward scatters into zeros that ORT folds into session constants.
     program = compile(vgg, tile=64, image=(64, 64), with_flops=False)
-    # Backward graphs fold only when ORT optimises them (RuntimeOptions.backward_optimization).
-    folded = plan_program(program, fold_constants="all",
-                          backward_optimization="all").resident.constants
-    kept_forward = plan_program(program).resident.constants  # the runtime's default
-    assert plan_program(program, fold_constants="all").resident.constants == kept_forward
-    assert plan_program(program, fold_constants="none").resident.constants == kept_forward
-    assert plan_program(program, fold_constants="forward",
-                        backward_optimization="basic").resident.constants == kept_forward
-    assert folded > kept_forward
-    with pytest.raises(ValueError):
-        plan_program(program, fold_constants="some")
-    with pytest.raises(ValueError):
-        plan_program(program, backward_optimization="some")
+
+    def constants(**policy) -> int:
+        return plan_program(program, policy=RuntimePolicy(**policy)).resident.constants
+
+    # Backward graphs fold only where the policy lets ORT fold them.
+    kept_forward = constants()  # the runtime's default
+    assert constants(fold_constants="forward", backward_optimization="basic") == kept_forward
+    assert constants(fold_constants="none") <= kept_forward
+    assert constants(fold_constants="all") > kept_forward
+    with pytest.raises(StreamcError):
+        RuntimePolicy(fold_constants="some")
+    with pytest.raises(StreamcError):
+        RuntimePolicy(backward_optimization="some")
 
 
 def test_plan_grows_with_tile_size(vgg_plans):
@@ -297,35 +326,55 @@ def test_plan_grows_with_tile_size(vgg_plans):
     json.dumps([p.to_dict() for p in vgg_plans])
 
 
-def test_choose_tile_respects_the_budget(vgg, vgg_plans):
+def test_search_respects_the_budget_and_compiles_each_candidate_once(vgg, vgg_plans):
     middle = sorted(p.peak for p in vgg_plans)[1]
-    tile, plan = choose_tile(vgg, (64, 64), middle, tiles=[24, 36, 64])
+    search = search_tiles(vgg, (64, 64), tiles=[24, 36, 64], budget=middle)
+    plan = search.chosen
     assert plan.peak <= middle
     fitting = [p for p in vgg_plans if p.peak <= middle]
     assert plan.overhead == min(p.overhead for p in fitting)
-    assert tile == plan.tile
+    # From the largest tile down to the first that fits, each compiled once; the chosen
+    # program is the compiled one.
+    assert search.compiled == len(search.plans) == len([p for p in vgg_plans
+                                                        if p.tile >= plan.tile])
+    assert plan.program.meta.memory_plan["peak"] == plan.peak
     # A budget that holds everything buys the whole image in one tile: no recompute.
-    tile, plan = choose_tile(vgg, (64, 64), "1GiB", tiles=[24, 36, 64])
+    tile, plan = _choose(vgg, "1GiB")
     assert tile == 64 and plan.overhead == pytest.approx(1.0)
 
 
 def test_too_small_a_budget_names_the_smallest_that_works(vgg, vgg_plans):
     least = min(p.peak for p in vgg_plans)
     with pytest.raises(CompileError) as info:
-        choose_tile(vgg, (64, 64), least - 1, tiles=[24, 36, 64])
+        _choose(vgg, least - 1)
     message = str(info.value)
     assert f"at least {least} bytes" in message
     assert "too small" in message
-    tile, plan = choose_tile(vgg, (64, 64), least, tiles=[24, 36, 64])
+    tile, plan = _choose(vgg, least)
     assert plan.peak == least
     # With the default candidates: every one is planned, and the least of them named.
+    everything = search_tiles(vgg, (64, 64)).plans
+    least = min(p.peak for p in everything)
     with pytest.raises(CompileError) as info:
-        choose_tile(vgg, (64, 64), 1)
+        search_tiles(vgg, (64, 64), budget=least - 1)
     message = str(info.value)
     match = re.search(r"needs is .* \((\d+) bytes, tile (\d+)\)", message)
     assert match and "planned tile size" in message, message
-    tile, plan = choose_tile(vgg, (64, 64), int(match.group(1)))
+    tile, plan = _choose(vgg, int(match.group(1)), tiles=None)
     assert plan.peak == int(match.group(1))
+
+
+def test_a_hopeless_budget_is_refused_before_compiling(vgg, monkeypatch):
+    """What every tiling keeps resident (image, weights, gradients, optimizer state, cut
+    tensors) above the budget: refused at once, naming it, with no compilation."""
+    from streamc import tile_search
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("compiled a candidate for a hopeless budget")
+
+    monkeypatch.setattr(tile_search, "compile_state", no_compile)
+    with pytest.raises(CompileError, match="cannot fit this model.*alone take"):
+        search_tiles(vgg, (64, 64), budget=1000)
 
 
 def test_conventional_keeps_what_autograd_keeps():
@@ -338,7 +387,7 @@ def test_conventional_keeps_what_autograd_keeps():
              _node("Flatten", ["g"], ["f"]), _node("Gemm", ["f", "fc.weight", "fc.bias"], ["y"],
                                                    transB=1)]
     model = _model(nodes, [("x", S)], [("y", [1, 3])], inits)
-    plan = plan_conventional(model)
+    plan = plan_conventional(streamc.analyze(model))
     assert plan.image == B
     assert plan.parameters == plan.gradients == 4 * (18 + 6 + 3)
     assert plan.optimizer == 2 * plan.gradients
@@ -359,21 +408,22 @@ def test_conventional_keeps_what_autograd_keeps():
 @pytest.mark.parametrize("text, expected", [
     ("4GiB", 4 * 2**30), ("512MiB", 512 * 2**20), ("8GB", 8 * 10**9), ("1000000", 10**6),
     ("1.5 GiB", 3 * 2**29), ("64kib", 65536), ("2k", 2000), ("  7 B ", 7), (12345, 12345),
-    ("3T", 3 * 10**12), ("1gi", 2**30),
+    ("3T", 3 * 10**12), ("1gi", 2**30), ("1PiB", 2**50), ("2PB", 2 * 10**15),
 ])
-def test_parse_size(text, expected):
-    assert parse_size(text) == expected
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", "abc", "4 GiBs", "-1", "0", "1e9", "GiB", "0.1B", 0, -5])
-def test_parse_size_rejects_nonsense(text):
+def test_parse_bytes_rejects_nonsense(text):
     with pytest.raises(StreamcError, match="memory size"):
-        parse_size(text)
+        parse_bytes(text)
 
 
-def test_format_size():
-    assert format_size(3 * 2**29) == "1.50 GiB"
-    assert format_size(512) == "512 B"
+def test_format_bytes():
+    assert format_bytes(3 * 2**29) == "1.50 GiB"
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(3 * 2**50) == "3.00 PiB"
 
 
 def test_plot_needs_matplotlib(monkeypatch, vgg_plans, tmp_path):
@@ -387,6 +437,7 @@ def test_plot_needs_matplotlib(monkeypatch, vgg_plans, tmp_path):
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     with pytest.raises(StreamcError, match="pip install"):
         plot_plans(vgg_plans, vgg_plans[0].conventional, "2MiB", tmp_path / "plot.png")
+    assert not (tmp_path / "plot.png").exists()
 
 
 def test_plot_writes_a_file(vgg_plans, tmp_path):

@@ -3,6 +3,7 @@ golden check that every emitted graph is a valid ONNX model."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -13,14 +14,12 @@ import pytest
 
 import streamc
 from streamc import program as program_module
+from streamc.check import run_program
 from streamc.compiler import compile as compile_program
 from streamc.errors import ProgramError
 from streamc.program import FORMAT_VERSION, Program, load
-from streamc.runtime.executor import ProgramExecutor, SessionFactory
 from tests import zoo
 from tests.test_analysis import HANDBUILT
-
-FACTORY = SessionFactory(intra_op_threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +48,10 @@ def test_save_load_round_trip(small_program: Program, saved: Path) -> None:
     assert (saved / "program.json").is_file() and (saved / "parameters.npz").is_file()
     loaded = load(saved)
     assert loaded.path == saved
-    assert loaded.meta["format_version"] == FORMAT_VERSION
-    assert set(loaded.meta["files"]) == set(small_program.graphs) | {"parameters.npz"}
-    for key, value in small_program.meta.items():
-        if key not in ("files", "checksum"):
-            assert loaded.meta[key] == json.loads(json.dumps(value)), key
+    stored = json.loads((saved / "program.json").read_text())
+    assert stored["format_version"] == FORMAT_VERSION
+    assert set(stored["files"]) == set(small_program.graphs) | {"parameters.npz"}
+    assert loaded.meta == small_program.meta
     assert set(loaded.graphs) == set(small_program.graphs)
     for name, graph in small_program.graphs.items():
         assert loaded.serialized(name) == graph.SerializeToString(), name
@@ -70,8 +68,8 @@ def test_loaded_program_runs_identically(small_program: Program, saved: Path) ->
     image = zoo.random_image(small_program.input_shape, seed=1)
     params = {k: np.asarray(v) for k, v in small_program.parameters.items()}
     cot = {"logits": np.random.default_rng(0).standard_normal((1, 10)).astype(np.float32)}
-    out_a, grad_a = ProgramExecutor(small_program, FACTORY).run(image, params, cot)
-    out_b, grad_b = ProgramExecutor(loaded, FACTORY).run(image, params, cot)
+    out_a, grad_a = run_program(small_program, image, params, lambda _: cot, threads=1)
+    out_b, grad_b = run_program(loaded, image, params, lambda _: cot, threads=1)
     np.testing.assert_array_equal(out_a["logits"], out_b["logits"])
     assert set(grad_a) == set(grad_b)
     for name in grad_a:
@@ -85,7 +83,7 @@ def test_save_replaces_an_existing_program(small_program: Program, tmp_path: Pat
     other = compile_program(zoo.build("zeropad").onnx_model, 20, with_flops=False)
     other.save(target)
     assert not (target / "stray.txt").exists()
-    assert load(target).meta["requested_tile"] == [20, 20]
+    assert load(target).meta.requested_tile == (20, 20)
     assert _leftovers(tmp_path, {"prog.streamc"}) == []  # no temporary or backup dirs
 
 
@@ -240,7 +238,7 @@ def test_interrupted_save_keeps_the_old_program(small_program: Program, tmp_path
     assert after == before
     assert _leftovers(tmp_path, {"prog.streamc"}) == []
     monkeypatch.undo()
-    assert load(target).meta["requested_tile"] == [16, 16]
+    assert load(target).meta.requested_tile == (16, 16)
 
 
 def test_serialization_failure_leaves_nothing(small_program: Program, tmp_path: Path,
@@ -255,7 +253,8 @@ def test_serialization_failure_leaves_nothing(small_program: Program, tmp_path: 
             raise _Boom("protobuf refused to serialize")
         return real(self, relative)
 
-    fresh = Program(dict(small_program.meta), small_program.graphs, small_program.parameters)
+    fresh = Program(copy.deepcopy(small_program.meta), small_program.graphs,
+                    small_program.parameters)
     monkeypatch.setattr(Program, "serialized", flaky)
     with pytest.raises(_Boom):
         fresh.save(tmp_path / "prog.streamc")
@@ -279,7 +278,7 @@ def test_interrupted_rename_keeps_the_old_program(small_program: Program, tmp_pa
     with pytest.raises(_Boom):
         small_program.save(target)
     monkeypatch.undo()
-    assert load(target).meta["requested_tile"] == [16, 16]
+    assert load(target).meta.requested_tile == (16, 16)
     assert _leftovers(tmp_path, {"prog.streamc"}) == []
 
 
@@ -301,14 +300,14 @@ def _check_graphs(program: Program) -> None:
         assert versions.get("", versions.get("ai.onnx")) is not None, name
         opset = opset or versions
         assert versions == opset, name  # one opset for the whole program
-        # Every graph input the executor feeds is declared with a full static shape.
+        # Every graph input the interpreter feeds is declared with a full static shape.
         for vi in graph.graph.input:
             dims = vi.type.tensor_type.shape.dim
             assert all(d.HasField("dim_value") for d in dims), (name, vi.name)
     for cls in program.classes:
-        forward = program.graphs[cls["forward"]]
+        forward = program.graphs[cls.forward]
         assert [i.name for i in forward.graph.input][0] == program.input_name
-        assert set(cls["outputs"].values()) <= {o.name for o in forward.graph.output}
+        assert set(cls.outputs.values()) <= {o.name for o in forward.graph.output}
 
 
 @pytest.mark.parametrize("name", zoo.LOCAL_NAMES)

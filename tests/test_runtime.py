@@ -22,10 +22,10 @@ import torch
 from torch.nn import functional as F
 
 from streamc.compiler import compile as compile_program
-from streamc.errors import InputError, ProgramError, StreamcError
-from streamc.program import load
+from streamc.errors import InputError, StreamcError
 from streamc.runtime.module import ESCAPED, MODEL_GRAPH, StreamingModel, escape, unescape
-from streamc.runtime.sessions import DeviceError, snapshot_weights
+from streamc.runtime.providers import DeviceError
+from streamc.runtime.weights import snapshot_weights
 from tests import zoo
 
 # (zoo name, image size, tile): several tiles each, few shape classes (fast session builds).
@@ -119,8 +119,8 @@ def test_weights_as_inputs_equal_initializers_and_sessions_rebuild_once_per_step
             opt.step()
         outs.append(model(x).detach())
     assert rel(outs[0], outs[1]) <= 1e-5
-    pool_a = a._runtime.engine(a.device).pool
-    pool_b = b._runtime.engine(b.device).pool
+    pool_a = a._runtime.interpreter(a.device).backend.pool
+    pool_b = b._runtime.interpreter(b.device).backend.pool
     n_graphs = 2 * len(program.classes) + 2
     assert pool_b.builds == n_graphs  # built once
     # initializers: every graph per step (2 steps), then the forward graphs for the last call.
@@ -134,7 +134,7 @@ def test_weights_as_inputs_equal_initializers_and_sessions_rebuild_once_per_step
 def test_auto_weights_feed_unoptimised_backward_graphs() -> None:
     program = program_for("twocut")  # 2x2 tiles, each its own shape class
     model = StreamingModel(program)  # weights="auto", backward_optimization="none"
-    pool = model._runtime.engine(model.device).pool
+    pool = model._runtime.interpreter(model.device).backend.pool
     n_classes = len(program.classes)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(2):  # batch 4: four runs per backward graph and step, still fed
@@ -143,14 +143,14 @@ def test_auto_weights_feed_unoptimised_backward_graphs() -> None:
         opt.step()
     # Forward sessions are rebuilt every step; backward ones are built once.
     assert pool.builds == 2 * (n_classes + 1) + (n_classes + 1)
-    assert {baked for (name, baked) in pool._sessions if "backward" in name} == {False}
+    assert {baked for (name, baked) in pool.live if "backward" in name} == {False}
 
 
 def test_system_allocator_turns_the_arena_off() -> None:
     program = program_for("twocut")
     options = StreamingModel(program, allocator="system")._runtime.options
-    assert options.cpu_arena is False and options.mmap_threshold == 64 * 2**10
-    assert StreamingModel(program)._runtime.options.cpu_arena == "shared"
+    assert options.arena is False and options.malloc_threshold == 64 * 2**10
+    assert StreamingModel(program)._runtime.options.arena == "shared"
     with pytest.raises(StreamcError, match="allocator='malloc'"):
         StreamingModel(program, allocator="malloc")  # type: ignore[arg-type]
 
@@ -158,9 +158,10 @@ def test_system_allocator_turns_the_arena_off() -> None:
 def test_auto_weights_bake_forward_graphs_and_often_run_optimised_backward_graphs() -> None:
     program = program_for("twocut")  # 2x2 tiles, each its own shape class
     model = StreamingModel(program)  # weights="auto"
-    model._runtime.options = dataclasses.replace(model._runtime.options,
-                                                 backward_optimization="all")
-    pool = model._runtime.engine(model.device).pool
+    options = model._runtime.options
+    model._runtime.options = dataclasses.replace(
+        options, policy=dataclasses.replace(options.policy, backward_optimization="all"))
+    pool = model._runtime.interpreter(model.device).backend.pool
     n_classes = len(program.classes)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(2):  # batch 2: each backward graph runs twice per step: weights fed
@@ -168,7 +169,7 @@ def test_auto_weights_bake_forward_graphs_and_often_run_optimised_backward_graph
         model(images("twocut", batch=2)).square().sum().backward()
         opt.step()
     assert pool.builds == 2 * (n_classes + 1) + (n_classes + 1)
-    assert {baked for (name, baked) in pool._sessions if "backward" in name} == {False}
+    assert {baked for (name, baked) in pool.live if "backward" in name} == {False}
     builds = pool.builds
     opt.zero_grad()  # batch 4: four runs per step: the backward graphs are baked as well
     model(images("twocut", batch=4)).square().sum().backward()
@@ -222,9 +223,9 @@ def test_no_grad_keeps_nothing() -> None:
     with torch.no_grad():
         y = model(x)
     assert y.grad_fn is None and not y.requires_grad
-    pool = model._runtime.engine(model.device).pool
+    pool = model._runtime.interpreter(model.device).backend.pool
     assert pool.builds == len(model.program.classes) + 1  # forward graphs only
-    assert pool._sessions and not any("backward" in name for name, _ in pool._sessions)
+    assert pool.live and not any("backward" in name for name, _ in pool.live)
     del x
     gc.collect()
     assert ref() is None  # nothing holds the image
@@ -352,7 +353,7 @@ def test_state_dict_round_trip() -> None:
     program = program_for("resnet")
     model = StreamingModel(program)
     keys = list(model.state_dict())
-    names = [p["name"] for p in program.meta["parameters"]]
+    names = [p.name for p in program.meta.parameters]
     assert sorted(keys) == sorted(names)  # keys are the ONNX initializer names
     assert dict(model.named_parameters()).keys() == model.onnx_parameters.keys()
     assert "bn1.running_mean" in model.onnx_buffers
@@ -470,21 +471,7 @@ def test_export_onnx(tmp_path: Path) -> None:
     z = zoo.build("twocut", (1, 3, 64, 64))
     program = compile_program(z.onnx_model, tile=40, image=(64, 64), with_flops=False)
     model = StreamingModel(program)
-    if MODEL_GRAPH not in program.graphs:
-        with pytest.raises(ProgramError, match="graphs/model.onnx"):
-            model.export_onnx(tmp_path / "x.onnx")
-        # What compile() is asked to store: the prepared model, parameters as graph inputs.
-        prepared = onnx.ModelProto()
-        prepared.CopyFrom(z.onnx_model)
-        names = {p["name"] for p in program.meta["parameters"]}
-        inits = [i for i in prepared.graph.initializer if i.name in names]
-        for init in inits:
-            prepared.graph.input.append(onnx.helper.make_tensor_value_info(
-                init.name, init.data_type, list(init.dims)))
-        keep = [i for i in prepared.graph.initializer if i.name not in names]
-        del prepared.graph.initializer[:]
-        prepared.graph.initializer.extend(keep)
-        program.graphs[MODEL_GRAPH] = prepared
+    assert MODEL_GRAPH in program.graphs
     x = images("twocut", batch=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     model(x).square().sum().backward()
@@ -496,23 +483,6 @@ def test_export_onnx(tmp_path: Path) -> None:
     (exported,) = session.run(None, {program.input_name: x.numpy()})
     with torch.no_grad():
         assert rel(torch.from_numpy(exported), model(x)) <= 1e-5
-
-
-def test_export_onnx_from_source_file(tmp_path: Path) -> None:
-    z = zoo.build("twocut", (1, 3, 64, 64))
-    source = tmp_path / "twocut.onnx"
-    onnx.save_model(z.onnx_model, source)
-    program = compile_program(source, tile=40, image=(64, 64), with_flops=False)
-    program.graphs.pop(MODEL_GRAPH, None)
-    program.save(tmp_path / "program")
-    model = StreamingModel(tmp_path / "program")
-    with torch.no_grad():
-        model.onnx_parameters["fc.bias"].add_(2.0)
-    path = model.export_onnx(tmp_path / "out.onnx")
-    exported = {i.name: i for i in onnx.load(path).graph.initializer}
-    np.testing.assert_array_equal(onnx.numpy_helper.to_array(exported["fc.bias"]),
-                                  model.onnx_parameters["fc.bias"].detach().numpy())
-    assert load(tmp_path / "program").meta["source"]["path"] == str(source.resolve())
 
 
 # --------------------------------------------------------------------------------------------

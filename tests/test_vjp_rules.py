@@ -7,7 +7,6 @@ every input gradient with torch (float64) on the equivalent torch function.
 
 from __future__ import annotations
 
-import math
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
-from streamc.ops import vjp as vjp_module
+from streamc.ops.vjp import conv as vjp_conv
 from streamc.passes.autodiff import build_backward
 
 TOLERANCE = 1e-5
@@ -569,16 +568,16 @@ def test_inner_product_identity(case: Case) -> None:
 
 def test_chunked_weight_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
     """The row-chunked im2col weight gradient equals the one-chunk one (and torch)."""
-    monkeypatch.setattr(vjp_module, "DW_CHUNK_BYTES", 1)
-    monkeypatch.setattr(vjp_module, "DW_MAX_CHUNKS", 1000)
+    monkeypatch.setattr(vjp_conv, "DW_CHUNK_BYTES", 1)
+    monkeypatch.setattr(vjp_conv, "DW_MAX_CHUNKS", 1000)
     for case in CONV_CASES[:5]:
         test_rule_matches_torch(case)
 
 
 def test_per_tap_weight_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
     """The per-tap im2col formulation (dY not shifted) is also exact."""
-    monkeypatch.setattr(vjp_module, "DW_SHIFT_DY", False)
-    monkeypatch.setattr(vjp_module, "DW_TAPS_PER_GEMM", 2)
+    monkeypatch.setattr(vjp_conv, "DW_SHIFT_DY", False)
+    monkeypatch.setattr(vjp_conv, "DW_TAPS_PER_GEMM", 2)
     for case in CONV_CASES:
         test_rule_matches_torch(case)
 
@@ -589,17 +588,3 @@ def test_every_emitted_graph_uses_standard_ops() -> None:
     backward = build_backward(model, ["x", "w", "b"])
     assert {o.domain for o in backward.model.opset_import} <= {"", "ai.onnx"}
     assert all(n.domain in ("", "ai.onnx") for n in backward.model.graph.node)
-
-
-def test_every_local_op_has_a_vjp_rule() -> None:
-    locality = pytest.importorskip("streamc.ops.locality")
-    missing = [op for op in locality.LOCALITY.op_types() if op not in vjp_module.VJP]
-    assert not missing, f"ops with a locality rule but no VJP rule: {missing}"
-
-
-def test_trainable_slots_table() -> None:
-    table = vjp_module.trainable_slots_table()
-    assert table["Conv"] == (1, 2) and table["ConvTranspose"] == (1, 2)
-    assert table["BatchNormalization"] == (1, 2)
-    assert table["Gemm"] == (1, 2) and table["PRelu"] == (1,)
-    assert math.prod(len(v) for v in table.values()) > 0

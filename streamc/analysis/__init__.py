@@ -1,5 +1,5 @@
 """Analysis of an ONNX model: locality split, region transfer, receptive fields, alignment."""
 
-from streamc.analysis.analyze import Analysis, TensorInfo, analyze
+from streamc.analysis.analyze import Analysis, PrefixTensor, analyze
 
-__all__ = ["Analysis", "TensorInfo", "analyze"]
+__all__ = ["Analysis", "PrefixTensor", "analyze"]

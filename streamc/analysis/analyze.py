@@ -22,7 +22,7 @@ from streamc.graph import Graph, choose_image_input, load_model, prepare
 
 
 @dataclass
-class TensorInfo:
+class PrefixTensor:
     """One prefix tensor as ``streamc inspect`` reports it."""
 
     name: str
@@ -51,7 +51,7 @@ class Analysis:
     graph: Graph
     split: Split
     image_shape: tuple[int | None, ...]
-    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    tensors: dict[str, PrefixTensor] = field(default_factory=dict)
     alignment: tuple[int, ...] = ()
 
     @property
@@ -183,7 +183,7 @@ def analyze_checked(
         f = fields[tensor]
         producer = graph.producer.get(tensor)
         op = graph.nodes[producer].op_type if producer else "input"
-        tensors[tensor] = TensorInfo(tensor, op, graph.shape(tensor), f.stride,
+        tensors[tensor] = PrefixTensor(tensor, op, graph.shape(tensor), f.stride,
                                      f.receptive_field, f.offset)
     return Analysis(
         model=prepared,

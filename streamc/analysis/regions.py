@@ -2,7 +2,7 @@
 
 A *box* is one half-open interval per spatial axis, in a tensor's own full-image coordinates.
 :func:`needed_regions` walks the prefix in reverse topological order and gives every tensor the
-bounding box of the regions its consumers read (DESIGN section 2). Receptive fields, offsets and
+bounding box of the regions its consumers read (docs/architecture.md). Receptive fields, offsets and
 strides are derived from the same rules, so the numbers that ``streamc inspect`` reports are the
 ones the compiler uses.
 """
@@ -16,7 +16,7 @@ from fractions import Fraction
 
 from streamc.analysis.split import Split
 from streamc.graph import Graph
-from streamc.ops.axis import Interval
+from streamc.ops.geometry import Interval
 
 Box = tuple[Interval, ...]
 
@@ -230,7 +230,8 @@ def receptive_fields(graph: Graph, split: Split) -> dict[str, Field]:
 def alignment(
     tensor_strides: Mapping[str, tuple[Fraction, ...]], n_spatial: int
 ) -> tuple[int, ...]:
-    """Per axis, the multiple every tile origin must be: lcm of stride numerators (DESIGN §3)."""
+    """Per axis, the multiple every tile origin must be: lcm of stride numerators
+    (docs/architecture.md)."""
     result = [1] * n_spatial
     for stride in tensor_strides.values():
         for axis, s in enumerate(stride):

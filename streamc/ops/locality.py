@@ -5,23 +5,35 @@ shapes/constants in ``ctx`` and returns how the node acts on the spatial grid, o
 :class:`NotLocal` with a sentence saying why this node is not local (training-mode
 normalisation, a spatial Concat, a non-integer Resize...). Ops without a rule are not local.
 
-Rules are N-dimensional: one :data:`~streamc.ops.axis.AxisMap` per spatial axis (2-D images
-and 3-D volumes alike).
+Rules are N-dimensional: one :data:`~streamc.ops.geometry.AxisMap` per spatial axis (2-D
+images and 3-D volumes alike).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
+from typing import Protocol
 
 import numpy as np
 import onnx
 
 from streamc.errors import UnsupportedModelError
-from streamc.graph import Graph, attributes
-from streamc.ops.axis import IDENTITY, AxisMap, Transposed, Upsample, Window
+from streamc.ops import tiling
+from streamc.ops.attrs import attributes
+from streamc.ops.geometry import (
+    IDENTITY,
+    AxisMap,
+    Transposed,
+    Upsample,
+    Window,
+    is_block_upsampling,
+    node_windows,
+    resize_matrix,
+)
 from streamc.ops.registry import OpTable
+from streamc.ops.tiling import TileRule
 
 
 class NotLocal(Exception):
@@ -38,23 +50,32 @@ class LocalOp:
     """How one node acts on the spatial grid.
 
     ``axes``: one map per spatial axis. ``grid_inputs``: input slots that carry the image grid
-    (the others must be constants that do not vary over space). ``kind`` tells the tiling pass
-    how to re-emit the node for a tile: ``pointwise`` (unchanged), ``window`` (new ``pads``
-    attribute), ``pad`` (new pads input), ``resize`` and ``transposed`` (computed on the input
-    region, then sliced).
+    (the others must be constants that do not vary over space). ``tiling``: how the node runs
+    on a tile (:mod:`streamc.ops.tiling`). ``attrs``: what the tiling rule needs of the node
+    beyond ``axes`` (a Pad's full pads).
     """
 
     axes: tuple[AxisMap, ...]
     grid_inputs: tuple[int, ...] = (0,)
-    kind: str = "pointwise"
+    tiling: TileRule = tiling.POINTWISE
     attrs: dict = field(default_factory=dict, compare=False)
+
+
+class GraphView(Protocol):
+    """What locality rules read of a graph (:class:`streamc.graph.Graph` provides it)."""
+
+    opset: int
+    constants: Mapping[str, np.ndarray]
+    consumers: Mapping[str, list[str]]
+
+    def shape(self, tensor: str) -> tuple[int | None, ...] | None: ...
 
 
 @dataclass
 class LocalityContext:
     """What a rule may look at: the graph, the image-dependent tensors, the spatial rank."""
 
-    graph: Graph
+    graph: GraphView
     image_dependent: set[str]
     n_spatial: int
 
@@ -94,6 +115,21 @@ def nonlocal_reason(node: onnx.NodeProto) -> str:
     )
 
 
+def _windows(node, ctx: LocalityContext, kernel: Sequence[int]):
+    """The node's windows (see :func:`~streamc.ops.geometry.node_windows`), as NotLocal
+    sentences when its attributes are malformed."""
+    sizes = ctx.spatial_shape(node.input[0])
+    try:
+        return node_windows(node, kernel, sizes)
+    except ValueError as exc:
+        if "needs the input size" in str(exc):
+            raise UnsupportedModelError(
+                f"node {node.name!r} ({node.op_type}) uses auto_pad SAME with stride > 1, "
+                "whose padding depends on the image size: pass --image."
+            ) from None
+        raise NotLocal(str(exc)) from None
+
+
 def _spatial_attr(values: Sequence[int] | None, n: int, default: int, what: str) -> list[int]:
     if values is None or len(values) == 0:
         return [default] * n
@@ -101,40 +137,6 @@ def _spatial_attr(values: Sequence[int] | None, n: int, default: int, what: str)
     if len(values) != n:
         raise NotLocal(f"its {what} has {len(values)} entries for {n} spatial axes")
     return values
-
-
-def _pads(node, attrs: dict, ctx: LocalityContext, kernel: list[int], strides: list[int],
-          dilations: list[int]) -> list[tuple[int, int]]:
-    n = ctx.n_spatial
-    auto_pad = attrs.get("auto_pad", "NOTSET")
-    if auto_pad in ("NOTSET", ""):
-        pads = attrs.get("pads") or [0] * (2 * n)
-        if len(pads) != 2 * n:
-            raise NotLocal(f"its pads have {len(pads)} entries for {n} spatial axes")
-        return [(pads[i], pads[i + n]) for i in range(n)]
-    if auto_pad == "VALID":
-        return [(0, 0)] * n
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        sizes = ctx.spatial_shape(node.input[0])
-        out = []
-        for axis in range(n):
-            span = dilations[axis] * (kernel[axis] - 1) + 1
-            size = None if sizes is None else sizes[axis]
-            if size is None:
-                if strides[axis] != 1:
-                    raise UnsupportedModelError(
-                        f"node {node.name!r} ({node.op_type}) uses auto_pad={auto_pad} with "
-                        "stride > 1, whose padding depends on the image size: pass --image."
-                    )
-                total = span - 1
-            else:
-                out_size = -(-size // strides[axis])
-                total = max((out_size - 1) * strides[axis] + span - size, 0)
-            small = total // 2
-            big = total - small
-            out.append((small, big) if auto_pad == "SAME_UPPER" else (big, small))
-        return out
-    raise NotLocal(f"auto_pad={auto_pad!r} is not an ONNX value")
 
 
 def _kernel_from_weight(node, ctx: LocalityContext, first_spatial_dim: int = 2) -> list[int]:
@@ -156,14 +158,11 @@ def _check_grid_slots(node, ctx: LocalityContext, grid: Sequence[int]) -> None:
 @LOCALITY.register("Conv")
 def conv(node, ctx: LocalityContext) -> LocalOp:
     attrs = attributes(node)
-    n = ctx.n_spatial
-    kernel = list(attrs.get("kernel_shape") or _kernel_from_weight(node, ctx))
-    strides = _spatial_attr(attrs.get("strides"), n, 1, "strides")
-    dilations = _spatial_attr(attrs.get("dilations"), n, 1, "dilations")
-    pads = _pads(node, attrs, ctx, kernel, strides, dilations)
+    kernel = _spatial_attr(attrs.get("kernel_shape") or _kernel_from_weight(node, ctx),
+                           ctx.n_spatial, 1, "kernel_shape")
+    axes = _windows(node, ctx, kernel)
     _check_grid_slots(node, ctx, (0,))
-    axes = tuple(Window(kernel[i], strides[i], dilations[i], *pads[i]) for i in range(n))
-    return LocalOp(axes, (0,), "window")
+    return LocalOp(axes, (0,), tiling.WINDOW)
 
 
 @LOCALITY.register("ConvTranspose")
@@ -184,23 +183,16 @@ def conv_transpose(node, ctx: LocalityContext) -> LocalOp:
         Transposed(kernel[i], strides[i], dilations[i], pads[i], pads[i + n], out_pad[i])
         for i in range(n)
     )
-    return LocalOp(axes, (0,), "transposed")
+    return LocalOp(axes, (0,), tiling.TRANSPOSED)
 
 
 def _pool(node, ctx: LocalityContext) -> LocalOp:
     attrs = attributes(node)
-    n = ctx.n_spatial
-    kernel = _spatial_attr(attrs.get("kernel_shape"), n, 1, "kernel_shape")
-    strides = _spatial_attr(attrs.get("strides"), n, 1, "strides")
-    dilations = _spatial_attr(attrs.get("dilations"), n, 1, "dilations")
-    pads = _pads(node, attrs, ctx, kernel, strides, dilations)
+    kernel = _spatial_attr(attrs.get("kernel_shape"), ctx.n_spatial, 1, "kernel_shape")
     ceil_mode = bool(attrs.get("ceil_mode", 0))
     if len(node.output) > 1 and node.output[1] and node.output[1] in ctx.graph.consumers:
         raise NotLocal("its Indices output is used, and indices are positions in the whole image")
-    axes = tuple(
-        Window(kernel[i], strides[i], dilations[i], *pads[i], ceil_mode=ceil_mode)
-        for i in range(n)
-    )
+    axes = _windows(node, ctx, kernel)
     sizes = ctx.spatial_shape(node.input[0])
     if sizes is not None and None not in sizes and all(
         axis.span >= size and axis.out_size(size) == 1 for axis, size in zip(axes, sizes)
@@ -212,14 +204,13 @@ def _pool(node, ctx: LocalityContext) -> LocalOp:
     if ceil_mode and node.op_type == "AveragePool" and attrs.get("count_include_pad", 0):
         sizes = ctx.spatial_shape(node.input[0])
         for axis, size in zip(axes, sizes or ()):
-            if size is not None and axis.out_size(size) != Window(
-                axis.kernel, axis.stride, axis.dilation, axis.pad_begin, axis.pad_end
-            ).out_size(size):
+            if size is not None and axis.out_size(size) != replace(
+                    axis, ceil_mode=False).out_size(size):
                 raise NotLocal(
                     "AveragePool with ceil_mode=1 and count_include_pad=1 has a last window "
                     "that overhangs the padding, whose divisor streamc cannot reproduce per tile"
                 )
-    return LocalOp(axes, (0,), "window")
+    return LocalOp(axes, (0,), tiling.WINDOW)
 
 
 LOCALITY.add("MaxPool", _pool)
@@ -381,30 +372,7 @@ def pad(node, ctx: LocalityContext) -> LocalOp:
         if len(node.input) > slot and node.input[slot] in ctx.image_dependent:
             raise NotLocal("its pads or value depend on the image")
     axes = tuple(Window(1, 1, 1, pads[2 + i], pads[2 + i + rank]) for i in range(ctx.n_spatial))
-    return LocalOp(axes, (0,), "pad", attrs={"pads": pads})
-
-
-def _nearest_index(j: int, factor: int, n_in: int, mode: str, nearest: str) -> int:
-    out = n_in * factor
-    if mode == "asymmetric":
-        x = j / factor
-    elif mode in ("half_pixel", "pytorch_half_pixel"):
-        x = (j + 0.5) / factor - 0.5 if not (mode == "pytorch_half_pixel" and out == 1) else 0.0
-    elif mode == "tf_half_pixel_for_nn":
-        x = (j + 0.5) / factor
-    elif mode == "align_corners":
-        x = j * (n_in - 1) / (out - 1) if out > 1 else 0.0
-    else:
-        return -1
-    if nearest == "floor":
-        i = int(np.floor(x))
-    elif nearest == "ceil":
-        i = int(np.ceil(x))
-    elif nearest == "round_prefer_ceil":
-        i = int(np.floor(x + 0.5))
-    else:  # round_prefer_floor (the default)
-        i = int(np.ceil(x - 0.5))
-    return min(max(i, 0), n_in - 1)
+    return LocalOp(axes, (0,), tiling.PAD, attrs={"pads": pads})
 
 
 def _upsample_axes(node, ctx: LocalityContext, factors: Sequence[float], mode: str,
@@ -421,7 +389,11 @@ def _upsample_axes(node, ctx: LocalityContext, factors: Sequence[float], mode: s
         f = int(round(f))
         # The map must be j -> floor(j / f) everywhere (checked on a few periods).
         n_in = 7
-        if any(_nearest_index(j, f, n_in, mode, nearest) != j // f for j in range(n_in * f)):
+        try:
+            matrix = resize_matrix("nearest", mode, nearest, n_in, n_in * f, float(f))
+        except ValueError as exc:
+            raise NotLocal(str(exc)) from None
+        if not is_block_upsampling(matrix, f):
             raise NotLocal(
                 f"coordinate_transformation_mode={mode!r} with nearest_mode={nearest!r} does not "
                 "map output j to input floor(j/f)"
@@ -466,7 +438,7 @@ def resize(node, ctx: LocalityContext) -> LocalOp:
         node, ctx, factors, attrs.get("coordinate_transformation_mode", "half_pixel"),
         attrs.get("nearest_mode", "round_prefer_floor"),
     )
-    return LocalOp(axes, (0,), "resize")
+    return LocalOp(axes, (0,), tiling.RESIZE)
 
 
 @LOCALITY.register("Upsample")
@@ -482,7 +454,7 @@ def upsample(node, ctx: LocalityContext) -> LocalOp:
             raise NotLocal("its scales are not constant")
         factors = [float(v) for v in scales]
     axes = _upsample_axes(node, ctx, factors, "asymmetric", "floor")
-    return LocalOp(axes, (0,), "resize")
+    return LocalOp(axes, (0,), tiling.RESIZE)
 
 
 def cumulative_scale(op: LocalOp) -> tuple[Fraction, ...]:

@@ -19,10 +19,8 @@ from onnx import helper
 
 from streamc.analysis import Analysis
 from streamc.graph import FLOAT_TYPES
+from streamc.ops.facts import ALIAS_NODES, BUFFER_SLOTS
 from streamc.passes.autodiff import trainable_initializers
-
-#: (op type, input slot) of non-trainable state the runtime still owns as buffers.
-_BUFFER_SLOTS = {("BatchNormalization", 3), ("BatchNormalization", 4)}
 
 
 @dataclass
@@ -46,7 +44,7 @@ def model_parameters(model: onnx.ModelProto) -> Parameters:
     buffers: dict[str, None] = {}
     for node in model.graph.node:
         for slot, name in enumerate(node.input):
-            if (node.op_type, slot) in _BUFFER_SLOTS and name in floats and name not in owned:
+            if (node.op_type, slot) in BUFFER_SLOTS and name in floats and name not in owned:
                 buffers.setdefault(name)
     return Parameters(trainable, list(buffers))
 
@@ -59,7 +57,7 @@ def tied_parameters(model: onnx.ModelProto, trainable: Sequence[str]) -> dict[st
     wanted = set(trainable)
     tied: dict[str, list[str]] = {}
     for node in model.graph.node:
-        if node.op_type == "Identity" and node.input and node.input[0] in wanted:
+        if node.op_type in ALIAS_NODES and node.input and node.input[0] in wanted:
             tied.setdefault(node.input[0], []).extend(o for o in node.output if o)
     return tied
 

@@ -3,21 +3,21 @@
 Contract: :func:`make_schedule` takes an :class:`~streamc.analysis.Analysis` with a static image
 size and a requested tile size (input pixels per axis, an upper bound on every crop) and returns
 a :class:`Schedule`. Tile boundaries in the image lie on the prefix's alignment lattice
-(DESIGN section 3); the kept regions of every cut tensor partition that tensor; each axis is cut
+(docs/architecture.md); the kept regions of every cut tensor partition that tensor; each axis is cut
 into as few tiles as fit the requested size, of equal kept size except the last.
 """
 
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 from streamc.analysis import Analysis
 from streamc.analysis.regions import Box, is_empty
-from streamc.errors import CompileError
+from streamc.errors import CompileError, StreamcError
+from streamc.units import parse_extent
 
 
 @dataclass(frozen=True)
@@ -48,34 +48,10 @@ class Schedule:
 
 def parse_tile(tile: int | str | Sequence[int], n_spatial: int) -> tuple[int, ...]:
     """``2048``, ``"2048"``, ``"2048x1536"`` or ``(2048, 1536)`` -> one size per spatial axis."""
-    if isinstance(tile, str):
-        try:
-            parts = [int(p) for p in tile.lower().replace("×", "x").split("x")]
-        except ValueError:
-            raise CompileError(
-                f"tile size {tile!r} is not a number or NxM (e.g. 2048 or 2048x1536)."
-            ) from None
-    else:
-        # Whole numbers only: a float (2048.5) or a bool is a mistake, not a size.
-        values = [tile] if not isinstance(tile, Sequence) else list(tile)
-        try:
-            if any(isinstance(p, bool) for p in values):
-                raise TypeError
-            parts = [operator.index(p) for p in values]
-        except TypeError:
-            raise CompileError(
-                f"tile size {tile!r} must be a whole number of pixels per axis, e.g. 2048, "
-                "'2048x1536' or (2048, 1536)."
-            ) from None
-    if len(parts) == 1:
-        parts = parts * n_spatial
-    if len(parts) != n_spatial:
-        raise CompileError(
-            f"tile size {tile!r} has {len(parts)} axes but the image has {n_spatial} spatial axes."
-        )
-    if any(p <= 0 for p in parts):
-        raise CompileError(f"tile size {tile!r} must be positive.")
-    return tuple(parts)
+    try:
+        return parse_extent(tile, "tile size", n_spatial)
+    except StreamcError as exc:
+        raise CompileError(str(exc)) from None
 
 
 def _cut_boundary(analysis: Analysis, cut: str, axis: int, pixel: int, last: bool) -> int:
@@ -138,11 +114,12 @@ def _without_empty(analysis: Analysis, axis: int, bounds: list[int], size: int) 
     return keep + [size]
 
 
-def _min_tile(analysis: Analysis, axis: int, size: int, align: int) -> int:
+def min_tile(analysis: Analysis, axis: int) -> int:
     """The smallest crop that makes progress: the widest crop of the finest tiling (one aligned
     step per tile). Any coarser tiling has a crop at least as wide, as a merged tile reads
     everything its parts read. Steps away from the borders repeat one pattern (their starts
     are aligned), so only the border steps and one interior step are measured."""
+    size, align = analysis.image_size[axis], analysis.alignment[axis]
     steps = list(range(0, size, align))
     reach = max(
         abs(info.offset[axis]) + info.receptive_field[axis]
@@ -168,7 +145,7 @@ def _axis_boundaries(analysis: Analysis, axis: int, size: int, tile: int, align:
     whole = [0, size]
     if max_crop(whole) <= tile:
         return whole
-    smallest = _min_tile(analysis, axis, size, align)
+    smallest = min_tile(analysis, axis)
     if smallest > tile:
         aligned = -(-smallest // align) * align
         raise CompileError(
@@ -250,3 +227,41 @@ def _grid_indices(grid: Sequence[int]) -> list[tuple[int, ...]]:
     for n in grid:
         indices = [i + (k,) for i in indices for k in range(n)]
     return indices
+
+
+def smallest_tile(analysis: Analysis) -> int:
+    """The smallest tile size (one number for every axis) the schedule accepts for this model:
+    :func:`min_tile` of every axis, rounded up to its alignment."""
+    return max(-(-min_tile(analysis, axis) // align) * align
+               for axis, align in enumerate(analysis.alignment))
+
+
+def check_schedule(analysis: Analysis, schedule: Schedule) -> None:
+    """The schedule's invariants: along every axis the kept intervals of every cut tensor
+    follow each other without gap or overlap from 0 to the tensor's extent (so the kept
+    regions of all tiles partition it), and every crop lies in the image within the tile."""
+    for cut in analysis.cut_tensors:
+        extent = analysis.extent(cut)
+        for axis in range(analysis.n_spatial):
+            intervals: dict[int, tuple[int, int]] = {}
+            for tile in schedule.tiles:
+                if cut in tile.kept:
+                    intervals.setdefault(tile.index[axis], tile.kept[cut][axis])
+            position = 0
+            for _, (a, b) in sorted(intervals.items()):
+                if a != position or b < a:
+                    raise CompileError(
+                        f"internal error: the kept regions of {cut!r} along axis {axis} do not "
+                        f"follow each other ({a} after {position}); please report this.")
+                position = b
+            if position != extent[axis]:
+                raise CompileError(
+                    f"internal error: the kept regions of {cut!r} along axis {axis} end at "
+                    f"{position}, not at its extent {extent[axis]}; please report this.")
+    for tile in schedule.tiles:
+        for axis, (a, b) in enumerate(tile.crop):
+            if a < 0 or b > schedule.image_size[axis] or b - a > schedule.tile[axis]:
+                raise CompileError(
+                    f"internal error: tile {tile.index} reads {a}..{b} along axis {axis}, "
+                    f"outside the image or wider than the tile {schedule.tile[axis]}; please "
+                    "report this.")

@@ -39,23 +39,16 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from streamc.errors import InputError, ProgramError, StreamcError
-from streamc.program import Program, file_sha256, load
-from streamc.runtime.engine import StreamEngine
-from streamc.runtime.sessions import (
-    RuntimeOptions,
-    SessionPool,
-    WeightMode,
-    WeightSet,
-    check_cuda,
-    snapshot_weights,
-    torch_dtype_of_onnx,
-)
+from streamc.errors import InputError, StreamcError
+from streamc.policy import RuntimePolicy, WeightMode
+from streamc.program import Program, load
+from streamc.runtime.interpreter import Interpreter, check_image
+from streamc.runtime.options import RuntimeOptions
+from streamc.runtime.providers import check_cuda
+from streamc.runtime.torch_backend import TorchCpuBackend, TorchCudaBackend, torch_dtype_of_onnx
+from streamc.runtime.weights import WeightSet, snapshot_weights
 
 ESCAPED = "onnx_escaped"
-#: glibc's mmap threshold with ``allocator="system"``: tensors of at least this many bytes are
-#: mapped and unmapped, so freed ones go back to the system (docs/memory.md, "lean").
-SYSTEM_MMAP_THRESHOLD = 64 * 2**10
 MODEL_GRAPH = "graphs/model.onnx"
 
 
@@ -71,29 +64,33 @@ def unescape(key: str) -> str:
 
 
 class _Runtime:
-    """Sessions and the current weight snapshot; rebuilt for a new device, never pickled."""
+    """The interpreter and the current weight snapshot; rebuilt for a new device, never
+    pickled."""
 
     def __init__(self, program: Program, options: RuntimeOptions, progress: bool | None
                  ) -> None:
         self.program = program
         self.options = options
         self.progress = progress
-        self._engine: StreamEngine | None = None
+        self._interpreter: Interpreter | None = None
+        self._device: torch.device | None = None
         self.weights: WeightSet | None = None
 
-    def engine(self, device: torch.device) -> StreamEngine:
-        if self._engine is None or self._engine.device != device:
-            self._engine = None
+    def interpreter(self, device: torch.device) -> Interpreter:
+        if self._interpreter is None or self._device != device:
+            self._interpreter = None
             self.weights = None
-            pool = SessionPool(self.program, device, self.options)
-            self._engine = StreamEngine(self.program, pool, self.progress)
-        return self._engine
+            backend_type = TorchCudaBackend if device.type == "cuda" else TorchCpuBackend
+            backend = backend_type(self.program, self.options, device)
+            self._interpreter = Interpreter(self.program, backend, self.progress)
+            self._device = device
+        return self._interpreter
 
     def snapshot(self, tensors: Mapping[str, torch.Tensor]) -> WeightSet:
         """The weights to run with: a private copy, reused while the weights are unchanged, or
         with ``weights="inputs"`` the live tensors themselves (autograd checks their versions
         between forward and backward)."""
-        if self.options.weights == "inputs":
+        if self.options.policy.weights == "inputs":
             return WeightSet({name: t.detach() for name, t in tensors.items()}, generation=0)
         self.weights = snapshot_weights(tensors, self.weights)
         return self.weights
@@ -112,10 +109,10 @@ class _Prefix(torch.autograd.Function):
     """image, *weights -> full cut tensors; backward runs every tile's backward graph."""
 
     @staticmethod
-    def forward(ctx: Any, engine: StreamEngine, weights: WeightSet, names: Sequence[str],
+    def forward(ctx: Any, interpreter: Interpreter, weights: WeightSet, names: Sequence[str],
                 image: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        cuts = engine.prefix_forward(image, weights)
-        ctx.engine, ctx.weights, ctx.names = engine, weights, names
+        cuts = interpreter.prefix_forward(image, weights)
+        ctx.interpreter, ctx.weights, ctx.names = interpreter, weights, names
         ctx.save_for_backward(image, *tensors)  # lets autograd catch in-place weight changes
         return tuple(cuts)
 
@@ -123,7 +120,7 @@ class _Prefix(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, *cut_grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         image, *tensors = ctx.saved_tensors
-        grads = ctx.engine.prefix_backward(image, ctx.weights, cut_grads)
+        grads = ctx.interpreter.prefix_backward(image, ctx.weights, cut_grads)
         out = [_grad_for(grads.get(name), t) for name, t in zip(ctx.names, tensors)]
         return (None, None, None, None, *out)
 
@@ -132,11 +129,11 @@ class _Head(torch.autograd.Function):
     """*cuts, *weights -> model outputs; backward runs the head's backward graph."""
 
     @staticmethod
-    def forward(ctx: Any, engine: StreamEngine, weights: WeightSet, names: Sequence[str],
+    def forward(ctx: Any, interpreter: Interpreter, weights: WeightSet, names: Sequence[str],
                 n_cuts: int, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cuts, tensors = args[:n_cuts], args[n_cuts:]
-        outputs = engine.head_forward(list(cuts), weights)
-        ctx.engine, ctx.weights, ctx.names, ctx.n_cuts = engine, weights, names, n_cuts
+        outputs = interpreter.head_forward(list(cuts), weights)
+        ctx.interpreter, ctx.weights, ctx.names, ctx.n_cuts = interpreter, weights, names, n_cuts
         ctx.save_for_backward(*cuts, *tensors)
         ctx.mark_non_differentiable(*[o for o in outputs if not o.is_floating_point()])
         return tuple(outputs)
@@ -146,7 +143,8 @@ class _Head(torch.autograd.Function):
     def backward(ctx: Any, *output_grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         saved = ctx.saved_tensors
         cuts, tensors = saved[:ctx.n_cuts], saved[ctx.n_cuts:]
-        cut_grads, grads = ctx.engine.head_backward(list(cuts), ctx.weights, list(output_grads))
+        cut_grads, grads = ctx.interpreter.head_backward(list(cuts), ctx.weights,
+                                                         list(output_grads))
         out = [_grad_for(grads.get(name), t) for name, t in zip(ctx.names, tensors)]
         return (None, None, None, None, *cut_grads, *out)
 
@@ -194,36 +192,31 @@ class StreamingModel(nn.Module):
             check_cuda(device)
         elif device.type not in ("cpu", "cuda"):
             raise StreamcError(f"device {device} is not supported: use 'cpu' or 'cuda'.")
-        if program.meta["input"].get("elem_type", onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
+        if program.meta.input.elem_type != onnx.TensorProto.FLOAT:
             raise StreamcError(
                 "the program's image input is not float32; the streamc runtime runs float32 "
                 "programs: export the model with a float32 input."
             )
-        if allocator not in ("arena", "system"):
-            raise StreamcError(f"allocator={allocator!r}: use 'arena' or 'system'.")
         self.program = program
-        memory: dict[str, Any] = ({"cpu_arena": False, "mmap_threshold": SYSTEM_MMAP_THRESHOLD}
-                                  if allocator == "system" else {})
+        policy = RuntimePolicy(weights=weights, allocator=allocator)
         self._runtime = _Runtime(
             program,
-            RuntimeOptions(weights=weights, threads=threads, gpu_mem_limit=gpu_mem_limit,
-                           providers=tuple(providers) if providers is not None else None,
-                           **memory),
+            RuntimeOptions(policy=policy, threads=threads, gpu_mem_limit=gpu_mem_limit,
+                           providers=tuple(providers) if providers is not None else None),
             progress,
         )
         self._paths: dict[str, tuple[tuple[str, ...], str]] = {}
         self._trainable: list[str] = []
         self._buffers_onnx: list[str] = []
-        for spec in program.meta["parameters"]:
-            name = spec["name"]
-            dtype = torch_dtype_of_onnx(spec["elem_type"])
+        for spec in program.meta.parameters:
+            name = spec.name
+            dtype = torch_dtype_of_onnx(spec.elem_type)
             if name in program.parameters:
                 value = torch.from_numpy(np.array(program.parameters[name], copy=True))
             else:
-                value = torch.zeros(spec["shape"])
-            value = value.to(dtype).reshape(spec["shape"])
-            self._register(name, value, bool(spec["trainable"]))
-        self._compiled_shape = tuple(int(d) for d in program.input_shape)
+                value = torch.zeros(spec.shape)
+            value = value.to(dtype).reshape(spec.shape)
+            self._register(name, value, spec.trainable)
         if device.type != "cpu":
             self.to(device)
 
@@ -304,38 +297,53 @@ class StreamingModel(nn.Module):
     # -- running -------------------------------------------------------------------------------
     def forward(self, image: torch.Tensor | np.ndarray) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """The ONNX model's outputs (a tensor, or a tuple for several outputs)."""
-        engine, weights, tensors, x, track = self._begin(image)
+        interpreter, weights, tensors, x, track = self._begin(image)
         names = list(tensors)
         if track:
-            cuts = _Prefix.apply(engine, weights, names, x, *tensors.values())
-            outputs = _Head.apply(engine, weights, names, len(cuts), *cuts, *tensors.values())
+            cuts = _Prefix.apply(interpreter, weights, names, x, *tensors.values())
+            outputs = _Head.apply(interpreter, weights, names, len(cuts), *cuts,
+                                  *tensors.values())
         else:
             with torch.no_grad():
-                outputs = engine.head_forward(engine.prefix_forward(x, weights), weights)
+                outputs = interpreter.head_forward(interpreter.prefix_forward(x, weights),
+                                                   weights)
         outputs = tuple(outputs)
         return outputs[0] if len(outputs) == 1 else outputs
 
     def stream(self, image: torch.Tensor | np.ndarray) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Prefix only: the full cut tensor(s); backpropagating into them runs the tiles'
         backward graphs (the head is not used)."""
-        engine, weights, tensors, x, track = self._begin(image)
+        interpreter, weights, tensors, x, track = self._begin(image)
         if track:
-            cuts = _Prefix.apply(engine, weights, list(tensors), x, *tensors.values())
+            cuts = _Prefix.apply(interpreter, weights, list(tensors), x, *tensors.values())
         else:
             with torch.no_grad():
-                cuts = engine.prefix_forward(x, weights)
+                cuts = interpreter.prefix_forward(x, weights)
         cuts = tuple(cuts)
         return cuts[0] if len(cuts) == 1 else cuts
 
     @property
     def cut_names(self) -> list[str]:
         """Names of the tensors :meth:`stream` returns, in order."""
-        return [c["name"] for c in self.program.meta["cut_tensors"]]
+        return self.program.meta.cut_names
 
     @property
     def output_names(self) -> list[str]:
         """Names of the ONNX model's outputs, in the order :meth:`forward` returns them."""
-        return list(self.program.meta["outputs"])
+        return list(self.program.meta.outputs)
+
+    @property
+    def policy(self) -> RuntimePolicy:
+        """The runtime policy this model runs with (sessions and memory plan follow it)."""
+        return self._runtime.options.policy
+
+    def memory_plan(self, optimizer_copies: int = 2):
+        """The memory plan of one training step with this model's runtime policy (a
+        :class:`~streamc.passes.memory.MemoryPlan`; without the conventional figure, which
+        needs the source model)."""
+        from streamc.passes.memory import plan_program
+
+        return plan_program(self.program, policy=self.policy, optimizer_copies=optimizer_copies)
 
     def _begin(self, image: torch.Tensor | np.ndarray):
         tensors = self._tensors()
@@ -347,51 +355,19 @@ class StreamingModel(nn.Module):
                     "model in float32 (do not call .double() or .half() on it)."
                 )
         x = self._check_image(image, device)
-        engine = self._runtime.engine(device)
+        interpreter = self._runtime.interpreter(device)
         weights = self._runtime.snapshot(tensors)
         track = torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values())
-        return engine, weights, tensors, x, track
+        return interpreter, weights, tensors, x, track
 
     def _check_image(self, image: torch.Tensor | np.ndarray, device: torch.device
                      ) -> torch.Tensor:
-        expected = self._compiled_shape
-        if isinstance(image, np.ndarray):
-            dtype = image.dtype
-        elif isinstance(image, torch.Tensor):
-            dtype = image.dtype
-        else:
+        if not isinstance(image, (np.ndarray, torch.Tensor)):
             raise InputError(
                 f"the image must be a torch tensor or a numpy array, not {type(image).__name__}."
             )
-        shape = tuple(image.shape)
-        if len(shape) != len(expected):
-            dims = ", ".join(map(str, expected[2:]))
-            raise InputError(
-                f"the image has {len(shape)} axes {list(shape)}, the program expects "
-                f"{len(expected)}: (batch, channels, *size) = (N, {expected[1]}, {dims})."
-            )
-        if shape[1] != expected[1]:
-            raise InputError(
-                f"the image has {shape[1]} channels, the program was compiled for {expected[1]}."
-            )
-        if shape[2:] != expected[2:]:
-            size = "x".join(map(str, shape[2:]))
-            compiled = "x".join(map(str, expected[2:]))
-            raise InputError(
-                f"the image is {size} but this program was compiled for {compiled} images: "
-                f"compile another program for this size (streamc compile --image {size}, or "
-                f"compile(model, tile, image={tuple(shape[2:])}))."
-            )
-        if dtype not in (np.float32, torch.float32):
-            raise InputError(
-                f"the image is {dtype}, the program takes float32: convert it first "
-                "(image.float() or array.astype(np.float32))."
-            )
-        if shape[0] == 0 or shape[0] % expected[0]:
-            raise InputError(
-                f"the image batch is {shape[0]}, but the program was compiled for batches of "
-                f"{expected[0]}: pass a positive multiple of {expected[0]} images."
-            )
+        check_image(self.program, image.shape, image.dtype,
+                    image.dtype in (np.float32, torch.float32))
         if isinstance(image, np.ndarray):
             if not image.flags.writeable:
                 image = image.copy()
@@ -422,7 +398,8 @@ class StreamingModel(nn.Module):
     def extra_repr(self) -> str:
         size = "x".join(map(str, self.program.image_size))
         return (f"image={size}, tiles={len(self.program.tiles)}, "
-                f"classes={len(self.program.classes)}, weights={self._runtime.options.weights!r}")
+                f"classes={len(self.program.classes)}, weights={self.policy.weights!r}, "
+                f"allocator={self.policy.allocator!r}")
 
     def __deepcopy__(self, memo: dict) -> StreamingModel:
         cls = type(self)
@@ -439,9 +416,8 @@ class StreamingModel(nn.Module):
     def export_onnx(self, path: str | Path) -> Path:
         """Write the model's ONNX graph with the current weights; returns the path.
 
-        The graph is the prepared model stored in the program (``graphs/model.onnx``) or, for
-        programs compiled before it was stored, the source model file when it is still where it
-        was and unchanged. Files over 2 GB put the weights in ``<name>.data`` beside it.
+        The graph is the model stored in the program (``graphs/model.onnx``). Files over 2 GB
+        put the weights in ``<name>.data`` beside it.
         """
         model = self._export_graph()
         values = {name: t.detach().cpu().numpy() for name, t in self._tensors().items()}
@@ -457,19 +433,9 @@ class StreamingModel(nn.Module):
         return target
 
     def _export_graph(self) -> onnx.ModelProto:
-        if MODEL_GRAPH in self.program.graphs:
-            model = onnx.ModelProto()
-            model.CopyFrom(self.program.graphs[MODEL_GRAPH])
-            return model
-        source = self.program.meta.get("source", {})
-        src = source.get("path")
-        if src and Path(src).is_file() and file_sha256(src) == source.get("sha256"):
-            return onnx.load_model(src)
-        raise ProgramError(
-            "this program does not contain its model graph (graphs/model.onnx) and its source "
-            f"model {src or '(compiled from memory)'} is not available unchanged: recompile the "
-            "program with this version of streamc to export it."
-        )
+        model = onnx.ModelProto()
+        model.CopyFrom(self.program.graph(self.program.meta.model))
+        return model
 
 
 def _taken(module: nn.Module, segment: str) -> bool:

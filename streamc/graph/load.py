@@ -1,0 +1,63 @@
+"""Reading an ONNX model: load and check it, with one clear error for every way it can fail."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from streamc.errors import ModelLoadError
+
+FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
+                         onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16})
+
+
+def load_model(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
+    """Read an ONNX model from a path (or take a ModelProto) and check it; clear errors only."""
+    return load_model_serialized(model)[0]
+
+
+def load_model_serialized(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, bytes]:
+    """:func:`load_model`, also returning the serialized model that the checker read."""
+    if isinstance(model, onnx.ModelProto):
+        proto = model
+        where = "the given model"
+    else:
+        path = Path(model)
+        where = str(path)
+        if not path.exists():
+            raise ModelLoadError(f"{path}: no such file.")
+        if path.is_dir():
+            raise ModelLoadError(f"{path} is a directory, not an ONNX model file.")
+        try:
+            proto = onnx.load(str(path), load_external_data=True)
+        except Exception as exc:  # protobuf raises several unrelated types
+            raise ModelLoadError(
+                f"{path} is not a readable ONNX model ({type(exc).__name__}): "
+                "pass a .onnx file exported with torch.onnx.export or similar."
+            ) from None
+        if not proto.graph.node and not proto.graph.input:
+            raise ModelLoadError(f"{path} is not an ONNX model (it parsed to an empty graph).")
+    serialized = proto.SerializeToString()
+    try:
+        onnx.checker.check_model(serialized)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+        raise ModelLoadError(f"{where} fails the ONNX checker: {first}") from None
+    return proto, serialized
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    """The default-domain opset the model imports."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 1
+
+
+def dims(value_info: onnx.ValueInfoProto) -> tuple[int | None, ...] | None:
+    """The dimensions of a typed value (None for a symbolic one), or None without a shape."""
+    t = value_info.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)

@@ -1,0 +1,107 @@
+"""Backends: the tensor work of the interpreter, on one kind of array and device.
+
+The :class:`~streamc.runtime.interpreter.Interpreter` walks a program's steps and asks its
+backend for everything that touches data: crop an image, allocate and write regions of the cut
+tensors, run a graph, add gradients up, release a session. A backend owns a
+:class:`~streamc.runtime.sessions.SessionPool`, which builds sessions by the runtime policy.
+
+Backends: :class:`NumpyBackend` (numpy arrays on ONNX Runtime's CPU provider: the reference
+that ``streamc check`` runs) here; :class:`~streamc.runtime.torch_backend.TorchCpuBackend` and
+:class:`~streamc.runtime.torch_backend.TorchCudaBackend` (torch tensors; what
+:class:`~streamc.runtime.module.StreamingModel` runs) beside it. A new backend implements
+:class:`Backend` (docs/architecture.md says how).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from streamc.program import Program
+from streamc.runtime.options import RuntimeOptions
+from streamc.runtime.sessions import SessionPool, gather_inputs
+from streamc.runtime.weights import WeightSet, as_numpy
+from streamc.steps import Step
+
+Box = Sequence[Sequence[int]]
+
+
+def region(box: Box) -> tuple[slice, ...]:
+    """Index of a spatial box over (N, C, *spatial)."""
+    return (slice(None), slice(None)) + tuple(slice(a, b) for a, b in box)
+
+
+class Backend(Protocol):
+    """What the interpreter needs of a backend (arrays are the backend's own type)."""
+
+    pool: SessionPool
+
+    def crop(self, image: Any, box: Box) -> Any:
+        """The image's region ``box`` (all of N and C), as a graph input."""
+
+    def read(self, tensor: Any, box: Box) -> Any:
+        """The region ``box`` of a full tensor (a cut gradient), as a graph input."""
+
+    def zeros(self, shape: Sequence[int]) -> Any:
+        """A float32 tensor of zeros."""
+
+    def write(self, target: Any, box: Box, value: Any) -> None:
+        """``target[region(box)] = value``."""
+
+    def accumulate(self, totals: dict[str, Any], name: str, value: Any) -> None:
+        """``totals[name] += value`` (or set it)."""
+
+    def batch(self, tensor: Any, chunk: slice) -> Any:
+        """The batch rows ``chunk`` of a tensor."""
+
+    def concat(self, parts: list[Any]) -> Any:
+        """Tensors joined along the batch axis."""
+
+    def run(self, step: Step, weights: WeightSet, feeds: Mapping[str, Any],
+            outputs: Sequence[str]) -> list[Any]:
+        """Run the step's graph (baked or fed as the step says) and return ``outputs``."""
+
+    def release(self, step: Step) -> None:
+        """Free the baked session of the step's graph."""
+
+
+class NumpyBackend:
+    """The reference backend: numpy arrays, ONNX Runtime's CPU provider, the runtime policy's
+    sessions (the same sessions training builds)."""
+
+    def __init__(self, program: Program, options: RuntimeOptions | None = None) -> None:
+        self.pool = SessionPool(program, "cpu", options)
+
+    def crop(self, image: np.ndarray, box: Box) -> np.ndarray:
+        return np.ascontiguousarray(image[region(box)])
+
+    read = crop
+
+    def zeros(self, shape: Sequence[int]) -> np.ndarray:
+        return np.zeros(tuple(shape), dtype=np.float32)
+
+    def write(self, target: np.ndarray, box: Box, value: np.ndarray) -> None:
+        target[region(box)] = value
+
+    def accumulate(self, totals: dict[str, np.ndarray], name: str, value: np.ndarray) -> None:
+        if name in totals:
+            np.add(totals[name], value, out=totals[name])
+        else:
+            totals[name] = value  # a fresh array from ONNX Runtime
+
+    def batch(self, tensor: np.ndarray, chunk: slice) -> np.ndarray:
+        return tensor[chunk]
+
+    def concat(self, parts: list[np.ndarray]) -> np.ndarray:
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+    def run(self, step: Step, weights: WeightSet, feeds: Mapping[str, Any],
+            outputs: Sequence[str]) -> list[np.ndarray]:
+        session = self.pool.session(step.graph, weights, step.baked)
+        inputs = gather_inputs(session, feeds, weights, step.graph)
+        return self.pool.run_cpu(session, {k: as_numpy(v) for k, v in inputs.items()}, outputs)
+
+    def release(self, step: Step) -> None:
+        self.pool.release(step.graph, baked=True)

@@ -1,0 +1,292 @@
+"""Choosing the tile size: compile candidate tiles of one analysed model, plan each, pick one.
+
+:func:`search_tiles` analyses the model once, plans conventional training once, and compiles
+each candidate tile once (its memory plan comes from the compiler's memory-plan pass), from the
+largest down when a budget is given, stopping at the first that fits: larger tiles recompute
+less, so that is the tile a budget picks, and the small tiles, whose compilation is the slowest
+(many tiles and shape classes), are compiled only when nothing larger fits. The chosen
+:class:`TilePlan` carries its compiled :class:`~streamc.program.Program`: nothing is compiled
+twice. ``streamc compile --memory-budget`` and ``streamc plan --memory-budget`` both use it, so
+one budget gives one tile.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from streamc._gc import paused_gc
+from streamc.analysis import Analysis
+from streamc.analysis.analyze import analyze_checked
+from streamc.compiler import compile_state, source_of
+from streamc.errors import CompileError, StreamcError
+from streamc.graph import load_model_serialized
+from streamc.passes.memory import ConventionalPlan, MemoryPlan, plan_conventional
+from streamc.passes.schedule import smallest_tile
+from streamc.policy import DEFAULT_POLICY, RuntimePolicy
+from streamc.program import Program
+from streamc.units import format_bytes, parse_bytes
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class TilePlan:
+    """One candidate tile size of a model: its recompute overhead and predicted memory (bytes).
+
+    ``overhead`` is tiled over untiled FLOPs of forward and backward together (1.0 = no
+    recompute); ``peak`` is :attr:`MemoryPlan.peak`; ``conventional`` the full-image figure of
+    the same model. ``program`` is the compiled program itself.
+    """
+
+    tile: int
+    tile_size: list[int]
+    grid: list[int]
+    tiles: int
+    classes: int
+    forward_overhead: float
+    backward_overhead: float
+    overhead: float
+    forward_peak: int
+    backward_peak: int
+    peak: int
+    session_arenas: int
+    conventional: int
+    plan: MemoryPlan = field(repr=False, compare=False)
+    program: Program = field(repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k not in ("plan", "program")}
+        d["memory_plan"] = self.plan.to_dict()
+        return d
+
+
+@dataclass
+class TileSearch:
+    """What :func:`search_tiles` found: the plans (in increasing tile size), the chosen one
+    (with a budget), and how many programs it compiled."""
+
+    analysis: Analysis
+    conventional: ConventionalPlan
+    plans: list[TilePlan]
+    chosen: TilePlan | None
+    compiled: int
+    seconds: float
+
+
+def candidate_tiles(analysis: Analysis, factor: float = 2 ** 0.5) -> list[int]:
+    """Tile sizes worth planning: from the smallest whose kept region is as wide as its halo
+    (twice :func:`~streamc.passes.schedule.smallest_tile` less one alignment step: below it a
+    tile recomputes more than it keeps, and a large image needs tens of thousands of tiles) up
+    by ``factor`` each step (multiples of the alignment) to the first that holds the whole image
+    in one tile.
+
+    Tiles below that floor do not need less memory in general either, since every shape class
+    adds a baked session holding a copy of the weights (ResNet-18 at 2048²: the smallest tile
+    the schedule accepts, 448, has 196 classes and a 9.45 GiB plan; tile 864, the floor, 9
+    classes and 731 MiB).
+    """
+    align = max(analysis.alignment)
+    largest = -(-max(analysis.image_size) // align) * align
+    tiles: list[int] = []
+    smallest = smallest_tile(analysis)
+    t = float(max(smallest, 2 * smallest - align))
+    while True:
+        snapped = min(largest, -(-int(t) // align) * align)
+        if not tiles or snapped > tiles[-1]:
+            tiles.append(snapped)
+        if snapped >= largest:
+            return tiles
+        t *= factor
+
+
+def search_tiles(model: str | Path | onnx.ModelProto, image: Sequence[int] | None, *,
+                 tiles: Sequence[int] | None = None, budget: int | str | None = None,
+                 input: str | None = None, exact: bool = False, optimizer_copies: int = 2,
+                 policy: RuntimePolicy = DEFAULT_POLICY,
+                 progress: Progress | None = None) -> TileSearch:
+    """Compile and plan ``model`` at each tile size in ``tiles`` (default
+    :func:`candidate_tiles`); with ``budget`` (bytes or a size such as ``'8GiB'``) from the
+    largest down, stopping at the first that fits, which is :attr:`TileSearch.chosen`.
+
+    Raises :class:`~streamc.errors.CompileError` when even the least demanding planned tile
+    does not fit the budget (naming the least budget that would), and at once, before any
+    compilation, when what every tiling keeps resident (image, weights, gradients, optimizer
+    state, cut tensors and their gradients) already exceeds it. ``progress`` receives one line
+    per candidate.
+    """
+    started = time.perf_counter()
+    limit = parse_bytes(budget) if budget is not None else None
+    say = progress or (lambda _line: None)
+    with paused_gc():
+        proto, serialized = load_model_serialized(model)
+        analysis = analyze_checked(proto, image, input)
+        if any(s is None for s in analysis.image_size):
+            raise CompileError(
+                "the model's spatial size is dynamic: pass the image size (--image HxW) to "
+                "plan it.")
+        conventional = plan_conventional(analysis, optimizer_copies=optimizer_copies)
+        if limit is not None:
+            _refuse_hopeless(analysis, conventional, limit)
+        smallest = smallest_tile(analysis)
+        sizes = sorted({int(t) for t in tiles}) if tiles else candidate_tiles(analysis)
+        usable = [t for t in sizes if t >= smallest]
+        if not usable:
+            raise CompileError(
+                f"no tile size in {list(sizes)} is large enough for this model: the smallest "
+                f"that works is {smallest}.")
+        source = source_of(model, serialized)
+        plans: list[TilePlan] = []
+        order = usable if limit is None else list(reversed(usable))
+        for k, t in enumerate(order):
+            say(f"planning tile {t} ({k + 1} of at most {len(order)})")
+            plan = _plan_tile(analysis, t, source, conventional, policy, exact,
+                              optimizer_copies)
+            plans.append(plan)
+            if limit is not None and plan.peak <= limit:
+                break
+    plans.sort(key=lambda p: p.tile)
+    chosen = select_tile(plans, limit) if limit is not None else None
+    return TileSearch(analysis, conventional, plans, chosen, len(plans),
+                      time.perf_counter() - started)
+
+
+def _plan_tile(analysis: Analysis, tile: int, source, conventional: ConventionalPlan,
+               policy: RuntimePolicy, exact: bool, optimizer_copies: int) -> TilePlan:
+    state = compile_state(analysis, tile, source, with_flops=True, with_memory_plan=True,
+                          conventional=conventional, policy=policy, exact=exact,
+                          optimizer_copies=optimizer_copies)
+    program: Program = state["program"]
+    plan: MemoryPlan = state["memory_plan"]
+    flops = program.meta.flops
+    return TilePlan(
+        tile=tile, tile_size=list(program.meta.tile), grid=list(program.meta.grid),
+        tiles=len(program.tiles), classes=len(program.classes),
+        forward_overhead=flops.forward_overhead, backward_overhead=flops.backward_overhead,
+        overhead=flops.overhead, forward_peak=plan.forward_peak,
+        backward_peak=plan.backward_peak, peak=plan.peak,
+        session_arenas=plan.session_arenas, conventional=conventional.total, plan=plan,
+        program=program)
+
+
+def _refuse_hopeless(analysis: Analysis, conventional: ConventionalPlan, limit: int) -> None:
+    """Refuse a budget below what every tiling keeps resident, before compiling anything."""
+    cuts = sum(4 * _numel(analysis.graph.shape(c)) for c in analysis.cut_tensors)
+    floor = (conventional.image + conventional.parameters + conventional.gradients
+             + conventional.optimizer + 2 * cuts)
+    if floor > limit:
+        raise CompileError(
+            f"a memory budget of {format_bytes(limit)} cannot fit this model at "
+            f"{'x'.join(map(str, analysis.image_size))} with any tile: the image, weights, "
+            f"gradients, optimizer state and the cut tensors with their gradients alone take "
+            f"{format_bytes(floor)} (cut tensors {format_bytes(2 * cuts)}). Use a budget of "
+            f"more than {format_bytes(floor)}, or a smaller image."
+        )
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape or ():
+        n *= int(d or 0)
+    return n
+
+
+def select_tile(plans: Sequence[TilePlan], budget: int | str) -> TilePlan:
+    """Among planned tile sizes, the one with the least recompute whose peak fits the budget
+    (ties: the smaller peak). Raises :class:`CompileError`, naming the smallest budget that
+    would work, when none fits."""
+    limit = parse_bytes(budget)
+    if not plans:
+        raise CompileError("no tile sizes were planned.")
+    fitting = [p for p in plans if p.peak <= limit]
+    if not fitting:
+        least = min(plans, key=lambda p: (p.peak, p.tile))
+        raise CompileError(
+            f"a memory budget of {format_bytes(limit)} ({limit} bytes) is too small for this "
+            f"model at {'x'.join(map(str, least.plan.image_size))}: the least memory any "
+            f"planned tile size ({', '.join(str(p.tile) for p in plans)}) needs is "
+            f"{format_bytes(least.peak)} ({least.peak} bytes, tile {least.tile}). Use a budget "
+            f"of at least {least.peak} bytes (--memory-budget {least.peak})."
+        )
+    return min(fitting, key=lambda p: (p.overhead, p.peak))
+
+
+def plans_table(plans: Sequence[TilePlan], chosen: TilePlan | None = None) -> list[str]:
+    """Text lines for the CLI: one row per tile size, the chosen one marked."""
+    lines = [f"{'tile':>6} {'tiles':>6} {'classes':>7} {'recompute':>9} {'forward':>11} "
+             f"{'backward':>11} {'peak':>11}"]
+    for p in plans:
+        mark = " <" if chosen is not None and p.tile == chosen.tile else ""
+        lines.append(f"{p.tile:>6} {p.tiles:>6} {p.classes:>7} {p.overhead:>8.2f}x "
+                     f"{format_bytes(p.forward_peak):>11} {format_bytes(p.backward_peak):>11} "
+                     f"{format_bytes(p.peak):>11}{mark}")
+    if plans:
+        lines.append(f"conventional (full image, all activations kept): "
+                     f"{format_bytes(plans[0].conventional)}")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------
+# Plot
+
+
+def require_matplotlib():
+    """``matplotlib.pyplot`` on the Agg backend, or a clear error (checked before any work)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise StreamcError(
+            "plotting needs matplotlib, which is not installed: pip install 'streamc[plot]' "
+            "(or pip install matplotlib)."
+        ) from None
+    return plt
+
+
+def plot_plans(plans: Sequence[TilePlan], conventional: int | None, budget: int | str | None,
+               path: str | Path) -> Path:
+    """Predicted peak memory and recompute overhead against tile size, with the budget and the
+    conventional (full-image) figure as horizontal lines; written to ``path`` (PNG, SVG, PDF).
+    Needs matplotlib (``pip install 'streamc[plot]'``)."""
+    plt = require_matplotlib()
+    if not plans:
+        raise StreamcError("nothing to plot: no tile plans were given.")
+    xs = [p.tile for p in plans]
+    top = max([p.peak for p in plans] + [conventional or 0]
+              + [parse_bytes(budget) if budget is not None else 0])
+    unit, scale = ("GiB", 2**30) if top >= 2**30 else ("MiB", 2**20)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(xs, [p.peak / scale for p in plans], "o-", color="tab:blue", label="predicted peak")
+    ax.plot(xs, [p.plan.resident.total / scale for p in plans], ":", color="tab:blue",
+            label="resident (image, weights, optimizer, cut tensors, constants)")
+    if conventional:
+        ax.axhline(conventional / scale, color="tab:red", ls="--", label="conventional training")
+    if budget is not None:
+        ax.axhline(parse_bytes(budget) / scale, color="tab:green", ls="-.", label="budget")
+    ax.set_xlabel("tile size (input pixels per axis)")
+    ax.set_ylabel(f"memory ({unit})")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.minorticks_off()
+    ax.set_ylim(bottom=0)
+    right = ax.twinx()
+    right.plot(xs, [p.overhead for p in plans], "s-", color="tab:orange",
+               label="recompute overhead (FLOPs)")
+    right.set_ylabel("tiled / untiled FLOPs")
+    right.set_ylim(bottom=min(1.0, *(p.overhead for p in plans)) * 0.95)
+    handles = ax.get_legend_handles_labels()
+    more = right.get_legend_handles_labels()
+    ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=8, loc="upper center")
+    ax.set_title("memory and recompute against tile size")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
