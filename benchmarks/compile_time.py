@@ -21,9 +21,10 @@ import warnings
 from pathlib import Path
 
 import streamc
-from benchmarks.resnets import export, resnet18, resnet50
 from streamc.compiler import compile as compile_program
-from streamc.passes.memory_plan import plan_conventional, plan_program
+from streamc.export import export_torch
+from streamc.passes.memory import plan_conventional, plan_program
+from zoo import randomize_batchnorm, resnet18, resnet50
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -45,7 +46,7 @@ def measure(name: str, model, image: int, tile: int, repeat: int) -> dict:
         cpu_start = time.process_time()
         plan_program(program, conventional)
         plan_times.append(time.process_time() - cpu_start)
-    flops = program.meta["flops"]
+    flops = program.meta.flops
     return {
         "model": name,
         "image": image,
@@ -57,10 +58,10 @@ def measure(name: str, model, image: int, tile: int, repeat: int) -> dict:
         "memory_plan_cpu_s": round(statistics.median(plan_times), 3),
         "conventional_plan_cpu_s": round(statistics.median(conventional_times), 3),
         "tiles": len(program.tiles),
-        "grid": program.meta["grid"],
+        "grid": list(program.meta.grid),
         "classes": len(program.classes),
-        "forward_overhead": flops["forward_overhead"],
-        "backward_overhead": flops["backward_overhead"],
+        "forward_overhead": flops.forward_overhead,
+        "backward_overhead": flops.backward_overhead,
     }
 
 
@@ -73,7 +74,9 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     rows = []
     for name, factory in (("resnet18", resnet18), ("resnet50", resnet50)):
-        model = export(factory())
+        # BatchNorm randomised so that the exporter keeps every parameter distinct; exported at
+        # 224² with dynamic H and W, compiled for --image.
+        model = export_torch(randomize_batchnorm(factory()), (1, 3, 224, 224))
         rows.append(measure(name, model, args.image, args.tile, args.repeat))
         r = rows[-1]
         print(f"{name:9} {r['nodes']:4} nodes  image {args.image}²  tile {args.tile}: "

@@ -31,7 +31,7 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from streamc.ops import vjp
+from streamc.ops.vjp import conv as conv_vjp
 from streamc.passes.autodiff import build_backward
 
 DEFAULT_SHAPES = [(64, 256, 1), (64, 256, 2), (128, 512, 1), (128, 512, 2)]
@@ -165,14 +165,14 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5, help="timed rounds per shape")
     parser.add_argument("--threads", type=int, default=2, help="ORT and torch threads")
     parser.add_argument("--chunk-mb", type=int, default=None,
-                        help="override streamc.ops.vjp.DW_CHUNK_BYTES (MiB)")
+                        help="override streamc.ops.vjp.conv.DW_CHUNK_BYTES (MiB)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall time, or this process's CPU time (steadier on a busy "
                         "machine; use it with --threads 1, as idle threads may spin)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.chunk_mb is not None:
-        vjp.DW_CHUNK_BYTES = args.chunk_mb << 20
+        conv_vjp.DW_CHUNK_BYTES = args.chunk_mb << 20
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     rows = []
@@ -191,7 +191,7 @@ def main() -> None:
     args.output.write_text(json.dumps({
         "command": " ".join(["python benchmarks/conv_backward.py", *sys.argv[1:]]),
         "reps": args.reps, "threads": args.threads, "clock": args.clock,
-        "dw_chunk_bytes": vjp.DW_CHUNK_BYTES,
+        "dw_chunk_bytes": conv_vjp.DW_CHUNK_BYTES,
         "load_average_before_after": [load_before, os.getloadavg()],
         "versions": {"onnxruntime": ort.__version__, "torch": torch.__version__,
                      "onnx": onnx.__version__, "python": platform.python_version()},

@@ -1,9 +1,10 @@
 """Predicted against measured peak memory of one training step through ``StreamingModel``.
 
-For three CNNs (ResNet-18 at width 32 from ``benchmarks/resnets.py``, a VGG-ish and a two-level
-U-Net defined here, all at 1024²), three tile sizes each, this script compiles a program, plans
-it (:func:`streamc.passes.memory_plan.plan_program` with plain SGD's state,
-``optimizer_copies=0``, and the runtime's constant folding, ``fold_constants="forward"``) and
+For three CNNs (ResNet-18 at width 32, a VGG-ish and a two-level U-Net, all from the shared
+``zoo`` package, at 1024²), three tile sizes each, this script compiles a program, plans it
+(:func:`streamc.passes.memory.plan_program` with plain SGD's state, ``optimizer_copies=0``, and
+the default :class:`~streamc.policy.RuntimePolicy`, whose constant folding is
+``fold_constants="forward"``) and
 measures, in a fresh child process per configuration, training steps (forward, loss, backward,
 ``torch.optim.SGD`` step; two by default) of a :class:`streamc.StreamingModel`:
 
@@ -45,15 +46,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MiB = 2**20
-#: runtime settings measured: name -> RuntimeOptions fields (``default``: what users run;
-#: ``lean``: no arena, glibc's mmap threshold pinned, so freed tensors go back to the system)
+#: runtime settings measured: name -> StreamingModel keyword arguments (``default``: what users
+#: run; ``lean``: no arena, glibc's mmap threshold pinned, so freed tensors go back to the system)
 VARIANTS: dict[str, dict] = {
     "default": {},
     "lean": {"allocator": "system"},
@@ -69,56 +69,15 @@ FULL_SCALE = (4096, [2048])
 
 
 # ------------------------------------------------------------------------------------------------
-# Models (torch)
+# Models (torch, from the shared zoo)
 
 
 def build_module(name: str):
     """The torch module of a benchmark model, eval mode, BatchNorm randomised."""
     import torch
-    from torch import nn
 
-    from benchmarks.resnets import BasicBlock, ResNet, randomize_batchnorm
-
-    class VGGish(nn.Module):
-        """conv-ReLU x2 at 32 ch, maxpool, x2 at 64 ch, maxpool, conv 64, GAP, FC."""
-
-        def __init__(self, w: int = 32) -> None:
-            super().__init__()
-
-            def c(a, b):
-                return [nn.Conv2d(a, b, 3, padding=1), nn.ReLU()]
-
-            self.features = nn.Sequential(*c(3, w), *c(w, w), nn.MaxPool2d(2), *c(w, 2 * w),
-                                          *c(2 * w, 2 * w), nn.MaxPool2d(2), *c(2 * w, 2 * w))
-            self.pool = nn.AdaptiveAvgPool2d(1)
-            self.fc = nn.Linear(2 * w, 10)
-
-        def forward(self, x):
-            return self.fc(torch.flatten(self.pool(self.features(x)), 1))
-
-    class UNetish(nn.Module):
-        """Two-level U-Net (16/32/64 ch), nearest upsampling, skip concatenations; the output is
-        a full-resolution 2-channel map (the whole network is the prefix)."""
-
-        def __init__(self, w: int = 16) -> None:
-            super().__init__()
-
-            def c(a, b):
-                return nn.Sequential(nn.Conv2d(a, b, 3, padding=1), nn.ReLU(),
-                                     nn.Conv2d(b, b, 3, padding=1), nn.ReLU())
-
-            self.e1, self.e2, self.b = c(3, w), c(w, 2 * w), c(2 * w, 4 * w)
-            self.pool = nn.MaxPool2d(2)
-            self.up = nn.Upsample(scale_factor=2, mode="nearest")
-            self.d2, self.d1 = c(6 * w, 2 * w), c(3 * w, w)
-            self.out = nn.Conv2d(w, 2, 1)
-
-        def forward(self, x):
-            s1 = self.e1(x)
-            s2 = self.e2(self.pool(s1))
-            y = self.b(self.pool(s2))
-            y = self.d2(torch.cat([self.up(y), s2], 1))
-            return self.out(self.d1(torch.cat([self.up(y), s1], 1)))
+    from zoo import BasicBlock, ResNet, randomize_batchnorm
+    from zoo.models import UNetish, VGGish
 
     torch.manual_seed(0)
     if name == "resnet18":
@@ -133,13 +92,11 @@ def build_module(name: str):
 def export(name: str, size: int):
     """The model exported at ``size``² (static shapes); above 1024² exported at 512² with
     dynamic spatial axes instead (tracing runs a full-image forward in torch)."""
-    from benchmarks.resnets import export as export_module
+    from streamc.export import export_torch
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if size > 1024:
-            return export_module(build_module(name), 512, dynamic=True)
-        return export_module(build_module(name), size, dynamic=False)
+    if size > 1024:
+        return export_torch(build_module(name), (1, 3, 512, 512), dynamic=True)
+    return export_torch(build_module(name), (1, 3, size, size), dynamic=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,16 +169,14 @@ def run_child(args: list[str]) -> dict:
 
 def planning_time(image: int = 8192, tile: int = 2048, repeat: int = 3) -> list[dict]:
     """CPU seconds of :func:`plan_program` on ResNet-18 and ResNet-50 programs (median)."""
-    from benchmarks.resnets import export as export_module
-    from benchmarks.resnets import resnet18, resnet50
     from streamc.compiler import compile
-    from streamc.passes.memory_plan import plan_program
+    from streamc.export import export_torch
+    from streamc.passes.memory import plan_program
+    from zoo import randomize_batchnorm, resnet18, resnet50
 
     rows = []
     for name, factory in (("resnet18", resnet18), ("resnet50", resnet50)):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = export_module(factory())
+        model = export_torch(randomize_batchnorm(factory()), (1, 3, 224, 224))
         program = compile(model, tile=tile, image=(image, image), with_memory_plan=False)
         times = []
         for _ in range(repeat):
@@ -260,7 +215,8 @@ def main() -> None:
         return
 
     from streamc.compiler import compile
-    from streamc.passes.memory_plan import format_size, plan_program
+    from streamc.passes.memory import plan_program
+    from streamc.units import format_bytes
 
     rows = []
     load = [os.getloadavg()]
@@ -276,17 +232,16 @@ def main() -> None:
                                   with_memory_plan=False)
                 directory = Path(tmp) / f"{name}_{tile}"
                 program.save(directory)
-                plan = plan_program(program, optimizer_copies=0, fold_constants="forward")
-                exact = plan_program(program, optimizer_copies=0, fold_constants="forward",
-                                     exact=True)
+                # The default runtime policy (constant folding in forward graphs only), plain
+                # SGD's state.
+                plan = plan_program(program, optimizer_copies=0)
+                exact = plan_program(program, optimizer_copies=0, exact=True)
                 r = plan.resident
-                flops = program.meta["flops"]
                 row = {
-                    "model": name, "image": size, "tile": tile, "grid": program.meta["grid"],
+                    "model": name, "image": size, "tile": tile,
+                    "grid": list(program.meta.grid),
                     "classes": len(program.classes), "tiles": len(program.tiles),
-                    "overhead": round((flops["tiled_forward"] + flops["tiled_backward"])
-                                      / (flops["untiled_forward"] + flops["untiled_backward"]),
-                                      3),
+                    "overhead": round(program.meta.flops.overhead, 3),
                     "plan_peak": plan.peak, "plan_phase": plan.peak_phase,
                     "resident": r.to_dict(),
                     "predicted": plan.peak - r.parameters - r.image,
@@ -301,11 +256,11 @@ def main() -> None:
                     load.append(os.getloadavg())
                     print(f"{name} {size}² tile {tile} ({row['tiles']} tiles, "
                           f"{row['classes']} classes) [{variant}]: predicted "
-                          f"{format_size(row['predicted'])} at {row['plan_phase']}, measured "
-                          f"{format_size(m['first_step'])} (step 1) / "
-                          f"{format_size(m['steps'])} (steps), ratio "
+                          f"{format_bytes(row['predicted'])} at {row['plan_phase']}, measured "
+                          f"{format_bytes(m['first_step'])} (step 1) / "
+                          f"{format_bytes(m['steps'])} (steps), ratio "
                           f"{m['steps'] / row['predicted']:.2f}, RSS after "
-                          f"{format_size(m['after'])}, {m['seconds']} s", flush=True)
+                          f"{format_bytes(m['after'])}, {m['seconds']} s", flush=True)
                 rows.append(row)
     planning = None if args.no_planning_time else planning_time()
     import onnxruntime

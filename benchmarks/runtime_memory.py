@@ -28,9 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
-from train_synthetic import CheckerNet, calibrate_batchnorm, export, make_batch  # noqa: E402
+from train_synthetic import CheckerNet, calibrate_batchnorm, make_batch  # noqa: E402
 
 from streamc.compiler import compile as compile_program  # noqa: E402
+from streamc.export import export_torch  # noqa: E402
 from streamc.runtime.module import StreamingModel  # noqa: E402
 
 
@@ -73,8 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(0)
     net = CheckerNet()
     calibrate_batchnorm(net, rng)
-    program = compile_program(export(net, args.size), tile=args.tile,
-                              image=(args.size, args.size), with_flops=False)
+    program = compile_program(export_torch(net, (1, 1, args.size, args.size), dynamic=False),
+                              tile=args.tile, image=(args.size, args.size), with_flops=False)
     model = StreamingModel(program, weights=args.weights)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     images = [make_batch(args.size, 1, rng) for _ in range(2)]

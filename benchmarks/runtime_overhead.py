@@ -1,10 +1,10 @@
 """What ONNX Runtime keeps for itself besides tensors: its start-up and each live session.
 
-The memory plan (``streamc.passes.memory_plan``) counts tensors, weights and, as an allowance,
-ORT's own state: ``RUNTIME_ONCE`` per process and ``RUNTIME_PER_NODE`` per node of every session
-alive. This script measures both in a fresh process per program, with freed memory going back
-to the system (no CPU arena, glibc's mmap threshold pinned at 64 KiB, as the ``lean`` setting
-of ``benchmarks/memory_plan_accuracy.py``):
+The memory plan (``streamc.passes.memory``) counts tensors, weights and, as an allowance, ORT's
+own state: ``RUNTIME_ONCE`` per process and ``RUNTIME_PER_NODE`` per node of every session alive
+(``streamc.passes.memory.allocator``). This script measures both in a fresh process per
+program, with freed memory going back to the system (no CPU arena, glibc's mmap threshold
+pinned at 64 KiB, as the ``lean`` setting of ``benchmarks/memory_plan_accuracy.py``):
 
 - start-up: RSS growth from building and running a one-node session (environment, thread pools,
   kernel registry), numpy, torch and ORT already imported;
@@ -28,7 +28,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +51,7 @@ def child(program_dir: str) -> dict:
     from onnx import TensorProto, helper
 
     from streamc.program import load
-    from streamc.runtime.sessions import tune_malloc
+    from streamc.runtime.allocators import tune_malloc
 
     tune_malloc(65536)
     program = load(program_dir)
@@ -80,7 +79,7 @@ def child(program_dir: str) -> dict:
     sessions = []
     for cls in program.classes:
         before = _rss()
-        session = ort.InferenceSession(program.serialized(cls["backward"]), options(),
+        session = ort.InferenceSession(program.serialized(cls.backward), options(),
                                        providers=["CPUExecutionProvider"])
         feeds = {i.name: program.parameters[i.name] if i.name in program.parameters
                  else np.zeros([int(d) for d in i.shape], np.float32)
@@ -88,7 +87,7 @@ def child(program_dir: str) -> dict:
         outputs = session.run(None, feeds)
         del outputs, feeds
         kept.append(session)
-        sessions.append({"nodes": len(program.graph(cls["backward"]).graph.node),
+        sessions.append({"nodes": len(program.graph(cls.backward).graph.node),
                          "bytes": _rss() - before})
     return {"startup": startup, "sessions": sessions}
 
@@ -104,15 +103,15 @@ def main() -> None:
         print(json.dumps(child(args.child)))
         return
 
-    from benchmarks.resnets import export, resnet18
     from streamc.compiler import compile
+    from streamc.export import export_torch
+    from zoo import randomize_batchnorm, resnet18
 
     MiB, KiB = 2**20, 2**10
     with tempfile.TemporaryDirectory(prefix="streamc-overhead-") as tmp:
         for width in (int(w) for w in args.widths.split(",")):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = export(resnet18(width=width), args.size, dynamic=False)
+            model = export_torch(randomize_batchnorm(resnet18(width=width)),
+                                 (1, 3, args.size, args.size), dynamic=False)
             program = compile(model, tile=args.tile, image=(args.size, args.size),
                               with_flops=False, with_memory_plan=False)
             directory = Path(tmp) / f"w{width}"

@@ -1,7 +1,7 @@
-"""Weights as graph inputs vs as initializers (DESIGN section 7), on a ResNet-18.
+"""Weights as graph inputs vs as initializers (docs/architecture.md, the runtime), on a ResNet-18.
 
-Runs a ResNet-18-shaped torch model (BasicBlocks [2, 2, 2, 2], widths 64-512, frozen BatchNorm)
-exported to ONNX and compiled for one image size, and times, per weight mode of
+Runs a ResNet-18-shaped torch model (``zoo.resnet18``: BasicBlocks [2, 2, 2, 2], widths 64-512,
+frozen BatchNorm) exported to ONNX and compiled for one image size, and times, per weight mode of
 :class:`~streamc.runtime.module.StreamingModel` (``inputs``, ``initializers`` and ``auto``: see
 :mod:`streamc.runtime.sessions`):
 
@@ -22,87 +22,21 @@ and the same on torch on the full image for scale: the best wall and CPU seconds
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import resource
 import sys
 import time
-import warnings
 from pathlib import Path
 
-import onnx
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streamc.compiler import compile as compile_program  # noqa: E402
+from streamc.export import export_torch  # noqa: E402
 from streamc.runtime.module import StreamingModel  # noqa: E402
-
-
-class Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                      nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return F.relu(y + (x if self.down is None else self.down(x)))
-
-
-class ResNet18(nn.Module):
-    """torchvision's ResNet-18 layout (without torchvision)."""
-
-    def __init__(self, width: int = 64, classes: int = 10) -> None:
-        super().__init__()
-        w = [width, 2 * width, 4 * width, 8 * width]
-        self.conv1 = nn.Conv2d(3, w[0], 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(w[0])
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        layers, cin = [], w[0]
-        for k, cout in enumerate(w):
-            stride = 1 if k == 0 else 2
-            layers.append(nn.Sequential(Block(cin, cout, stride), Block(cout, cout, 1)))
-            cin = cout
-        self.layer1, self.layer2, self.layer3, self.layer4 = layers
-        self.fc = nn.Linear(w[3], classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
-def randomise_bn(model: nn.Module) -> None:
-    """Non-trivial BatchNorm statistics (and no de-duplicated initializers in the export)."""
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(0.1 * torch.randn(m.num_features, generator=g))
-                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-
-
-def export(model: nn.Module, size: int) -> onnx.ModelProto:
-    f = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (torch.zeros(1, 3, size, size),), f, dynamo=False,
-                          opset_version=17, do_constant_folding=False,
-                          training=torch.onnx.TrainingMode.EVAL, input_names=["image"],
-                          output_names=["logits"])
-    return onnx.load_model_from_string(f.getvalue())
+from zoo import randomize_batchnorm, resnet18  # noqa: E402
 
 
 def cpu_seconds() -> float:
@@ -142,12 +76,13 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    net = ResNet18(args.width)
-    randomise_bn(net)
+    net = resnet18(classes=10, width=args.width)
+    randomize_batchnorm(net, seed=1, weight="uniform")
     net.eval()
     start = time.perf_counter()
-    program = compile_program(export(net, args.size), tile=args.tile,
-                              image=(args.size, args.size), with_flops=False)
+    proto = export_torch(net, (1, 3, args.size, args.size), dynamic=False)
+    program = compile_program(proto, tile=args.tile, image=(args.size, args.size),
+                              with_flops=False)
     print(f"ResNet-18 (width {args.width}) at {args.size}x{args.size}, tile {args.tile}: "
           f"{len(program.tiles)} tiles, {len(program.classes)} shape classes, compiled in "
           f"{time.perf_counter() - start:.1f} s; torch threads {torch.get_num_threads()}")
@@ -173,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     for mode in ("inputs", "initializers", "auto"):
         model = StreamingModel(program, weights=mode)
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-        pool = model._runtime.engine(model.device).pool
+        pool = model._runtime.interpreter(model.device).backend.pool
 
         def forward(model: StreamingModel = model) -> None:
             with torch.no_grad():

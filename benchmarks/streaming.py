@@ -10,12 +10,14 @@ Configurations, each run in its own child process (so its peak memory is its own
   (a) torch: conventional full-image training step (forward, cross-entropy, backward, SGD);
   (b) torch + ``torch.utils.checkpoint`` over the stages (layer1..layer4 / the 3-D blocks);
   (c) streamc on ONNX Runtime's CPU provider, at the tiles of ``--tiles`` (``plan`` = the tile
-      ``streamc.passes.memory_plan.choose_tile`` picks for ``--budget``, when it exists).
+      ``streamc.tile_search.search_tiles`` picks for ``--budget``).
 
-Model: ResNet-18 layout (64→512 channels) from :mod:`benchmarks.resnets`, BatchNorm frozen
-(eval mode, scale and bias trained) with random statistics (so the exporter keeps every
-BatchNorm parameter distinct), global average pooling, linear head, 2 classes; the 3-D net is
-:class:`benchmarks.volumes.VolumeNet`. torch and ORT use 2 threads.
+Model: ResNet-18 layout (64→512 channels) from the shared ``zoo`` (:func:`zoo.resnet18`),
+BatchNorm frozen (eval mode, scale and bias trained) with random statistics (so the exporter
+keeps every BatchNorm parameter distinct), global average pooling, linear head, 2 classes; the
+3-D net is :class:`zoo.VolumeNet`. torch and ORT use 2 threads. (c) runs through
+:class:`~streamc.StreamingModel` (``--engine module``), or through the runtime's interpreter
+over its numpy backend (``--engine executor``: the reference path of ``streamc check``).
 
 Per run: step times (``--steps`` after one warm-up step: median, min, max), peak resident memory
 of the training steps (``VmHWM`` after resetting it just before the warm-up) and of the whole
@@ -78,25 +80,11 @@ def make_model(kind: str, width: int):
     """The torch model with deterministic weights and random frozen BatchNorm statistics."""
     import torch
 
+    from zoo import VolumeNet, randomize_batchnorm, resnet18
+
     torch.manual_seed(0)
-    if kind == "2d":
-        from benchmarks.resnets import resnet18
-
-        model = resnet18(classes=2, width=width)
-    else:
-        from benchmarks.volumes import VolumeNet
-
-        model = VolumeNet(classes=2, width=width)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
-                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-    return model.eval()
+    model = resnet18(classes=2, width=width) if kind == "2d" else VolumeNet(classes=2, width=width)
+    return randomize_batchnorm(model, seed=1, weight="uniform").eval()
 
 
 def make_image(kind: str, size: int):
@@ -107,29 +95,20 @@ def make_image(kind: str, size: int):
 
 
 def _export(kind: str, model):
-    """The ONNX export of ``model``; ``model`` itself is left as it is (resnets.export
-    randomises BatchNorm in place, which would make (c) train another model than (a))."""
-    import copy
+    """The ONNX export of ``model`` with dynamic spatial axes (traced at 224² or 32³)."""
+    from streamc.export import export_torch
 
-    if kind == "2d":
-        from benchmarks.resnets import export
-    else:
-        from benchmarks.volumes import export
-    return export(copy.deepcopy(model))
+    shape = (1, 3, 224, 224) if kind == "2d" else (1, 1, 32, 32, 32)
+    return export_torch(model, shape)
 
 
-def _stages_forward(kind: str, model, x, checkpoint: bool):
-    import torch
+def _stages_forward(model, x, checkpoint: bool):
     from torch.utils.checkpoint import checkpoint as ckpt
 
-    if kind == "2d":
-        x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
-        stages = [model.layer1, model.layer2, model.layer3, model.layer4]
-    else:
-        stages = model.stages()
-    for stage in stages:
+    x = model.stem(x)
+    for stage in model.stages():
         x = ckpt(stage, x, use_reentrant=False) if checkpoint else stage(x)
-    return model.fc(torch.flatten(model.avgpool(x), 1))
+    return model.head(x)
 
 
 def run_child(spec: dict) -> dict:
@@ -156,7 +135,7 @@ def run_child(spec: dict) -> dict:
 
         def step():
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(_stages_forward(kind, model, x, checkpoint), label)
+            loss = loss_fn(_stages_forward(model, x, checkpoint), label)
             loss.backward()
             return params
     else:
@@ -208,40 +187,40 @@ def _streamc_step(spec, kind, size, model, x, label, out):
     image = (size,) * (2 if kind == "2d" else 3)
     tile = spec["tile"]
     if tile == "plan":
-        from streamc.passes.memory_plan import choose_tile
+        from streamc.tile_search import search_tiles
 
         t = time.perf_counter()
-        chosen, plan = choose_tile(proto, image, int(spec["budget_gb"] * GIB))
+        search = search_tiles(proto, image, budget=int(spec["budget_gb"] * GIB))
+        chosen = search.chosen
+        # plan_s includes compiling the chosen program (the search compiles each candidate it
+        # plans, and the chosen one is used as it is).
         out["plan_s"] = round(time.perf_counter() - t, 3)
-        out["planned_tile"] = chosen if isinstance(chosen, int) else list(chosen)
-        if isinstance(getattr(plan, "peak", None), (int, float)):
-            out["plan_predicted_peak_bytes"] = int(plan.peak)
-        if isinstance(getattr(plan, "overhead", None), (int, float)):
-            out["plan_predicted_overhead"] = round(float(plan.overhead), 4)
-        tile = chosen
-    t = time.perf_counter()
-    program = compile_program(proto, tile, image=image, with_flops=spec.get("flops", True))
-    out["compile_s"] = round(time.perf_counter() - t, 3)
-    out["grid"] = program.meta["grid"]
-    out["tile_used"] = program.meta["tile"]
+        out["planned_tile"] = chosen.tile
+        out["plan_predicted_peak_bytes"] = int(chosen.peak)
+        out["plan_predicted_overhead"] = round(float(chosen.overhead), 4)
+        out["plan_compiled"] = search.compiled
+        program = chosen.program
+    else:
+        t = time.perf_counter()
+        program = compile_program(proto, tile, image=image, with_flops=spec.get("flops", True))
+        out["compile_s"] = round(time.perf_counter() - t, 3)
+    meta = program.meta
+    out["grid"] = list(meta.grid)
+    out["tile_used"] = list(meta.tile)
     out["tiles"] = len(program.tiles)
     out["classes"] = len(program.classes)
-    flops = program.meta.get("flops") or {}
-    out["forward_overhead"] = flops.get("forward_overhead")
-    out["backward_overhead"] = flops.get("backward_overhead")
-    out["cut_bytes"] = sum(4 * math.prod(c["shape"]) for c in program.meta["cut_tensors"])
+    out["forward_overhead"] = meta.flops.forward_overhead if meta.flops else None
+    out["backward_overhead"] = meta.flops.backward_overhead if meta.flops else None
+    out["cut_bytes"] = sum(4 * math.prod(c.shape) for c in meta.cut_tensors)
     del proto
     loss_fn = torch.nn.functional.cross_entropy
     lr = 1e-4
 
     engine = spec.get("engine", "module")
-    if engine == "module":
-        try:
-            from streamc.runtime.module import StreamingModel
-        except ImportError:
-            engine = "executor"
     out["engine"] = engine
     if engine == "module":
+        from streamc.runtime.module import StreamingModel
+
         sm = StreamingModel(program, threads=2, progress=False)
         sm.load_state_dict(model.state_dict(), strict=False)
         del model
@@ -254,25 +233,32 @@ def _streamc_step(spec, kind, size, model, x, label, out):
             loss.backward()
             return params
 
-        out["_module"] = sm
+        out["_backend"] = lambda: sm._runtime.interpreter(sm.device).backend
         return step, params, opt
 
-    # Fallback: the numpy executor, torch only for the loss gradient of the logits.
-    from streamc.runtime.executor import ProgramExecutor, SessionFactory
+    # The runtime's interpreter over its numpy backend (what streamc.check.run_program runs),
+    # built once so that its sessions persist across steps as StreamingModel's do; torch only
+    # for the loss gradient of the logits.
+    from streamc.runtime.backend import NumpyBackend
+    from streamc.runtime.interpreter import Interpreter
+    from streamc.runtime.options import RuntimeOptions
+    from streamc.runtime.weights import WeightSet
 
-    executor = ProgramExecutor(program, SessionFactory(intra_op_threads=2))
-    values = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-    trainable = [p["name"] for p in program.meta["parameters"] if p["trainable"]]
+    interpreter = Interpreter(program, NumpyBackend(program, RuntimeOptions(threads=2)),
+                              progress=False)
+    values = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()
+              if k in program.parameters}
+    trainable = meta.trainable
     image_np = x.numpy()
     state = {}
 
-    def step():
-        cuts = executor.forward_prefix(image_np, values)
-        logits = torch.from_numpy(executor.forward_head(cuts, values)["logits"]).requires_grad_()
+    def output_grads(outputs):
+        logits = torch.from_numpy(outputs[0]).requires_grad_()
         loss_fn(logits, label).backward()
-        cut_grads, grads = executor.backward_head(cuts, values, {"logits": logits.grad.numpy()})
-        for name, g in executor.backward_prefix(image_np, values, cut_grads).items():
-            grads[name] = grads[name] + g if name in grads else g
+        return [logits.grad.numpy()] + [None] * (len(outputs) - 1)
+
+    def step():
+        _, grads = interpreter.run(image_np, WeightSet(dict(values)), output_grads)
         state["grads"] = grads
         return grads
 
@@ -281,8 +267,9 @@ def _streamc_step(spec, kind, size, model, x, label, out):
             for name in trainable:
                 g = state["grads"].get(name)
                 if g is not None:
-                    values[name] -= lr * g
+                    values[name] = values[name] - lr * g  # new arrays: sessions keep the old
 
+    out["_backend"] = lambda: interpreter.backend
     return step, {n: None for n in trainable}, _SGD()
 
 
@@ -290,45 +277,44 @@ def _streamc_step(spec, kind, size, model, x, label, out):
 
 def _profile(spec, step, opt, out) -> dict:
     """Warm up, then profile one step: wall time per graph run and session build (Python-side
-    timers) and ORT's per-node times, classified into forward / recompute / dX / dW / ..."""
-    from streamc.runtime import sessions
+    timers) and ORT's per-node times, classified into forward / recompute / dX / dW / ...
 
+    The hooks wrap, on this run's instances only, the backend's ``run`` (one graph run, with
+    its session build when there is one) and its session pool's ``_session_options`` (profiling
+    on) and ``_build`` (one session build)."""
     prof_dir = Path(spec["profile"])
     prof_dir.mkdir(parents=True, exist_ok=True)
     step()
     opt.step()
+    backend = out["_backend"]()  # the interpreter exists once a step has run
+    pool = backend.pool
     timers = {"run": {}, "build": {}}
     built: list = []
-    orig_options, orig_build, orig_run = (sessions.SessionPool._session_options,
-                                          sessions.SessionPool._build, sessions.SessionPool.run)
+    orig_options, orig_build, orig_run = pool._session_options, pool._build, backend.run
 
-    def options(self, *args, **kwargs):
-        so = orig_options(self, *args, **kwargs)
+    def options(role):
+        so = orig_options(role)
         so.enable_profiling = True
         so.profile_file_prefix = str(prof_dir / f"ort_{len(built)}")
         return so
 
-    def build(self, relative, *args, **kwargs):
+    def build(relative, weights, baked):
         t = time.perf_counter()
-        entry = orig_build(self, relative, *args, **kwargs)
+        entry = orig_build(relative, weights, baked)
         timers["build"][relative] = timers["build"].get(relative, 0.0) + time.perf_counter() - t
         built.append((relative, entry))
         return entry
 
-    def run(self, relative, *args, **kwargs):
+    def run(step, weights, feeds, outputs):
         t = time.perf_counter()
-        result = orig_run(self, relative, *args, **kwargs)
-        timers["run"][relative] = timers["run"].get(relative, 0.0) + time.perf_counter() - t
+        result = orig_run(step, weights, feeds, outputs)
+        timers["run"][step.graph] = timers["run"].get(step.graph, 0.0) + time.perf_counter() - t
         return result
 
-    module = out.get("_module")
-    if module is not None:  # sessions built once (fed backward graphs): rebuild them profiled
-        pool = module._runtime.engine(module.device).pool
-        for relative, _baked in list(pool._sessions):
-            pool.release(relative, baked=None)
-    sessions.SessionPool._session_options = options
-    sessions.SessionPool._build = build
-    sessions.SessionPool.run = run
+    pool.clear()  # sessions kept from the warm-up (fed ones are built once): rebuild profiled
+    pool._session_options = options
+    pool._build = build
+    backend.run = run
     t = time.perf_counter()
     step()
     wall = time.perf_counter() - t
@@ -400,7 +386,7 @@ def child_main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     try:
         out = run_child(spec)
-        out.pop("_module", None)
+        out.pop("_backend", None)
         out["status"] = "ok"
     except Exception as exc:  # recorded, the parent goes on with the next configuration
         import traceback
@@ -552,7 +538,6 @@ def build_jobs(args) -> list[dict]:
     jobs = []
     configs = [c for c in args.configs.split(",") if c]
     tiles = [t for t in args.tiles.split(",") if t]
-    plan_ok = _choose_tile_available()
     for kind, sizes, tile_list, width in (("2d", args.sizes, tiles, args.width),
                                           ("3d", args.volumes, args.volume_tiles.split(","),
                                            args.volume_width)):
@@ -567,7 +552,7 @@ def build_jobs(args) -> list[dict]:
                         if kind != "2d" or size < args.plan_from:
                             continue
                         jobs.append(dict(kind=kind, config="c", size=size, tile="plan",
-                                         width=width, plan_available=plan_ok))
+                                         width=width))
                         continue
                     eff = min(int(t), size)
                     if eff in seen or (eff < size and kind == "2d" and eff < args.min_tile_2d):
@@ -575,14 +560,6 @@ def build_jobs(args) -> list[dict]:
                     seen.add(eff)
                     jobs.append(dict(kind=kind, config="c", size=size, tile=eff, width=width))
     return jobs
-
-
-def _choose_tile_available() -> bool:
-    try:
-        from streamc.passes import memory_plan
-    except Exception:
-        return False
-    return hasattr(memory_plan, "choose_tile")
 
 
 def summarize(record: dict) -> dict:
@@ -630,7 +607,8 @@ def main() -> None:
                         help="never start 2-D torch runs above this side (record the prediction)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per child")
     parser.add_argument("--engine", choices=["module", "executor"], default="module",
-                        help="(c) through StreamingModel or the numpy ProgramExecutor")
+                        help="(c) through StreamingModel, or the runtime's interpreter on "
+                        "its numpy backend")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: width-16 ResNet at 256², 512²; VolumeNet at 32³, 64³")
     parser.add_argument("--profile", type=int, metavar="SIZE",
@@ -682,14 +660,7 @@ def main() -> None:
         nd = 2 if kind == "2d" else 3
         record = dict(job, megapixels=round(size ** nd / 1e6, 3), steps=args.steps,
                       budget_gb=args.budget if job.get("tile") == "plan" else None)
-        record.pop("plan_available", None)
         name = label(record) + f" @ {size}{'²' if nd == 2 else '³'}"
-        if job.get("tile") == "plan" and not job.get("plan_available"):
-            record.update(status="skipped", note="streamc.passes.memory_plan.choose_tile is "
-                                                 "not available")
-            save_results(out_path, data, record)
-            log(f"{name}: skipped ({record['note']})")
-            continue
         if config in ("a", "b"):
             predicted = predict_peak(data, kind, config, job["width"], size)
             if kind == "2d" and size > args.torch_max:

@@ -1,12 +1,14 @@
 """Where streamc's memory goes: peak RSS of one tile's forward / backward run and of whole steps.
 
-For ResNet-18 (``benchmarks.resnets``, width 64, frozen BatchNorm) compiled at ``--size``² with
-``--tile``, every *variant* (a set of :class:`~streamc.runtime.sessions.RuntimeOptions`) runs in
-its own child process (ORT's shared arena and glibc's heap are process-wide), which
+For ResNet-18 (``zoo.resnet18``, width 64, frozen BatchNorm) compiled at ``--size``² with
+``--tile``, every *variant* (a :class:`~streamc.policy.RuntimePolicy` and the other
+:class:`~streamc.runtime.options.RuntimeOptions` fields) runs in its own child process (ORT's
+shared arena and glibc's heap are process-wide), which
 
 1. builds a :class:`~streamc.runtime.module.StreamingModel` with the variant's options;
-2. runs tile 0's forward graph twice and its backward graph twice through the session pool
-   (the first run of each includes the session build), measuring around each run the peak
+2. runs tile 0's forward step twice and its backward step twice through the model's backend
+   (the steps of :func:`streamc.steps.program_steps`, baked or fed as the policy says; the first
+   run of each includes the session build), measuring around each run the peak
    resident memory (VmHWM, reset by writing ``5`` to ``/proc/self/clear_refs``), the resident
    memory after it (VmRSS) and the process CPU time;
 3. runs ``--steps`` whole training steps (SGD) and reports the peak over them and the CPU time
@@ -35,10 +37,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # The runtime's defaults before this benchmark; every variant but "default" is BASE + changes.
+# Keys are RuntimePolicy fields (weights, optimization, fold_constants, release_sessions) or
+# RuntimeOptions fields (the others).
 BASE = {"cpu_arena": "shared", "arena_extend": "same", "mem_pattern": True, "optimization": "all",
         "weights": "auto", "mmap_threshold": None, "trim": False, "release_sessions": False,
         "fold_constants": "all"}
-# name -> changes to BASE (RuntimeOptions fields); "default" is RuntimeOptions() as it is now;
+# name -> changes to BASE; "default" is RuntimeOptions() as it is now;
 # "torch" is torch's conventional step on one tile-sized image.
 CHANGES: dict[str, dict] = {
     "base": {},
@@ -127,6 +131,20 @@ def graph_tensor_mib(model) -> float:
     return total / MIB
 
 
+def runtime_options(fields: dict, threads: int):
+    """The RuntimeOptions of a variant: its RuntimePolicy fields make the policy, the rest are
+    RuntimeOptions fields."""
+    from dataclasses import fields as dataclass_fields
+
+    from streamc.policy import RuntimePolicy
+    from streamc.runtime.options import RuntimeOptions
+
+    policy_keys = {f.name for f in dataclass_fields(RuntimePolicy)}
+    policy = RuntimePolicy(**{k: v for k, v in fields.items() if k in policy_keys})
+    return RuntimeOptions(policy=policy, threads=threads,
+                          **{k: v for k, v in fields.items() if k not in policy_keys})
+
+
 def build_program(size: int, tile: int, cache: Path):
     from streamc.program import load
 
@@ -135,11 +153,13 @@ def build_program(size: int, tile: int, cache: Path):
         return load(path)
     import torch
 
-    from benchmarks.resnets import export, resnet18
     from streamc.compiler import compile as compile_program
+    from streamc.export import export_torch
+    from zoo import randomize_batchnorm, resnet18
 
     torch.manual_seed(0)
-    program = compile_program(export(resnet18()), tile, image=(size, size), with_flops=False)
+    model = export_torch(randomize_batchnorm(resnet18()), (1, 3, 224, 224))
+    program = compile_program(model, tile, image=(size, size), with_flops=False)
     program.save(path)
     return program
 
@@ -150,7 +170,7 @@ def child(args) -> dict:
     torch.set_num_threads(args.threads)
     out: dict = {"variant": args.variant, "size": args.size, "tile": args.tile}
     if args.variant == "torch":
-        from benchmarks.resnets import resnet18
+        from zoo import resnet18
 
         net = resnet18().eval()
         x = torch.randn(1, 3, args.tile, args.tile)
@@ -164,20 +184,16 @@ def child(args) -> dict:
             out[f"step{k + 1}"] = p.row()
         return out
 
-    from benchmarks.resnets import resnet18
     from streamc.runtime.module import StreamingModel
-    from streamc.runtime.sessions import RuntimeOptions
+    from streamc.steps import StepKind, program_steps
+    from zoo import randomize_batchnorm, resnet18
 
     program = build_program(args.size, args.tile, Path(args.cache))
-    fields = dict(VARIANTS[args.variant])
-    fields.setdefault("weights", "auto")
-    options = RuntimeOptions(threads=args.threads, **fields)
+    options = runtime_options(VARIANTS[args.variant], args.threads)
     sm = StreamingModel(program, threads=args.threads, progress=False)
-    sm._runtime.options = options
+    sm._runtime.options = options  # before the first call builds the interpreter
     torch.manual_seed(0)
     net = resnet18()
-    from benchmarks.resnets import randomize_batchnorm
-
     randomize_batchnorm(net)
     sm.load_state_dict(net.state_dict(), strict=False)
     del net
@@ -185,45 +201,44 @@ def child(args) -> dict:
     image = torch.randn(1, 3, args.size, args.size)
     label = torch.tensor([1])
     out["image_mib"] = round(image.numel() * 4 / MIB, 1)
-    out["cut_mib"] = round(sum(4 * math.prod(c["shape"])
-                               for c in program.meta["cut_tensors"]) / MIB, 1)
+    out["cut_mib"] = round(sum(4 * math.prod(c.shape)
+                               for c in program.meta.cut_tensors) / MIB, 1)
     params = sm.onnx_parameters
     out["weights_mib"] = round(sum(p.numel() * 4 for p in params.values()) / MIB, 1)
+    tile = program.tiles[0]
+    cls = program.classes[tile.class_id]
     if args.tensor_sums:
-        cls = program.classes[program.tiles[0]["class"]]
-        out["fwd_tensors_mib"] = round(graph_tensor_mib(program.graph(cls["forward"])), 1)
-        out["bwd_tensors_mib"] = round(graph_tensor_mib(program.graph(cls["backward"])), 1)
+        out["fwd_tensors_mib"] = round(graph_tensor_mib(program.graph(cls.forward)), 1)
+        out["bwd_tensors_mib"] = round(graph_tensor_mib(program.graph(cls.backward)), 1)
     out["rss_start"] = round(status("VmRSS"))
 
-    # -- one tile through the pool ---------------------------------------------------------
-    from streamc.runtime.engine import region
-
-    engine = sm._runtime.engine(torch.device("cpu"))
+    # -- one tile through the backend ----------------------------------------------------------
+    interpreter = sm._runtime.interpreter(torch.device("cpu"))
+    backend, pool = interpreter.backend, interpreter.backend.pool
     weights = sm._runtime.snapshot(sm._tensors())
-    pool = engine.pool
-    tile = program.tiles[0]
-    cls = program.classes[tile["class"]]
-    runs = engine.tiles_per_class[tile["class"]]
-    fwd_out = list(cls["outputs"].values())
+    steps = program_steps(program.meta, options.policy)
+    forward = next(s for s in steps["prefix_forward"] if s.tile == 0)
+    backward = next(s for s in steps["prefix_backward"]
+                    if s.kind is StepKind.TILE_BACKWARD and s.tile == 0)
+    out["tile_baked"] = {"forward": forward.baked, "backward": backward.baked}
+    crop = backend.crop(image, tile.crop)
+    fwd_out = list(cls.outputs.values())
     for k in (1, 2):
         with Probe() as p:
-            vals = pool.run(cls["forward"], weights,
-                            {engine.input_name: image[region(tile["crop"])]}, fwd_out,
-                            pool.bakes(backward=False))
+            vals = backend.run(forward, weights, {program.input_name: crop}, fwd_out)
         out[f"tile_fwd{k}"] = p.row()
         del vals
-    feeds = {engine.input_name: image[region(tile["crop"])]}
-    for cut, cot in cls["cotangents"].items():
-        shape = engine.cut_shapes[cut]
-        size = [b - a for a, b in tile["kept"][cut]]
+    feeds = {program.input_name: crop}
+    for cut, cot in cls.cotangents.items():
+        shape = interpreter.cut_shapes[cut]
+        size = [b - a for a, b in tile.kept[cut]]
         feeds[cot] = torch.randn(list(shape[:2]) + size)
     for k in (1, 2):
         with Probe() as p:
-            vals = pool.run(cls["backward"], weights, feeds, list(cls["gradients"].values()),
-                            pool.bakes(backward=True, runs=runs))
+            vals = backend.run(backward, weights, feeds, list(cls.gradients.values()))
         out[f"tile_bwd{k}"] = p.row()
         del vals
-    del feeds
+    del feeds, crop
 
     # -- whole steps ---------------------------------------------------------------------------
     opt = torch.optim.SGD(params.values(), lr=1e-4)
@@ -234,12 +249,12 @@ def child(args) -> dict:
             opt.step()
         out[f"step{k + 1}"] = p.row()
     out["sessions_built"] = pool.builds
-    out["sessions_live"] = len(pool._sessions)
+    out["sessions_live"] = len(pool.live)
     out["rss_end"] = round(status("VmRSS"))
     # What the live sessions hold: RSS freed by dropping them (the arena keeps its memory).
     import gc
 
-    from streamc.runtime.sessions import malloc_trim
+    from streamc.runtime.allocators import malloc_trim
 
     malloc_trim()
     gc.collect()

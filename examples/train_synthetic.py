@@ -19,14 +19,11 @@ minutes on two cores; pass ``--size 4096 --steps 40`` and so on for bigger runs:
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -34,6 +31,7 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streamc.compiler import compile as compile_program  # noqa: E402
+from streamc.export import export_torch  # noqa: E402
 from streamc.runtime.module import StreamingModel  # noqa: E402
 
 
@@ -99,18 +97,6 @@ def calibrate_batchnorm(model: nn.Module, rng: np.random.Generator, crops: int =
     model.eval()
 
 
-def export(model: nn.Module, size: int) -> onnx.ModelProto:
-    """ONNX export that keeps BatchNormalization and torch's parameter names."""
-    f = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (torch.zeros(1, 1, size, size),), f, dynamo=False,
-                          opset_version=17, do_constant_folding=False,
-                          training=torch.onnx.TrainingMode.EVAL, input_names=["image"],
-                          output_names=["logits"])
-    return onnx.load_model_from_string(f.getvalue())
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="streamc: train on large synthetic images")
     parser.add_argument("--size", type=int, default=1024, help="image side (pixels)")
@@ -129,8 +115,11 @@ def main(argv: list[str] | None = None) -> None:
     calibrate_batchnorm(net, rng)
 
     start = time.perf_counter()
-    program = compile_program(export(net, args.size), tile=args.tile,
-                              image=(args.size, args.size), with_flops=False)
+    # Exported at the training size (static shapes): BatchNorm stays a BatchNormalization node
+    # and the ONNX initializers keep the torch state_dict names.
+    model = export_torch(net, (1, 1, args.size, args.size), dynamic=False)
+    program = compile_program(model, tile=args.tile, image=(args.size, args.size),
+                              with_flops=False)
     mpx = args.size * args.size / 1e6
     print(f"compiled for {args.size}x{args.size} ({mpx:.1f} Mpx): {len(program.tiles)} tiles of "
           f"at most {args.tile}px, {len(program.classes)} shape classes, "

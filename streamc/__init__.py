@@ -19,15 +19,20 @@ __all__ = [
     "StreamingModel",
     "analyze",
     "compile",
+    "export_torch",
     "load",
     "__version__",
 ]
 
 
 def __getattr__(name: str):
-    # The runtime imports torch: load it only when it is asked for.
+    # The runtime and the exporter import torch: load them only when they are asked for.
     if name == "StreamingModel":
         from streamc.runtime.module import StreamingModel
 
         return StreamingModel
+    if name == "export_torch":
+        from streamc.export import export_torch
+
+        return export_torch
     raise AttributeError(f"module 'streamc' has no attribute {name!r}")

@@ -12,7 +12,7 @@ import onnx
 import pytest
 from hypothesis import settings
 
-from tests import zoo as _zoo
+import zoo as _zoo
 
 # CI runs the same examples every time (a failure there is reproducible, and no run spends
 # minutes shrinking a new one); locally hypothesis explores. HYPOTHESIS_PROFILE=dev overrides.
@@ -23,7 +23,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 
 @pytest.fixture(scope="session")
 def zoo() -> ModuleType:
-    """The :mod:`tests.zoo` module (``zoo.build(name)``, ``zoo.perturbation_field``, ...)."""
+    """The :mod:`zoo` package (``zoo.build(name)``, ``zoo.perturbation_field``, ...)."""
     return _zoo
 
 
@@ -37,7 +37,7 @@ def zoo_model(request: pytest.FixtureRequest) -> _zoo.ZooModel:
 def onnx_file(tmp_path: Path) -> Callable[..., Path]:
     """Factory ``onnx_file(model, name=None) -> Path``: save a model under ``tmp_path``.
 
-    ``model`` is a :class:`tests.zoo.ZooModel` or an ``onnx.ModelProto``; the file is named
+    ``model`` is a :class:`zoo.ZooModel` or an ``onnx.ModelProto``; the file is named
     ``<name>.onnx`` (default: the zoo model's name, or ``model<k>``).
     """
     counter = itertools.count()

@@ -19,13 +19,13 @@ network is valid for the image size it was drawn for. What it covers:
   by a Linear layer, or the maps themselves as graph outputs (no head at all);
 - 2-D images and 3-D volumes.
 
-:func:`export` writes the module exactly as the zoo does (TorchScript exporter, opset 17, eval
-mode, no constant folding, input ``'image'``), so ONNX initializer names are torch
-``state_dict`` names. With ``dense=True`` the generator avoids everything that leaves holes in a
-receptive field or kills a dependency (ReLU, max pooling, dilation, strides larger than the
-kernel); with ``chain=True`` it draws no branches. A dense chain depends on every pixel of the
-box that region transfer predicts (branches of different shapes make the bounding-box union
-conservative: a k×1 and a 1×k branch read a plus shape, not its box).
+:func:`random_net` exports the module as the zoo does (:func:`streamc.export.export_torch`,
+static shapes), so ONNX initializer names are torch ``state_dict`` names. With ``dense=True``
+the generator avoids everything that leaves holes in a receptive field or kills a dependency
+(ReLU, max pooling, dilation, strides larger than the kernel); with ``chain=True`` it draws no
+branches. A dense chain depends on every pixel of the box that region transfer predicts
+(branches of different shapes make the bounding-box union conservative: a k×1 and a 1×k branch
+read a plus shape, not its box).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import onnx
 import torch
 from torch import nn
 
-from tests import zoo
+from streamc.export import export_torch
 
 __all__ = [
     "Layer",
@@ -51,7 +51,6 @@ __all__ = [
     "Source",
     "random_spec",
     "build_module",
-    "export",
     "random_net",
 ]
 
@@ -491,11 +490,6 @@ def build_module(spec: NetSpec, seed: int = 0) -> RandNet:
     return module.float().eval()
 
 
-def export(module: nn.Module, image_shape: Sequence[int]) -> onnx.ModelProto:
-    """Export like the zoo: TorchScript exporter, opset 17, eval, no constant folding."""
-    return zoo.export(module, image_shape)
-
-
 @dataclass
 class RandomNet:
     """A drawn network: its spec, torch module and ONNX export."""
@@ -519,4 +513,4 @@ def random_net(src: Source | int, dims: int = 2, image: Sequence[int] | None = N
     spec = random_spec(src, dims, image, max_blocks=max_blocks, dense=dense, head=head,
                        chain=chain)
     module = build_module(spec, seed)
-    return RandomNet(spec, module, export(module, spec.image_shape))
+    return RandomNet(spec, module, export_torch(module, spec.image_shape, dynamic=False))

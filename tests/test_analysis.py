@@ -18,8 +18,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import streamc
+import zoo
 from streamc.errors import ModelLoadError, StreamcError, UnsupportedModelError
-from tests import zoo
 
 F = Fraction
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import io
 import warnings
 
 import numpy as np
@@ -14,9 +13,10 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+import zoo
 from streamc.errors import StreamcError, UnsupportedOpError
+from streamc.export import export_torch
 from streamc.passes.autodiff import BackwardGraph, build_backward, trainable_initializers
-from tests import zoo
 
 TOLERANCE = 1e-5
 
@@ -313,23 +313,6 @@ def _randomise_batchnorm(module: nn.Module, seed: int) -> None:
                 m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
 
 
-def export(module: nn.Module, shape) -> onnx.ModelProto:
-    """Export in eval mode, keeping BatchNorm and the parameter names.
-
-    With ``do_constant_folding=True`` (the default) torch folds eval-mode BatchNorm into the
-    preceding Conv and renames the folded weights ``onnx::Conv_NN``; without folding every
-    initializer keeps its ``state_dict`` name.
-    """
-    f = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), (torch.zeros(shape),), f, dynamo=False, opset_version=17,
-                          do_constant_folding=False, training=torch.onnx.TrainingMode.EVAL,
-                          export_params=True, keep_initializers_as_inputs=False,
-                          input_names=["image"], output_names=["logits"])
-    return onnx.load_model_from_string(f.getvalue())
-
-
 def check_against_torch(module: nn.Module, model: onnx.ModelProto, image: np.ndarray) -> None:
     """Gradients of sum(logits ⊙ c) w.r.t. every trainable initializer and the image."""
     trainable = trainable_initializers(model)
@@ -360,7 +343,7 @@ def test_small_network_matches_torch() -> None:
     torch.manual_seed(0)
     module = SmallNet()
     _randomise_batchnorm(module, 1)
-    model = export(module, (2, 3, 16, 16))
+    model = export_torch(module, (2, 3, 16, 16), dynamic=False)
     assert "BatchNormalization" in {n.op_type for n in model.graph.node}
     check_against_torch(module, model, rand(2, 3, 16, 16, seed=5))
 
@@ -369,7 +352,7 @@ def test_trainable_initializers_skip_statistics() -> None:
     torch.manual_seed(0)
     module = SmallNet()
     _randomise_batchnorm(module, 1)
-    trainable = trainable_initializers(export(module, (1, 3, 16, 16)))
+    trainable = trainable_initializers(export_torch(module, (1, 3, 16, 16), dynamic=False))
     assert "bn.weight" in trainable and "bn.bias" in trainable and "fc.weight" in trainable
     assert not any("running" in name for name in trainable)
 

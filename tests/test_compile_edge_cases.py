@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 import streamc
+import zoo
 from streamc.compiler import compile as compile_program
 from streamc.errors import CompileError, StreamcError
+from streamc.export import export_torch
 from streamc.passes.schedule import make_schedule, parse_tile
-from tests import randnet, zoo
 from tests.test_exactness import assert_matches_torch
 
 
@@ -216,7 +217,7 @@ def test_prefix_stops_at_unsupported_op_and_head_runs_it() -> None:
     torch.manual_seed(1)
     module = _AbsInTheMiddle().eval()
     shape = (1, 3, 40, 36)
-    model = randnet.export(module, shape)
+    model = export_torch(module, shape, dynamic=False)
     a = streamc.analyze(model)
     (stop,) = a.stops
     assert stop.op == "Abs" and "not in streamc's table" in stop.reason
@@ -259,7 +260,7 @@ class _FreshBatchNorms(nn.Module):
 
 
 def test_merged_initializers_are_noted() -> None:
-    model = randnet.export(_FreshBatchNorms().eval(), (1, 1, 16, 16))
+    model = export_torch(_FreshBatchNorms().eval(), (1, 1, 16, 16), dynamic=False)
     notes = compile_program(model, 8, with_flops=False).meta.notes
     merged = [n for n in notes if "merged initializers" in n]
     assert len(merged) == 2, notes

@@ -43,14 +43,16 @@ from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
 import streamc
+import zoo
 from streamc.check import run_program as run_interpreted
 from streamc.check import untiled_reference
 from streamc.compiler import compile as compile_program
 from streamc.errors import CompileError
+from streamc.export import export_torch
 from streamc.graph import prepare
 from streamc.passes.schedule import make_schedule
 from streamc.program import Program
-from tests import randnet, zoo
+from tests import randnet
 from tests.test_analysis import HANDBUILT
 
 TOLERANCE = 1e-5
@@ -365,7 +367,7 @@ def test_ceil_mode_last_window_in_padding() -> None:
     torch.manual_seed(0)
     module = _CeilPools().eval()
     shape = (1, 2, 29, 26)  # 29 ≡ 26 ≡ 2 (mod 3): pool1 drops its last window on both axes
-    model = randnet.export(module, shape)
+    model = export_torch(module, shape, dynamic=False)
     a = streamc.analyze(model)
     with torch.no_grad():
         p1 = module.pool1(torch.tanh(module.conv1(torch.zeros(shape))))
@@ -465,7 +467,7 @@ def test_nets_found_by_hypothesis(name: str) -> None:
     module_class, shape, tile, extent = FOUND_BY_HYPOTHESIS[name]
     torch.manual_seed(0)
     module = module_class().eval()
-    model = randnet.export(module, shape)
+    model = export_torch(module, shape, dynamic=False)
     if extent is not None:
         a = streamc.analyze(model)
         assert a.extent(a.cut_tensors[0]) == extent

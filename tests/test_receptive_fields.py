@@ -1,4 +1,4 @@
-"""Receptive fields against the perturbation oracle (DESIGN section 2).
+"""Receptive fields against the perturbation oracle (docs/architecture.md, region transfer).
 
 Position ``j`` of a tensor with stride ``S``, field ``r`` and offset ``P`` reads image pixels
 ``[j·S − P, j·S − P + r)`` per axis; equivalently pixel ``x`` can only affect positions ``j`` with
@@ -7,7 +7,7 @@ and see which values change.
 
 Two oracles are used:
 
-- :func:`tests.zoo.perturbation_field` (ONNX Runtime, float32) for *containment*: the positions
+- :func:`zoo.perturbation_field` (ONNX Runtime, float32) for *containment*: the positions
   that one perturbed pixel changes lie inside the predicted field.
 - A float64 torch oracle (:class:`Probe`) for *tightness*: the edge pixel of a deep network's
   field changes a position by a product of one weight per layer, far below float32 resolution
@@ -37,8 +37,10 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 import streamc
+import zoo
 from streamc.analysis import Analysis
-from tests import randnet, zoo
+from streamc.export import export_torch
+from tests import randnet
 
 # Changes below this (relative to 1 + max |value|) are float64 noise; a genuine dependency
 # through ten layers of small random weights is still many orders of magnitude larger.
@@ -381,7 +383,7 @@ def test_dense_field_is_tight_in_the_interior() -> None:
     spec.cuts = [4]
     spec.head = "map"
     module = randnet.build_module(spec)
-    model = randnet.export(module, spec.image_shape)
+    model = export_torch(module, spec.image_shape, dynamic=False)
     a = streamc.analyze(model)
     cut = a.cut_tensors[0]
     info = a.tensors[cut]

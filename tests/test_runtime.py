@@ -21,12 +21,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+import zoo
 from streamc.compiler import compile as compile_program
 from streamc.errors import InputError, StreamcError
 from streamc.runtime.module import ESCAPED, MODEL_GRAPH, StreamingModel, escape, unescape
 from streamc.runtime.providers import DeviceError
 from streamc.runtime.weights import snapshot_weights
-from tests import zoo
 
 # (zoo name, image size, tile): several tiles each, few shape classes (fast session builds).
 CONFIGS = {

@@ -1,4 +1,4 @@
-"""Sanity tests for the model zoo (tests/zoo.py) and its helpers."""
+"""Sanity tests for the model zoo (the `zoo` package) and its helpers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from tests import zoo
+import zoo
 
 
 def _ops(model: onnx.ModelProto) -> list[str]:

@@ -4,10 +4,10 @@ Contract: :func:`layout_tile` turns a scheduled tile into a :class:`TileLayout` 
 prefix node, the slices it takes of its inputs (in tile-local coordinates), the padding it uses
 on this tile (genuine padding only at the true image border) and the slice it keeps of its
 output. Every intermediate tensor is computed over exactly the region its consumers need
-("trim to the cone", DESIGN section 5), so there is no garbage border. Tiles with equal layouts
-share one graph (:meth:`TileLayout.signature`). :func:`verify_layout` re-derives, from the
+("trim to the cone", docs/architecture.md), so there is no garbage border. Tiles with equal
+layouts share one graph (:meth:`TileLayout.signature`). :func:`verify_layout` re-derives, from the
 layout's local numbers alone, which positions of each tensor equal their full-image values, and
-refuses a layout whose kept regions are not all exact (DESIGN section 4).
+refuses a layout whose kept regions are not all exact (the layout check, docs/architecture.md).
 :func:`emit_tile_graph` writes the layout as an ONNX model.
 """
 

@@ -69,10 +69,20 @@ class Backend(Protocol):
 
 class NumpyBackend:
     """The reference backend: numpy arrays, ONNX Runtime's CPU provider, the runtime policy's
-    sessions (the same sessions training builds)."""
+    sessions (the same sessions training builds). Backends on other CPU arrays subclass it and
+    convert at :meth:`to_numpy` and :meth:`from_numpy`."""
 
-    def __init__(self, program: Program, options: RuntimeOptions | None = None) -> None:
-        self.pool = SessionPool(program, "cpu", options)
+    def __init__(self, program: Program, options: RuntimeOptions | None = None,
+                 device: Any = "cpu") -> None:
+        self.pool = SessionPool(program, device, options)
+
+    def to_numpy(self, value: Any) -> np.ndarray:
+        """A graph input as the contiguous numpy array ONNX Runtime reads."""
+        return as_numpy(value)
+
+    def from_numpy(self, array: np.ndarray) -> Any:
+        """A graph output as this backend's array."""
+        return array
 
     def crop(self, image: np.ndarray, box: Box) -> np.ndarray:
         return np.ascontiguousarray(image[region(box)])
@@ -101,7 +111,9 @@ class NumpyBackend:
             outputs: Sequence[str]) -> list[np.ndarray]:
         session = self.pool.session(step.graph, weights, step.baked)
         inputs = gather_inputs(session, feeds, weights, step.graph)
-        return self.pool.run_cpu(session, {k: as_numpy(v) for k, v in inputs.items()}, outputs)
+        results = self.pool.run_cpu(session, {k: self.to_numpy(v) for k, v in inputs.items()},
+                                    outputs)
+        return [self.from_numpy(r) for r in results]
 
     def release(self, step: Step) -> None:
         self.pool.release(step.graph, baked=True)

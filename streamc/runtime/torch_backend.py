@@ -17,10 +17,10 @@ import torch
 
 from streamc.errors import StreamcError
 from streamc.program import Program
-from streamc.runtime.backend import Box, region
+from streamc.runtime.backend import Box, NumpyBackend, region
 from streamc.runtime.options import RuntimeOptions
 from streamc.runtime.providers import device_index
-from streamc.runtime.sessions import Session, SessionPool, gather_inputs
+from streamc.runtime.sessions import Session, gather_inputs
 from streamc.runtime.weights import WeightSet
 from streamc.steps import Step
 
@@ -78,7 +78,7 @@ def _numpy_view(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.numpy())
 
 
-class TorchCpuBackend:
+class TorchCpuBackend(NumpyBackend):
     """torch CPU tensors; ORT reads and writes them through numpy views."""
 
     def __init__(self, program: Program, options: RuntimeOptions | None = None,
@@ -87,7 +87,12 @@ class TorchCpuBackend:
         if options.threads is None:
             options = replace(options, threads=torch.get_num_threads())
         self.device = torch.device(device)
-        self.pool = SessionPool(program, self.device, options)
+        super().__init__(program, options, self.device)
+
+    to_numpy = staticmethod(_numpy_view)
+
+    def from_numpy(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array))
 
     def crop(self, image: torch.Tensor, box: Box) -> torch.Tensor:
         return image[region(box)]
@@ -109,22 +114,8 @@ class TorchCpuBackend:
             total = totals[name].numpy()
             np.add(total, value.numpy(), out=total)
 
-    def batch(self, tensor: torch.Tensor, chunk: slice) -> torch.Tensor:
-        return tensor[chunk]
-
     def concat(self, parts: list[torch.Tensor]) -> torch.Tensor:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-
-    def run(self, step: Step, weights: WeightSet, feeds: Mapping[str, Any],
-            outputs: Sequence[str]) -> list[torch.Tensor]:
-        session = self.pool.session(step.graph, weights, step.baked)
-        inputs = gather_inputs(session, feeds, weights, step.graph)
-        results = self.pool.run_cpu(session, {k: _numpy_view(v) for k, v in inputs.items()},
-                                    outputs)
-        return [torch.from_numpy(np.ascontiguousarray(r)) for r in results]
-
-    def release(self, step: Step) -> None:
-        self.pool.release(step.graph, baked=True)
 
 
 class TorchCudaBackend(TorchCpuBackend):

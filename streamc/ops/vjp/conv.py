@@ -85,6 +85,27 @@ DW_TAPS_PER_GEMM: int | None = None  # kernel taps stacked per Gemm (None: all o
 DW_SHIFT_DY = True  # ungrouped convs: move last-axis taps onto dY (see _dense_weight_grad)
 
 
+def _stride_phases(ctx, x: str, n: int, c: int, q: Sequence[int], win: NodeWindow) -> str:
+    """X padded (or cropped) to ``q[a]·s[a]`` positions per axis and split into its stride
+    phases: (N, s0, s1, ..., C, q0, q1, ...) (as (N, s·s·C, q0, q1) in 2-D)."""
+    rank, s = win.rank, win.strides
+    begin = list(win.pads_begin)
+    end = [q[a] * s[a] - begin[a] - win.in_size[a] for a in range(rank)]
+    if any(e < 0 for e in end):  # the windows stop before the end of X: crop it
+        x = ctx.op("Slice", x, ctx.ints([0] * rank),
+                   ctx.ints([win.in_size[a] + min(end[a], 0) for a in range(rank)]),
+                   ctx.ints(range(2, rank + 2)))
+    if any(begin) or any(e > 0 for e in end):
+        x = ctx.op("Pad", x, ctx.ints([0, 0, *begin, 0, 0, *(max(e, 0) for e in end)]))
+    if math.prod(s) > 1 and rank == 2 and s[0] == s[1]:  # (N, C, q0·s, q1·s) -> (N, s·s·C, ..)
+        x = ctx.op("SpaceToDepth", x, blocksize=s[0])  # much faster than the 6-D Transpose
+    elif math.prod(s) > 1:  # (N, C, q0·s0, ...) -> (N, s0, s1, ..., C, q0, q1, ...)
+        split = [n, c] + [v for a in range(rank) for v in (q[a], s[a])]
+        perm = [0] + [3 + 2 * a for a in range(rank)] + [1] + [2 + 2 * a for a in range(rank)]
+        x = ctx.op("Transpose", ctx.reshape(x, split), perm=perm)
+    return x
+
+
 def conv_weight_grad(ctx, x: str, dy: str, x_shape: Sequence[int], w_shape: Sequence[int],
                      win: NodeWindow, group: int, like: str) -> str:
     """dW of Y = Conv(X, W) as Gemms over an im2col matrix built from contiguous slices.
@@ -108,21 +129,8 @@ def conv_weight_grad(ctx, x: str, dy: str, x_shape: Sequence[int], w_shape: Sequ
     reads = [(out[a] - 1) * s[a] + win.span(a) for a in range(rank)]  # padded extent read
     q = [-(-reads[a] // s[a]) for a in range(rank)]
     q[0] += 1
-    begin = list(win.pads_begin)
-    end = [q[a] * s[a] - begin[a] - win.in_size[a] for a in range(rank)]
-    if any(e < 0 for e in end):  # the windows stop before the end of X: crop it
-        x = ctx.op("Slice", x, ctx.ints([0] * rank),
-                   ctx.ints([win.in_size[a] + min(end[a], 0) for a in range(rank)]),
-                   ctx.ints(range(2, rank + 2)))
-    if any(begin) or any(e > 0 for e in end):
-        x = ctx.op("Pad", x, ctx.ints([0, 0, *begin, 0, 0, *(max(e, 0) for e in end)]))
+    x = _stride_phases(ctx, x, n, c, q, win)
     phases = math.prod(s)
-    if phases > 1 and rank == 2 and s[0] == s[1]:  # (N, C, q0·s, q1·s) -> (N, s·s·C, q0, q1)
-        x = ctx.op("SpaceToDepth", x, blocksize=s[0])  # much faster than the 6-D Transpose
-    elif phases > 1:  # (N, C, q0·s0, ...) -> (N, s0, s1, ..., C, q0, q1, ...)
-        split = [n, c] + [v for a in range(rank) for v in (q[a], s[a])]
-        perm = [0] + [3 + 2 * a for a in range(rank)] + [1] + [2 + 2 * a for a in range(rank)]
-        x = ctx.op("Transpose", ctx.reshape(x, split), perm=perm)
     row = math.prod(q[1:])  # flattened length of one row of a phase
     x = ctx.reshape(x, [n, phases * c, q[0] * row])
     # dY zero-padded to the phase rows: (N, M, out0, q1, ...) flattened. With dY shifted

@@ -1,20 +1,21 @@
-"""ResNet-18/50-shaped torch models (BatchNorm frozen) and their ONNX export, for benchmarks.
+"""ResNet-18/50-shaped torch models (ImageNet layout) and the frozen-BatchNorm helper.
 
-Defined here rather than taken from torchvision (which does not import beside torch 2.13 on these
-machines). Layouts follow the ImageNet ResNets: 7x7/2 stem, 3x3/2 max pool, four stages at
+Defined here rather than taken from torchvision (which does not import beside torch 2.13 on
+these machines). Layouts follow the ImageNet ResNets: 7x7/2 stem, 3x3/2 max pool, four stages at
 strides 4, 8, 16, 32, global average pooling and a linear head.
 """
 
 from __future__ import annotations
 
-import io
+from typing import Literal
 
-import onnx
 import torch
 from torch import nn
 
 
 class BasicBlock(nn.Module):
+    """ResNet basic block: conv-bn-relu-conv-bn, plus the (projected) shortcut, relu."""
+
     expansion = 1
 
     def __init__(self, c_in: int, c: int, stride: int = 1) -> None:
@@ -37,6 +38,8 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
+    """ResNet bottleneck block: 1x1 reduce, 3x3 (strided), 1x1 expand by 4, plus shortcut."""
+
     expansion = 4
 
     def __init__(self, c_in: int, c: int, stride: int = 1) -> None:
@@ -65,7 +68,8 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """ImageNet-layout ResNet with ``width`` stem channels (64 for the standard nets)."""
 
-    def __init__(self, block, layers: list[int], classes: int = 2, width: int = 64) -> None:
+    def __init__(self, block: type[BasicBlock | Bottleneck], layers: list[int],
+                 classes: int = 2, width: int = 64) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -84,53 +88,59 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(c_in, classes)
 
+    def stages(self) -> list[nn.Module]:
+        """The four stages, in order (what checkpointing benchmarks wrap)."""
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.stem(x)
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
+        return self.head(self.features(x))
 
 
 def resnet18(classes: int = 2, width: int = 64) -> ResNet:
+    """ResNet-18 layout: basic blocks [2, 2, 2, 2]."""
     return ResNet(BasicBlock, [2, 2, 2, 2], classes, width)
 
 
 def resnet50(classes: int = 2, width: int = 64) -> ResNet:
+    """ResNet-50 layout: bottleneck blocks [3, 4, 6, 3]."""
     return ResNet(Bottleneck, [3, 4, 6, 3], classes, width)
 
 
-def randomize_batchnorm(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm distinct, non-trivial parameters and running statistics.
+def randomize_batchnorm(module: nn.Module, seed: int = 0, *,
+                        weight: Literal["normal", "uniform"] = "normal") -> nn.Module:
+    """Give every BatchNorm distinct, non-trivial parameters and running statistics (in place;
+    returns ``module``).
 
     torch's ONNX exporter merges initializers with identical values: freshly initialised
     BatchNorms (weight 1, bias 0, mean 0, var 1) would all collapse onto one set of names, and
     their gradients onto one tensor. Pretrained networks never look like that; benchmarks
-    should not either.
+    should not either. Draws, per BatchNorm in module order from one generator seeded with
+    ``seed``: the weight (``"normal"``: 1 + 0.1·N(0, 1); ``"uniform"``: 0.5 + U(0, 1)), then
+    bias and running mean 0.1·N(0, 1), running variance 0.5 + U(0, 1).
     """
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in module.modules():
             if isinstance(m, nn.BatchNorm2d | nn.BatchNorm3d):
                 c = m.num_features
-                m.weight.copy_(1 + 0.1 * torch.randn(c, generator=generator))
+                if weight == "uniform":
+                    m.weight.copy_(torch.rand(c, generator=generator) + 0.5)
+                else:
+                    m.weight.copy_(1 + 0.1 * torch.randn(c, generator=generator))
                 m.bias.copy_(0.1 * torch.randn(c, generator=generator))
                 m.running_mean.copy_(0.1 * torch.randn(c, generator=generator))
                 m.running_var.copy_(0.5 + torch.rand(c, generator=generator))
     return module
 
 
-def export(module: nn.Module, size: int = 224, dynamic: bool = True) -> onnx.ModelProto:
-    """Export in eval mode with BatchNorm kept as BatchNormalization nodes and torch's names.
-
-    BatchNorm parameters are randomised first (:func:`randomize_batchnorm`), in place.
-    """
-    module = randomize_batchnorm(module).eval()
-    buffer = io.BytesIO()
-    kwargs = {"dynamic_axes": {"image": {2: "H", 3: "W"}}} if dynamic else {}
-    torch.onnx.export(
-        module, torch.zeros(1, 3, size, size), buffer, dynamo=False, opset_version=17,
-        input_names=["image"], output_names=["logits"], do_constant_folding=False,
-        training=torch.onnx.TrainingMode.EVAL, **kwargs,
-    )
-    return onnx.load_from_string(buffer.getvalue())
+__all__ = ["BasicBlock", "Bottleneck", "ResNet", "randomize_batchnorm", "resnet18", "resnet50"]

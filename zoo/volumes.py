@@ -1,4 +1,4 @@
-"""A small 3-D CNN (BatchNorm frozen) and its ONNX export, for the volume benchmarks.
+"""A small 3-D CNN (BatchNorm frozen) for the volume benchmarks: :class:`VolumeNet`.
 
 Three Conv3d blocks (full resolution, then two stride-2 blocks), global average pooling and a
 linear head: a volume-segmentation-like encoder small enough to train on a 2-core CPU at 128³ and
@@ -8,9 +8,6 @@ they compute.
 
 from __future__ import annotations
 
-import io
-
-import onnx
 import torch
 from torch import nn
 
@@ -32,23 +29,20 @@ class VolumeNet(nn.Module):
         self.fc = nn.Linear(2 * width, classes)
 
     def stages(self) -> list[nn.Module]:
+        """The three blocks, in order (what checkpointing benchmarks wrap)."""
         return [self.block1, self.block2, self.block3]
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.block3(self.block2(self.block1(x)))
 
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
+        return self.head(self.features(x))
 
 
-def export(module: nn.Module, size: int = 32, channels: int = 1) -> onnx.ModelProto:
-    """Export in eval mode (BatchNorm kept, names = state_dict keys), spatial axes dynamic."""
-    module = module.eval()
-    buffer = io.BytesIO()
-    torch.onnx.export(
-        module, torch.zeros(1, channels, size, size, size), buffer, dynamo=False,
-        opset_version=17, input_names=["image"], output_names=["logits"],
-        do_constant_folding=False, training=torch.onnx.TrainingMode.EVAL,
-        dynamic_axes={"image": {2: "D", 3: "H", 4: "W"}},
-    )
-    return onnx.load_from_string(buffer.getvalue())
+__all__ = ["VolumeNet"]
