@@ -1,8 +1,9 @@
 """The ``streamc`` command line: demo, inspect, compile, check, plan, example-model.
 
-Every command turns a :class:`~streamc.errors.StreamcError` into one line on stderr and exit
-status 2; anything else unexpected becomes one line and exit status 3 (set STREAMC_DEBUG=1 for
-the traceback).
+Exit status: 0 success; 1 ``check`` found a mismatch; 2 a usage error or a user error (a
+:class:`~streamc.errors.StreamcError`: bad input, a model streamc cannot stream, a file it cannot
+read or write, not enough memory), one line on stderr; 3 an internal error, one line on stderr
+(set STREAMC_DEBUG=1 for the traceback); 130 interrupted (Ctrl-C). Never a traceback otherwise.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import click
 
 from streamc.errors import StreamcError
+from streamc.passes.schedule import MAX_TILES
 from streamc.units import format_bytes, parse_bytes, parse_extent
 
 
@@ -27,13 +29,22 @@ def _fail_cleanly(func: Callable) -> Callable:
         try:
             return func(*args, **kwargs)
         except StreamcError as exc:
-            click.echo(f"streamc: error: {exc}", err=True)
-            sys.exit(2)
-        except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
+            _error(str(exc))
+        except (click.exceptions.Exit, click.ClickException):
             raise
+        except KeyboardInterrupt:
+            click.echo("streamc: interrupted; a program being written was not installed.",
+                       err=True)
+            sys.exit(130)
         except BrokenPipeError:  # output piped into `head` and closed early
             sys.stderr.close()
             sys.exit(0)
+        except MemoryError:
+            _error("out of memory: use a smaller image or tile (streamc plan tells what a "
+                   "size needs), or a machine with more memory.")
+        except OSError as exc:  # the file system refused: permissions, a full disk...
+            where = f": {exc.filename}" if exc.filename else ""
+            _error(f"{exc.strerror or type(exc).__name__}{where}.")
         except Exception as exc:  # never a traceback from deep inside a library
             if os.environ.get("STREAMC_DEBUG"):
                 traceback.print_exc()
@@ -48,12 +59,25 @@ def _fail_cleanly(func: Callable) -> Callable:
     return wrapper
 
 
+def _error(message: str) -> None:
+    click.echo(f"streamc: error: {' '.join(message.split())}", err=True)
+    sys.exit(2)
+
+
 def parse_image(text: str | None) -> tuple[int, ...] | None:
     """``"1024x768"`` / ``"64x64x64"`` / ``"512"`` -> a tuple of ints (None stays None); one
     number stands for every spatial axis of the model."""
     if text is None:
         return None
     return parse_extent(text, "image size")
+
+
+def _check_writable(path: Path) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise StreamcError(f"{path} is a directory: give a file name for the plot.")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise StreamcError(f"cannot write {path}: {parent} is not a writable directory.")
 
 
 def _say(line: str) -> None:
@@ -68,7 +92,37 @@ def _fmt_stride(values) -> str:
     return "x".join(str(v) for v in values)
 
 
-@click.group()
+class _Streamc(click.Group):
+    """The command group, with usage errors as one line on stderr (exit status 2)."""
+
+    def main(self, *args, **kwargs):  # noqa: ANN002, ANN003 - click's signature
+        standalone = kwargs.pop("standalone_mode", True)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.ctx.get_help() if exc.ctx else "", err=True)
+            code = 2
+        except click.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx else "streamc"
+            click.echo(f"streamc: usage error: {' '.join(exc.format_message().split())} "
+                       f"(see {command} --help)", err=True)
+            code = exc.exit_code
+        except click.ClickException as exc:
+            click.echo(f"streamc: error: {' '.join(exc.format_message().split())}", err=True)
+            code = exc.exit_code
+        except click.exceptions.Abort:
+            click.echo("streamc: interrupted.", err=True)
+            code = 130
+        except click.exceptions.Exit as exc:
+            code = exc.exit_code
+        else:
+            code = 0
+        if not standalone:
+            return code
+        sys.exit(code)
+
+
+@click.group(cls=_Streamc)
 @click.version_option(package_name="streamc")
 def main() -> None:
     """streamc: train CNNs on images far larger than memory, tile by tile, exactly."""
@@ -146,28 +200,37 @@ def _print_program_summary(program, out: Path | None) -> None:
 @click.option("--input", "input_name", help="Name of the image input (if ambiguous).")
 @click.option("-o", "--output", type=click.Path(), help="Program directory (MODEL.streamc).")
 @click.option("--memory-budget", help="Choose the tile for this peak memory, e.g. 4GiB.")
+@click.option("--force", is_flag=True,
+              help="Replace -o even when it is a directory that is not a streamc program.")
+@click.option("--max-tiles", type=click.IntRange(min=1), default=MAX_TILES, show_default=True,
+              help="Refuse a tile so small that the grid needs more tiles than this.")
 @_fail_cleanly
 def compile_command(model: str, tile: str | None, image: str | None, input_name: str | None,
-                    output: str | None, memory_budget: str | None) -> None:
+                    output: str | None, memory_budget: str | None, force: bool,
+                    max_tiles: int) -> None:
     """Compile MODEL into a tiled training program directory."""
     from streamc.compiler import compile as compile_program
+    from streamc.program import check_target
 
     if tile and memory_budget:
         raise StreamcError("give either --tile or --memory-budget, not both.")
     if not tile and not memory_budget:
         raise StreamcError("give a tile size (--tile 2048) or a memory budget (--memory-budget).")
+    target = Path(output) if output else _default_output(model)
+    check_target(target, force)  # before any work
     if memory_budget:
         from streamc.tile_search import search_tiles
 
         search = search_tiles(model, parse_image(image), budget=parse_bytes(memory_budget),
-                              input=input_name, progress=_say)
+                              input=input_name, progress=_say, max_tiles=max_tiles)
         program = search.chosen.program
         click.echo(f"memory budget {memory_budget}: chose tile {search.chosen.tile} "
                    f"({search.compiled} candidate{'s' if search.compiled > 1 else ''} compiled, "
                    f"each once)")
     else:
-        program = compile_program(model, tile, image=parse_image(image), input=input_name)
-    out = program.save(Path(output) if output else _default_output(model))
+        program = compile_program(model, tile, image=parse_image(image), input=input_name,
+                                  max_tiles=max_tiles)
+    out = program.save(target, force=force)
     _print_program_summary(program, out)
 
 
@@ -179,15 +242,18 @@ def compile_command(model: str, tile: str | None, image: str | None, input_name:
 @click.option("--seed", default=0, show_default=True, help="Seed of the random image.")
 @click.option("--tolerance", default=1e-4, show_default=True,
               help="Largest accepted relative error.")
+@click.option("--no-finite-differences", "no_fd", is_flag=True,
+              help="Skip the finite-difference check of the gradients.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_fail_cleanly
 def check(model: str, image: str | None, tile: str, input_name: str | None, seed: int,
-          tolerance: float, as_json: bool) -> None:
-    """Run the tiled program against an untiled run of MODEL; exit 1 on a mismatch."""
+          tolerance: float, no_fd: bool, as_json: bool) -> None:
+    """Run the tiled program against an untiled run of MODEL and the gradients against finite
+    differences; exit 1 on a mismatch."""
     from streamc.check import check as run_check
 
     report = run_check(model, parse_image(image), tile, input=input_name, seed=seed,
-                       tolerance=tolerance)
+                       tolerance=tolerance, finite_difference=not no_fd)
     _print_check(report, as_json)
     if not report.ok:
         sys.exit(1)
@@ -197,18 +263,29 @@ def _print_check(report, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=1))
         return
-    click.echo(f"tiles: {len(report.program.tiles)}  (image "
-               f"{_fmt_stride(report.program.image_size)}, tile "
-               f"{_fmt_stride(report.program.meta.tile)})")
-    click.echo(f"{'tensor':<40} {'max abs err':>12} {'max rel err':>12}")
+    program = report.program
+    click.echo(f"tiles: {len(program.tiles)}  (image {_fmt_stride(program.image_size)}, tile "
+               f"{_fmt_stride(program.meta.tile)})")
+    for note in program.meta.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"{'tensor':<40} {'max abs err':>12} {'max rel err':>12} {'allowed':>10}")
     for kind, items in (("output", report.outputs), ("grad", report.gradients)):
         for d in items:
-            click.echo(f"{kind + ' ' + d.name:<40.40} {d.max_abs:>12.3e} {d.max_rel:>12.3e}")
+            flag = "" if d.ok else "  <"
+            click.echo(f"{kind + ' ' + d.name:<40.40} {d.max_abs:>12.3e} {d.max_rel:>12.3e} "
+                       f"{d.allowed:>10.1e}{flag}")
+    for d in report.directions:
+        flag = "" if d.ok else "  <"
+        click.echo(f"{'d/dv ' + d.name:<40.40} tiled {d.analytic:>+11.4e}  finite differences "
+                   f"{d.numeric:>+11.4e}  rel {d.error:.1e}{flag}")
     worst = report.worst
     verdict = "OK" if report.ok else "MISMATCH"
     if worst is not None:
-        click.echo(f"{verdict}: largest relative error {worst.max_rel:.3e} ({worst.name}), "
-                   f"tolerance {report.tolerance:.0e}")
+        fd = (f"; finite differences within {max(d.error for d in report.directions):.1e}"
+              if report.directions else "")
+        click.echo(f"{verdict}: largest relative error {worst.max_rel:.3e} ({worst.name}, "
+                   f"allowed {worst.allowed:.1e}: the tolerance {report.tolerance:.0e} or 10x "
+                   f"the untiled float32 noise){fd}")
 
 
 @main.command()
@@ -229,8 +306,9 @@ def plan(model: str, image: str | None, tile: str | None, memory_budget: str | N
 
     if tile and memory_budget:
         raise StreamcError("give either --tile or --memory-budget, not both.")
-    if plot:  # before any work: a missing optional dependency is known now
+    if plot:  # before any work: a missing dependency or a bad path is known now
         ts.require_matplotlib()
+        _check_writable(Path(plot))
     budget = parse_bytes(memory_budget) if memory_budget else None
     tiles = [max(parse_extent(tile, "tile size"))] if tile else None
     search = ts.search_tiles(model, parse_image(image), tiles=tiles, budget=budget,

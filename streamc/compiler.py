@@ -47,10 +47,11 @@ from streamc.passes.extract import (
 from streamc.passes.flops import backward_flops, count_flops
 from streamc.passes.manager import Pass, PassManager
 from streamc.passes.memory import ConventionalPlan, MemoryPlan, plan_conventional, plan_program
-from streamc.passes.schedule import Schedule, Tile, check_schedule, make_schedule
+from streamc.passes.schedule import MAX_TILES, Schedule, Tile, check_schedule, make_schedule
 from streamc.passes.tile_graph import TileLayout, emit_tile_graph, layout_tile, verify_layout
 from streamc.policy import DEFAULT_POLICY, RuntimePolicy
 from streamc.program import Program, file_sha256
+from streamc.progress import progress_bar
 
 
 def compile(
@@ -61,6 +62,7 @@ def compile(
     with_flops: bool = True,
     with_memory_plan: bool = True,
     policy: RuntimePolicy = DEFAULT_POLICY,
+    max_tiles: int = MAX_TILES,
 ) -> Program:
     """Compile ``model`` into a tiled program for images of size ``image`` ((H, W) or (D, H, W)).
 
@@ -68,7 +70,8 @@ def compile(
     schedule uses as few tiles as fit it. ``image`` is required when the model's spatial axes
     are dynamic. ``with_flops`` also counts the untiled FLOPs to report recompute overhead;
     ``with_memory_plan`` stores the predicted peak memory under ``policy``
-    (``program.memory_plan``).
+    (``program.memory_plan``). A tile so small that the grid would exceed ``max_tiles`` tiles
+    is refused at once.
     """
     with paused_gc():
         started = time.perf_counter()
@@ -76,7 +79,7 @@ def compile(
         analysis = analyze_checked(proto, image, input)
         return compile_analysis(analysis, tile, source_of(model, serialized),
                                 with_flops=with_flops, with_memory_plan=with_memory_plan,
-                                policy=policy, started=started)
+                                policy=policy, max_tiles=max_tiles, started=started)
 
 
 def source_of(model: str | Path | onnx.ModelProto, serialized: bytes) -> SourceSpec:
@@ -90,13 +93,13 @@ def source_of(model: str | Path | onnx.ModelProto, serialized: bytes) -> SourceS
 def compile_analysis(analysis: Analysis, tile: int | str | Sequence[int], source: SourceSpec,
                      *, with_flops: bool = True, with_memory_plan: bool = True,
                      conventional: ConventionalPlan | None = None,
-                     policy: RuntimePolicy = DEFAULT_POLICY,
+                     policy: RuntimePolicy = DEFAULT_POLICY, max_tiles: int = MAX_TILES,
                      started: float | None = None) -> Program:
     """Compile an analysed model (see :func:`compile`)."""
     started = time.perf_counter() if started is None else started
     state = compile_state(analysis, tile, source, with_flops=with_flops,
                           with_memory_plan=with_memory_plan, conventional=conventional,
-                          policy=policy)
+                          policy=policy, max_tiles=max_tiles)
     program: Program = state["program"]
     program.meta.compile_seconds = round(time.perf_counter() - started, 3)
     return program
@@ -106,7 +109,7 @@ def compile_state(analysis: Analysis, tile: int | str | Sequence[int], source: S
                   with_flops: bool = True, with_memory_plan: bool = True,
                   conventional: ConventionalPlan | None = None,
                   policy: RuntimePolicy = DEFAULT_POLICY, exact: bool = False,
-                  optimizer_copies: int = 2) -> dict[str, Any]:
+                  optimizer_copies: int = 2, max_tiles: int = MAX_TILES) -> dict[str, Any]:
     """Run the compiler's passes on ``analysis`` and return their results by name
     (``"program"``, ``"memory_plan"`` ...); the program's description holds the memory plan."""
     if any(s is None for s in analysis.image_size):
@@ -114,10 +117,17 @@ def compile_state(analysis: Analysis, tile: int | str | Sequence[int], source: S
             "the model's spatial size is dynamic: pass the image size (--image HxW, or "
             "image=(H, W) in Python) to compile."
         )
+    elem_type = analysis.graph.dtypes.get(analysis.input_name, onnx.TensorProto.FLOAT)
+    if elem_type != onnx.TensorProto.FLOAT:
+        raise CompileError(
+            f"the image input {analysis.input_name!r} is "
+            f"{onnx.TensorProto.DataType.Name(elem_type).lower()}; streamc programs run in "
+            "float32: export the model with a float32 input.")
     with paused_gc():
         state: dict[str, Any] = {"analysis": analysis, "tile": tile, "source": source,
                                  "policy": policy, "conventional": conventional,
-                                 "exact": exact, "optimizer_copies": optimizer_copies}
+                                 "exact": exact, "optimizer_copies": optimizer_copies,
+                                 "max_tiles": max_tiles}
         PassManager(compile_passes(with_flops, with_memory_plan)).run(state)
     plan = state.get("memory_plan")
     state["program"].meta.memory_plan = plan.to_dict() if plan is not None else None
@@ -143,7 +153,7 @@ class HeadGraphs:
 
 
 def _schedule(s: Mapping[str, Any]) -> Schedule:
-    return make_schedule(s["analysis"], s["tile"])
+    return make_schedule(s["analysis"], s["tile"], s["max_tiles"])
 
 
 def _check_schedule(s: Mapping[str, Any], schedule: Schedule) -> None:
@@ -154,21 +164,25 @@ def _layouts(s: Mapping[str, Any]) -> Layouts:
     analysis, schedule = s["analysis"], s["schedule"]
     tiles, class_of, classes = [], [], []
     by_signature: dict[tuple, int] = {}
-    for tile in schedule.tiles:
-        layout = layout_tile(analysis, tile)
-        signature = layout.signature()
-        if signature not in by_signature:
-            by_signature[signature] = len(classes)
-            classes.append(layout)
-        tiles.append(layout)
-        class_of.append(by_signature[signature])
+    with progress_bar(len(schedule.tiles), "layout") as tick:
+        for tile in schedule.tiles:
+            layout = layout_tile(analysis, tile)
+            signature = layout.signature()
+            if signature not in by_signature:
+                by_signature[signature] = len(classes)
+                classes.append(layout)
+            tiles.append(layout)
+            class_of.append(by_signature[signature])
+            tick()
     return Layouts(tiles, class_of, classes)
 
 
 def _check_layouts(s: Mapping[str, Any], layouts: Layouts) -> None:
     """The layout check: every tile's kept regions are exact (docs/architecture.md)."""
-    for tile, layout in zip(s["schedule"].tiles, layouts.tiles):
-        verify_layout(s["analysis"], tile, layout)
+    with progress_bar(len(layouts.tiles), "layout check") as tick:
+        for tile, layout in zip(s["schedule"].tiles, layouts.tiles):
+            verify_layout(s["analysis"], tile, layout)
+            tick()
 
 
 def _tile_graphs(s: Mapping[str, Any]) -> list[onnx.ModelProto]:
@@ -187,11 +201,13 @@ def _check_tile_graphs(s: Mapping[str, Any], graphs: list[onnx.ModelProto]) -> N
 def _backward_graphs(s: Mapping[str, Any]) -> list[BackwardGraph]:
     trainable = set(s["parameters"].trainable)
     result = []
-    for k, forward in enumerate(s["tile_graphs"]):
-        inputs = [i.name for i in forward.graph.input]
-        result.append(build_backward(forward, wrt=[n for n in inputs if n in trainable],
-                                     outputs=[o.name for o in forward.graph.output],
-                                     name=f"tile{k}_backward"))
+    with progress_bar(len(s["tile_graphs"]), "autodiff", unit="class") as tick:
+        for k, forward in enumerate(s["tile_graphs"]):
+            inputs = [i.name for i in forward.graph.input]
+            result.append(build_backward(forward, wrt=[n for n in inputs if n in trainable],
+                                         outputs=[o.name for o in forward.graph.output],
+                                         name=f"tile{k}_backward"))
+            tick()
     return result
 
 
@@ -271,7 +287,7 @@ def _program(s: Mapping[str, Any]) -> Program:
     head: HeadGraphs = s["head"]
     graphs["graphs/head_forward.onnx"] = head.head.model
     graphs["graphs/head_backward.onnx"] = head.backward.model
-    graphs["graphs/model.onnx"] = model_graph(analysis.model, params.names)
+    graphs["graphs/model.onnx"] = _export_graph(analysis, params)
     meta = ProgramMeta(
         source=s["source"],
         input=InputSpec(analysis.input_name, tuple(analysis.image_shape),
@@ -297,6 +313,19 @@ def _program(s: Mapping[str, Any]) -> Program:
         flops=s["flops"],
     )
     return Program(meta, graphs, parameter_values(analysis.graph.constants, params.names))
+
+
+def _export_graph(analysis: Analysis, params: Parameters) -> onnx.ModelProto:
+    """The graph ``StreamingModel.export_onnx`` writes: the source model as given (dynamic axes
+    kept) when it holds every runtime-owned initializer under its own name, else the prepared
+    model at the compiled size; owned initializers become inputs (their values are the
+    program's parameters)."""
+    source = analysis.source
+    if source is not None:
+        names = {i.name for i in source.graph.initializer}
+        if params.names <= names:
+            return model_graph(source, params.names)
+    return model_graph(analysis.model, params.names)
 
 
 def _parameter_specs(analysis: Analysis, params: Parameters) -> list[ParameterSpec]:
@@ -329,7 +358,8 @@ def compile_passes(with_flops: bool = True, with_memory_plan: bool = True) -> li
         Pass("parameters", ("analysis",), "parameters",
              lambda s: model_parameters(s["analysis"].model),
              doc="which initializers the runtime owns: trainable weights and buffers"),
-        Pass("schedule", ("analysis", "tile"), "schedule", _schedule, _check_schedule,
+        Pass("schedule", ("analysis", "tile", "max_tiles"), "schedule", _schedule,
+             _check_schedule,
              doc="the tile grid; kept regions partition every cut tensor"),
         Pass("layout", ("analysis", "schedule"), "layouts", _layouts, _check_layouts,
              doc="each tile's cone in tile-local numbers, checked exact; shape classes"),

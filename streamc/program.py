@@ -8,8 +8,9 @@ Layout of a program directory::
 
 ``program.json`` lists the SHA-256 of every other file and of its own content (without the
 ``checksum`` field); :func:`load` refuses a program whose version, files or checksums do not
-match. :meth:`Program.save` writes into a temporary directory beside the target and renames it
-into place, so an interrupted save never leaves a half-written program behind.
+match. :meth:`Program.save` writes into a temporary directory beside the target and swaps it
+into place (:mod:`streamc.atomic_dir`), so an interrupted save never leaves a half-written
+program behind, and it never replaces what is not a program unless asked to.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ import io
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from streamc import atomic_dir
 from streamc.errors import ProgramError
 from streamc.meta import FORMAT, FORMAT_VERSION, ClassSpec, ProgramMeta, TileSpec, class_run_order
 
@@ -99,44 +100,87 @@ class Program:
                 f"cut_tensors={meta.cut_names}{where})")
 
     # -- persistence ---------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Write the program directory atomically; returns its path."""
+    def save(self, path: str | Path, force: bool = False) -> Path:
+        """Write the program directory atomically; returns its path.
+
+        ``path`` may be new, or hold a streamc program (replaced), or an empty directory. A
+        directory holding anything else is refused unless ``force`` (its content is then
+        replaced); a file is never replaced. A crash at any moment leaves the old program or
+        the new one (:mod:`streamc.atomic_dir`).
+        """
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        check_target(target, force)
         try:
-            files: dict[str, str] = {}
-            (tmp / "graphs").mkdir()
-            for relative in sorted(self.graphs):
-                data = self.serialized(relative)
-                _write(tmp / relative, data)
-                files[relative] = _sha256(data)
-            buffer = io.BytesIO()
-            np.savez(buffer, **{k: np.ascontiguousarray(v) for k, v in self.parameters.items()})
-            _write(tmp / "parameters.npz", buffer.getvalue())
-            files["parameters.npz"] = _sha256(buffer.getvalue())
-            meta = self.meta.to_json()
-            meta["files"] = files
-            meta["checksum"] = _meta_checksum(meta)
-            _write(tmp / "program.json", json.dumps(meta, indent=1).encode())
-            backup: Path | None = None
-            if target.exists():
-                backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-                backup.rmdir()
-                os.replace(target, backup)
-            try:
-                os.replace(tmp, target)
-            except BaseException:
-                if backup is not None and not target.exists():
-                    os.replace(backup, target)  # put the old program back
-                raise
-            if backup is not None:
-                shutil.rmtree(backup, ignore_errors=True)
-        except BaseException:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_dir.recover(target)
+            tmp = atomic_dir.make_temp(target)
+        except OSError as exc:
+            raise _write_error(target, exc) from None
+        try:
+            self._write_into(tmp)
+            atomic_dir.install(tmp, target)
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise _write_error(target, exc) from None
             raise
         self.path = target
         return target
+
+    def _write_into(self, directory: Path) -> None:
+        files: dict[str, str] = {}
+        (directory / "graphs").mkdir()
+        for relative in sorted(self.graphs):
+            data = self.serialized(relative)
+            _write(directory / relative, data)
+            files[relative] = _sha256(data)
+        buffer = io.BytesIO()
+        np.savez(buffer, **{k: np.ascontiguousarray(v) for k, v in self.parameters.items()})
+        _write(directory / "parameters.npz", buffer.getvalue())
+        files["parameters.npz"] = _sha256(buffer.getvalue())
+        meta = self.meta.to_json()
+        meta["files"] = files
+        meta["checksum"] = _meta_checksum(meta)
+        _write(directory / "program.json", json.dumps(meta, indent=1).encode())
+
+
+def is_program_directory(path: Path) -> bool:
+    """Whether ``path`` is a directory streamc wrote (its program.json says so), valid or not."""
+    try:
+        meta = json.loads((path / "program.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
+def check_target(target: Path, force: bool = False) -> None:
+    """Refuse to write a program where it would replace what the user did not ask to replace:
+    a file, the current directory, or (unless ``force``) a directory that is not a program."""
+    resolved = target.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise ProgramError(
+            f"{target} is the current directory (or holds it): write the program into a new "
+            "directory instead, e.g. -o model.streamc.")
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise ProgramError(
+            f"{target} exists and is not a directory: a program is a directory; choose another "
+            "output path (nothing was written).")
+    if not target.is_dir() or is_program_directory(target):
+        return
+    content = sorted(p.name for p in target.iterdir())
+    if content and not force:
+        shown = ", ".join(content[:3]) + (f" and {len(content) - 3} more" if len(content) > 3
+                                          else "")
+        raise ProgramError(
+            f"{target} is a directory that is not a streamc program (it holds {shown}); "
+            "choose another output path, or pass --force (force=True) to replace its content.")
+
+
+def _write_error(target: Path, exc: OSError) -> ProgramError:
+    reason = exc.strerror or type(exc).__name__
+    where = f" ({exc.filename})" if exc.filename else ""
+    return ProgramError(f"cannot write the program to {target}: {reason}{where}.")
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -167,6 +211,8 @@ def load(path: str | Path) -> Program:
     """Load a program directory, checking format version and every checksum."""
     root = Path(path)
     meta_path = root / "program.json"
+    if not root.exists():
+        atomic_dir.recover(root)  # a save that died between its two renames
     if not root.is_dir():
         raise ProgramError(f"{root}: no such program directory (compile one with streamc compile).")
     if not meta_path.exists():

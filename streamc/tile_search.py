@@ -27,7 +27,7 @@ from streamc.compiler import compile_state, source_of
 from streamc.errors import CompileError, StreamcError
 from streamc.graph import load_model_serialized
 from streamc.passes.memory import ConventionalPlan, MemoryPlan, plan_conventional
-from streamc.passes.schedule import smallest_tile
+from streamc.passes.schedule import MAX_TILES, smallest_tile
 from streamc.policy import DEFAULT_POLICY, RuntimePolicy
 from streamc.program import Program
 from streamc.units import format_bytes, parse_bytes
@@ -108,8 +108,8 @@ def candidate_tiles(analysis: Analysis, factor: float = 2 ** 0.5) -> list[int]:
 def search_tiles(model: str | Path | onnx.ModelProto, image: Sequence[int] | None, *,
                  tiles: Sequence[int] | None = None, budget: int | str | None = None,
                  input: str | None = None, exact: bool = False, optimizer_copies: int = 2,
-                 policy: RuntimePolicy = DEFAULT_POLICY,
-                 progress: Progress | None = None) -> TileSearch:
+                 policy: RuntimePolicy = DEFAULT_POLICY, progress: Progress | None = None,
+                 max_tiles: int = MAX_TILES) -> TileSearch:
     """Compile and plan ``model`` at each tile size in ``tiles`` (default
     :func:`candidate_tiles`); with ``budget`` (bytes or a size such as ``'8GiB'``) from the
     largest down, stopping at the first that fits, which is :attr:`TileSearch.chosen`.
@@ -146,7 +146,7 @@ def search_tiles(model: str | Path | onnx.ModelProto, image: Sequence[int] | Non
         for k, t in enumerate(order):
             say(f"planning tile {t} ({k + 1} of at most {len(order)})")
             plan = _plan_tile(analysis, t, source, conventional, policy, exact,
-                              optimizer_copies)
+                              optimizer_copies, max_tiles)
             plans.append(plan)
             if limit is not None and plan.peak <= limit:
                 break
@@ -157,10 +157,11 @@ def search_tiles(model: str | Path | onnx.ModelProto, image: Sequence[int] | Non
 
 
 def _plan_tile(analysis: Analysis, tile: int, source, conventional: ConventionalPlan,
-               policy: RuntimePolicy, exact: bool, optimizer_copies: int) -> TilePlan:
+               policy: RuntimePolicy, exact: bool, optimizer_copies: int,
+               max_tiles: int) -> TilePlan:
     state = compile_state(analysis, tile, source, with_flops=True, with_memory_plan=True,
                           conventional=conventional, policy=policy, exact=exact,
-                          optimizer_copies=optimizer_copies)
+                          optimizer_copies=optimizer_copies, max_tiles=max_tiles)
     program: Program = state["program"]
     plan: MemoryPlan = state["memory_plan"]
     flops = program.meta.flops

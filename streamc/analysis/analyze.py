@@ -53,6 +53,8 @@ class Analysis:
     image_shape: tuple[int | None, ...]
     tensors: dict[str, PrefixTensor] = field(default_factory=dict)
     alignment: tuple[int, ...] = ()
+    #: the model as loaded, before its size was fixed and its constants folded
+    source: onnx.ModelProto | None = field(default=None, repr=False)
 
     @property
     def input_name(self) -> str:
@@ -192,4 +194,5 @@ def analyze_checked(
         image_shape=tuple(graph.shape(input_name) or ()),
         tensors=tensors,
         alignment=alignment({t: f.stride for t, f in fields.items()}, split.n_spatial),
+        source=proto,
     )

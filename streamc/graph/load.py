@@ -30,11 +30,19 @@ def load_model_serialized(model: str | Path | onnx.ModelProto) -> tuple[onnx.Mod
         if path.is_dir():
             raise ModelLoadError(f"{path} is a directory, not an ONNX model file.")
         try:
-            proto = onnx.load(str(path), load_external_data=True)
-        except Exception as exc:  # protobuf raises several unrelated types
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:  # noqa: BLE001 - protobuf raises several unrelated types
             raise ModelLoadError(
                 f"{path} is not a readable ONNX model ({type(exc).__name__}): "
                 "pass a .onnx file exported with torch.onnx.export or similar."
+            ) from None
+        try:
+            onnx.load_external_data_for_model(proto, str(path.parent))
+        except Exception as exc:  # noqa: BLE001 - a missing or unreadable data file
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelLoadError(
+                f"{path} keeps its weights in external data that cannot be read: {detail} "
+                "Put the data file(s) beside the model, as when it was saved."
             ) from None
         if not proto.graph.node and not proto.graph.input:
             raise ModelLoadError(f"{path} is not an ONNX model (it parsed to an empty graph).")
@@ -44,6 +52,10 @@ def load_model_serialized(model: str | Path | onnx.ModelProto) -> tuple[onnx.Mod
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise ModelLoadError(f"{where} fails the ONNX checker: {first}") from None
+    except UnicodeDecodeError:  # a name or string attribute that is not UTF-8: damaged bytes
+        raise ModelLoadError(
+            f"{where} is damaged: it holds text that is not UTF-8 (a corrupt or truncated "
+            "file?); export it again.") from None
     return proto, serialized
 
 

@@ -42,6 +42,14 @@ def choose_image_input(model: onnx.ModelProto, input_name: str | None = None) ->
             raise UnsupportedModelError(
                 f"the model has no input named {input_name!r}; its inputs are {all_inputs}."
             )
+        if input_name not in image_like_inputs(model):
+            vi = next(v for v in model.graph.input if v.name == input_name)
+            kind = onnx.TensorProto.DataType.Name(vi.type.tensor_type.elem_type).lower()
+            shape = dims(vi)
+            raise UnsupportedModelError(
+                f"input {input_name!r} ({kind}, shape {list(shape) if shape else '?'}) is not an "
+                "image: streamc streams float tensors of shape N x C x H x W or N x C x D x H x W."
+            )
         return input_name
     candidates = image_like_inputs(model)
     if not candidates:
@@ -75,6 +83,8 @@ def prepare(
     n_spatial = len(dims) - 2
     if image is not None:
         image = tuple(int(v) for v in image)
+        if len(image) == 1:  # one number for every spatial axis
+            image = image * n_spatial
         if len(image) != n_spatial:
             raise UnsupportedModelError(
                 f"input {name!r} has {n_spatial} spatial axes but the image size "

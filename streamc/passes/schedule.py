@@ -135,42 +135,96 @@ def min_tile(analysis: Analysis, axis: int) -> int:
     return widest
 
 
-def _axis_boundaries(analysis: Analysis, axis: int, size: int, tile: int, align: int
-                     ) -> list[int]:
-    """As few aligned boundaries as keep every crop along ``axis`` within ``tile`` pixels."""
+def _even_bounds(analysis: Analysis, axis: int, size: int, n: int, align: int) -> list[int]:
+    """Boundaries of ``n`` tiles (or fewer) of equal aligned kept size along ``axis``."""
+    kept = math.ceil(size / n / align) * align
+    bounds = sorted({min(i * kept, size) for i in range(n)} | {size})
+    return _without_empty(analysis, axis, bounds, size)
 
-    def max_crop(bounds: list[int]) -> int:
-        return max(b - a for a, b in _crops(analysis, axis, bounds, size))
 
-    whole = [0, size]
-    if max_crop(whole) <= tile:
-        return whole
-    smallest = min_tile(analysis, axis)
-    if smallest > tile:
-        aligned = -(-smallest // align) * align
-        raise CompileError(
-            f"tile {tile} along axis {axis} is too small to make progress: keeping one aligned "
-            f"step of {align} px needs a crop of up to {smallest} px (the receptive field's "
-            f"halo). Use a tile of at least {aligned}."
-        )
+def _first_guess(size: int, tile: int, align: int, smallest: int) -> int:
+    """Tiles along an axis when every tile pays the full halo (an interior tile's; border
+    tiles pay less, so fewer may fit)."""
     halo = max(0, smallest - align)
-    n = max(2, math.ceil(size / max(align, tile - halo)))
+    return max(2, math.ceil(size / max(align, tile - halo)))
+
+
+def _axis_boundaries(analysis: Analysis, axis: int, tile: int, smallest: int) -> list[int]:
+    """The fewest aligned tiles of equal kept size whose every crop along ``axis`` fits in
+    ``tile`` pixels (``smallest``: :func:`min_tile` of the axis)."""
+    size, align = analysis.image_size[axis], analysis.alignment[axis]
+
+    def fits(bounds: list[int]) -> bool:
+        return max(b - a for a, b in _crops(analysis, axis, bounds, size)) <= tile
+
+    if fits([0, size]):
+        return [0, size]
+    n = _first_guess(size, tile, align, smallest)
     while True:
-        kept = math.ceil(size / n / align) * align
-        bounds = sorted({min(i * kept, size) for i in range(n)} | {size})
-        bounds = _without_empty(analysis, axis, bounds, size)
-        if max_crop(bounds) <= tile:
-            return bounds
-        if kept <= align:  # cannot happen: the finest tiling's widest crop is `smallest`
+        found = _even_bounds(analysis, axis, size, n, align)
+        if fits(found):
+            break
+        if math.ceil(size / n / align) * align <= align:  # cannot happen: see min_tile
             raise CompileError(
                 f"internal error: no tiling along axis {axis} fits tile {tile} although the "
                 f"smallest useful tile is {smallest}; please report this."
             )
         n += 1
+    # Border tiles need less halo than the guess assumed: fewer tiles may fit. A tile never
+    # keeps more than its crop, so at least size/tile are needed.
+    fewest = max(2, math.ceil(size / tile))
+    if n - fewest <= 32:
+        for m in range(fewest, n):
+            bounds = _even_bounds(analysis, axis, size, m, align)
+            if fits(bounds):
+                return bounds
+        return found
+    m = n - 1
+    while m >= fewest:
+        bounds = _even_bounds(analysis, axis, size, m, align)
+        if not fits(bounds):
+            break
+        found, m = bounds, m - 1
+    return found
 
 
-def make_schedule(analysis: Analysis, tile: int | str | Sequence[int]) -> Schedule:
-    """Lay the tile grid for ``analysis``'s image size (see module docstring)."""
+def _too_small(tile: int, axis: int, align: int, smallest: int) -> CompileError:
+    aligned = -(-smallest // align) * align
+    return CompileError(
+        f"tile {tile} along axis {axis} is too small to make progress: keeping one aligned "
+        f"step of {align} px needs a crop of up to {smallest} px (the receptive field's "
+        f"halo). Use a tile of at least {aligned}."
+    )
+
+
+#: The most tiles a schedule may have unless the caller allows more (``max_tiles``): beyond it
+#: compiling takes minutes and every step pays per-tile overhead; usually the tile is too small.
+MAX_TILES = 20_000
+
+
+def _refuse_many_tiles(analysis: Analysis, tiles: Sequence[int], smallest: Sequence[int],
+                       max_tiles: int) -> None:
+    guess = [1 if tiles[a] >= size else _first_guess(size, tiles[a], analysis.alignment[a],
+                                                      smallest[a])
+             for a, size in enumerate(analysis.image_size)]
+    total = math.prod(guess)
+    if total <= max_tiles:
+        return
+    per_axis = [math.ceil(size / (max_tiles ** (1 / len(guess)))) for size in analysis.image_size]
+    better = max(max(p + s - a for p, s, a in zip(per_axis, smallest, analysis.alignment)),
+                 max(tiles))
+    raise CompileError(
+        f"tile {'x'.join(map(str, tiles))} would need about {total:,} tiles "
+        f"({' x '.join(map(str, guess))}) for a {'x'.join(map(str, analysis.image_size))} "
+        f"image, more than the limit of {max_tiles:,}: use a larger tile (about {better} keeps "
+        f"it under the limit), or raise the limit (--max-tiles, max_tiles=) to go on anyway."
+    )
+
+
+def make_schedule(analysis: Analysis, tile: int | str | Sequence[int],
+                  max_tiles: int = MAX_TILES) -> Schedule:
+    """Lay the tile grid for ``analysis``'s image size (see module docstring); refuse at once
+    a tile so small that the grid would have more than ``max_tiles`` tiles."""
     size = analysis.image_size
     if any(s is None for s in size):
         raise CompileError(
@@ -195,9 +249,15 @@ def make_schedule(analysis: Analysis, tile: int | str | Sequence[int]) -> Schedu
                 f"cut tensor {cut!r} is empty at image size {size}: the image is too small for "
                 "this network."
             )
+    smallest = []
+    for axis in range(analysis.n_spatial):
+        needed = 0 if aligned[axis] >= size[axis] else min_tile(analysis, axis)
+        if needed > aligned[axis]:
+            raise _too_small(aligned[axis], axis, analysis.alignment[axis], needed)
+        smallest.append(needed)
+    _refuse_many_tiles(analysis, aligned, smallest, max_tiles)
     boundaries = tuple(
-        tuple(_axis_boundaries(analysis, axis, size[axis], aligned[axis],
-                               analysis.alignment[axis]))
+        tuple(_axis_boundaries(analysis, axis, aligned[axis], smallest[axis]))
         for axis in range(analysis.n_spatial)
     )
     schedule = Schedule(tuple(size), requested, tuple(aligned), analysis.alignment, boundaries,

@@ -21,13 +21,12 @@ gradients summed.
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from streamc.errors import InputError
 from streamc.program import Program
+from streamc.progress import progress_bar
 from streamc.runtime.backend import Backend
 from streamc.runtime.weights import WeightSet
 from streamc.steps import Step, StepKind, program_steps
@@ -226,26 +225,5 @@ class Interpreter:
                 return [d.dim_value for d in vi.type.tensor_type.shape.dim]
         raise InputError(f"internal: graph {graph} has no input {name!r}")
 
-    @contextmanager
-    def _bar(self, total: int, desc: str) -> Iterator[Callable[[], None]]:
-        show = self.progress
-        if show is None:
-            show = total >= 8 and _stderr_is_terminal()
-        if not show:
-            yield lambda: None
-            return
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc=f"streamc {desc}", unit="tile", leave=False,
-                   dynamic_ncols=True)
-        try:
-            yield lambda: bar.update(1)
-        finally:
-            bar.close()
-
-
-def _stderr_is_terminal() -> bool:
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
+    def _bar(self, total: int, desc: str):
+        return progress_bar(total, desc, self.progress)
