@@ -23,25 +23,28 @@ from streamc.analysis.analyze import analyze_checked
 from streamc.errors import CompileError
 from streamc.graph import FLOAT_TYPES, load_model_serialized
 from streamc.meta import (
+    BufferSpec,
     ClassSpec,
-    CutSpec,
     FlopCounts,
-    HeadSpec,
+    GraphSpec,
     InputSpec,
     ParameterSpec,
     ProgramMeta,
     SourceSpec,
+    StageSpec,
+    TilePart,
     TileSpec,
     tile_run_order,
 )
 from streamc.passes.autodiff import BackwardGraph, build_backward
 from streamc.passes.extract import (
-    Head,
     Parameters,
+    extract_global,
     extract_head,
     model_graph,
     model_parameters,
     parameter_values,
+    stacked_name,
     tied_parameters,
 )
 from streamc.passes.flops import backward_flops, count_flops
@@ -139,16 +142,20 @@ def compile_state(analysis: Analysis, tile: int | str | Sequence[int], source: S
 
 @dataclass
 class Layouts:
-    """Every tile's layout, each tile's shape class, and one layout per class."""
+    """Every (tile, stage) layout, each one's shape class, and one layout per class."""
 
-    tiles: list[TileLayout]
-    class_of: list[int]
+    tiles: list[list[TileLayout | None]]  # [tile][stage]
+    class_of: list[list[int | None]]  # [tile][stage]
     classes: list[TileLayout]
 
 
 @dataclass
-class HeadGraphs:
-    head: Head
+class GraphAndBackward:
+    """A graph on whole buffers (a global graph or the head) and its backward graph."""
+
+    inputs: list[str]
+    outputs: dict[str, str]  # buffer or model output -> graph output
+    model: onnx.ModelProto
     backward: BackwardGraph
 
 
@@ -162,17 +169,28 @@ def _check_schedule(s: Mapping[str, Any], schedule: Schedule) -> None:
 
 def _layouts(s: Mapping[str, Any]) -> Layouts:
     analysis, schedule = s["analysis"], s["schedule"]
-    tiles, class_of, classes = [], [], []
+    stages = analysis.split.stages
+    tiles: list[list[TileLayout | None]] = []
+    class_of: list[list[int | None]] = []
+    classes: list[TileLayout] = []
     by_signature: dict[tuple, int] = {}
     with progress_bar(len(schedule.tiles), "layout") as tick:
         for tile in schedule.tiles:
-            layout = layout_tile(analysis, tile)
-            signature = layout.signature()
-            if signature not in by_signature:
-                by_signature[signature] = len(classes)
-                classes.append(layout)
-            tiles.append(layout)
-            class_of.append(by_signature[signature])
+            row, ids = [], []
+            for k in range(stages):
+                if not tile.crops[k]:
+                    row.append(None)
+                    ids.append(None)
+                    continue
+                layout = layout_tile(analysis, tile, k)
+                signature = layout.signature()
+                if signature not in by_signature:
+                    by_signature[signature] = len(classes)
+                    classes.append(layout)
+                row.append(layout)
+                ids.append(by_signature[signature])
+            tiles.append(row)
+            class_of.append(ids)
             tick()
     return Layouts(tiles, class_of, classes)
 
@@ -180,8 +198,10 @@ def _layouts(s: Mapping[str, Any]) -> Layouts:
 def _check_layouts(s: Mapping[str, Any], layouts: Layouts) -> None:
     """The layout check: every tile's kept regions are exact (docs/architecture.md)."""
     with progress_bar(len(layouts.tiles), "layout check") as tick:
-        for tile, layout in zip(s["schedule"].tiles, layouts.tiles):
-            verify_layout(s["analysis"], tile, layout)
+        for tile, row in zip(s["schedule"].tiles, layouts.tiles):
+            for layout in row:
+                if layout is not None:
+                    verify_layout(s["analysis"], tile, layout)
             tick()
 
 
@@ -193,18 +213,28 @@ def _tile_graphs(s: Mapping[str, Any]) -> list[onnx.ModelProto]:
 
 def _check_tile_graphs(s: Mapping[str, Any], graphs: list[onnx.ModelProto]) -> None:
     for k, (graph, layout) in enumerate(zip(graphs, s["layouts"].classes)):
-        if len(graph.graph.output) != len(layout.outputs):
+        expected = len(layout.outputs) + len(layout.partials)
+        if len(graph.graph.output) != expected:
             raise CompileError(f"internal error: tile class {k} has {len(graph.graph.output)} "
-                               f"outputs for {len(layout.outputs)} kept cut tensors.")
+                               f"outputs for {expected} kept regions and partials.")
+
+
+def _differentiated(s: Mapping[str, Any], graph: onnx.ModelProto, image: bool = True
+                    ) -> list[str]:
+    """The inputs of ``graph`` a backward graph gives gradients of: trainable parameters and
+    every buffer but the image (whose gradient nobody needs)."""
+    trainable = set(s["parameters"].trainable)
+    params = s["parameters"].names
+    image_name = s["analysis"].input_name
+    return [i.name for i in graph.graph.input
+            if i.name in trainable or (i.name not in params and i.name != image_name)]
 
 
 def _backward_graphs(s: Mapping[str, Any]) -> list[BackwardGraph]:
-    trainable = set(s["parameters"].trainable)
     result = []
     with progress_bar(len(s["tile_graphs"]), "autodiff", unit="class") as tick:
         for k, forward in enumerate(s["tile_graphs"]):
-            inputs = [i.name for i in forward.graph.input]
-            result.append(build_backward(forward, wrt=[n for n in inputs if n in trainable],
+            result.append(build_backward(forward, wrt=_differentiated(s, forward),
                                          outputs=[o.name for o in forward.graph.output],
                                          name=f"tile{k}_backward"))
             tick()
@@ -212,54 +242,72 @@ def _backward_graphs(s: Mapping[str, Any]) -> list[BackwardGraph]:
 
 
 def _check_backward(s: Mapping[str, Any], graphs: list[BackwardGraph]) -> None:
-    trainable = set(s["parameters"].trainable)
     for k, (forward, backward) in enumerate(zip(s["tile_graphs"], graphs)):
-        wanted = {i.name for i in forward.graph.input if i.name in trainable}
+        wanted = set(_differentiated(s, forward))
         outputs = {o.name for o in forward.graph.output}
         if set(backward.gradients) != wanted or set(backward.cotangents) != outputs:
             raise CompileError(f"internal error: the backward graph of tile class {k} does not "
-                               "take one cotangent per output and give one gradient per weight.")
+                               "take one cotangent per output and give one gradient per input.")
 
 
-def _head(s: Mapping[str, Any]) -> HeadGraphs:
-    params: Parameters = s["parameters"]
-    head = extract_head(s["analysis"], params.names)
-    trainable = set(params.trainable)
-    wrt = list(head.inputs) + [i.name for i in head.model.graph.input if i.name in trainable]
-    floats = [o.name for o in head.model.graph.output
-              if o.type.tensor_type.elem_type in FLOAT_TYPES]
-    return HeadGraphs(head, build_backward(head.model, wrt=wrt, outputs=floats,
-                                           name="head_backward"))
+def _with_backward(s: Mapping[str, Any], model: onnx.ModelProto, inputs: list[str],
+                   outputs: dict[str, str], name: str) -> GraphAndBackward:
+    floats = [o.name for o in model.graph.output if o.type.tensor_type.elem_type in FLOAT_TYPES]
+    wrt = [i for i in _differentiated(s, model) if i in inputs or i in s["parameters"].names]
+    backward = build_backward(model, wrt=wrt, outputs=floats, name=f"{name}_backward")
+    return GraphAndBackward(list(inputs), outputs, model, backward)
+
+
+def _globals(s: Mapping[str, Any]) -> list[GraphAndBackward]:
+    analysis = s["analysis"]
+    names = s["parameters"].names
+    tiles = len(s["schedule"].tiles)
+    result = []
+    for ready in range(1, analysis.split.stages):
+        graph = extract_global(analysis, ready, names, tiles)
+        result.append(_with_backward(s, graph.model, graph.inputs,
+                                     {t: t for t in graph.outputs}, f"global{ready}"))
+    return result
+
+
+def _head(s: Mapping[str, Any]) -> GraphAndBackward:
+    head = extract_head(s["analysis"], s["parameters"].names)
+    return _with_backward(s, head.model, head.inputs, head.outputs, "head")
 
 
 def _flops(s: Mapping[str, Any]) -> FlopCounts:
-    """Tiled and untiled FLOPs, forward and backward: the recompute overhead of tiling.
+    """Tiled and untiled FLOPs, forward and backward: the recompute overhead of tiling; and the
+    whole model's forward FLOPs.
 
     The untiled figures come from the same pass run on one tile that covers the whole image,
     so both sides are counted by the same table on the same kind of graph.
     """
     analysis, layouts = s["analysis"], s["layouts"]
-    params: Parameters = s["parameters"]
-    trainable = set(params.trainable)
     per_class = []
     for forward in s["tile_graphs"]:
-        wrt = {i.name for i in forward.graph.input if i.name in trainable}
+        wrt = set(_differentiated(s, forward))
         per_class.append((count_flops(forward), backward_flops(forward, wrt)))
-    whole = layout_tile(analysis, _whole_image_tile(analysis))
-    untiled = emit_tile_graph(analysis, whole, params.names, name="untiled_forward")
-    untiled_wrt = {i.name for i in untiled.graph.input if i.name in trainable}
+    whole = _whole_image_tile(analysis)
+    untiled_fwd = untiled_bwd = 0
+    for k in range(analysis.split.stages):
+        layout = layout_tile(analysis, whole, k)
+        untiled = emit_tile_graph(analysis, layout, s["parameters"].names, name="untiled")
+        untiled_fwd += count_flops(untiled)
+        untiled_bwd += backward_flops(untiled, set(_differentiated(s, untiled)))
+    used = [k for row in layouts.class_of for k in row if k is not None]
     return FlopCounts(
-        untiled_forward=count_flops(untiled),
-        untiled_backward=backward_flops(untiled, untiled_wrt),
-        tiled_forward=sum(per_class[k][0] for k in layouts.class_of),
-        tiled_backward=sum(per_class[k][1] for k in layouts.class_of),
+        untiled_forward=untiled_fwd, untiled_backward=untiled_bwd,
+        tiled_forward=sum(per_class[k][0] for k in used),
+        tiled_backward=sum(per_class[k][1] for k in used),
+        model_forward=count_flops(analysis.model),
     )
 
 
 def _whole_image_tile(analysis: Analysis) -> Tile:
-    kept = {c: tuple((0, n) for n in analysis.extent(c)) for c in analysis.cut_tensors}
-    crop = tuple((0, n) for n in analysis.image_size)
-    return Tile((0,) * analysis.n_spatial, kept, crop)
+    kept = {c: tuple((0, n) for n in analysis.extent(c)) for c in analysis.targets}
+    crops = tuple({t: tuple((0, n) for n in analysis.extent(t)) for t in stage.inputs}
+                  for stage in analysis.split.stage_io)
+    return Tile((0,) * analysis.n_spatial, kept, crops)
 
 
 def _program(s: Mapping[str, Any]) -> Program:
@@ -268,25 +316,17 @@ def _program(s: Mapping[str, Any]) -> Program:
     layouts: Layouts = s["layouts"]
     params: Parameters = s["parameters"]
     graphs: dict[str, onnx.ModelProto] = {}
-    classes = []
-    for k, (layout, forward, backward) in enumerate(zip(layouts.classes, s["tile_graphs"],
-                                                        s["backward_graphs"])):
-        fwd_name, bwd_name = f"graphs/tile{k}_forward.onnx", f"graphs/tile{k}_backward.onnx"
-        graphs[fwd_name], graphs[bwd_name] = forward, backward.model
-        outputs = [o.name for o in forward.graph.output]
-        cut_of = {name: cut for (cut, _), name in zip(layout.outputs, outputs)}
-        inputs = [i.name for i in forward.graph.input]
-        classes.append(ClassSpec(
-            id=k, forward=fwd_name, backward=bwd_name, input_size=tuple(layout.input_size),
-            outputs={cut_of[o]: o for o in outputs},
-            cotangents={cut_of[o]: c for o, c in backward.cotangents.items()},
-            gradients=dict(backward.gradients),
-            parameters=tuple(n for n in inputs if n in params.names)))
-    tiles = [TileSpec(tuple(t.index), layouts.class_of[i], tuple(t.crop), dict(t.kept))
-             for i, t in enumerate(schedule.tiles)]
-    head: HeadGraphs = s["head"]
-    graphs["graphs/head_forward.onnx"] = head.head.model
-    graphs["graphs/head_backward.onnx"] = head.backward.model
+    classes = [_class_spec(k, layout, forward, backward, params, graphs)
+               for k, (layout, forward, backward) in enumerate(
+                   zip(layouts.classes, s["tile_graphs"], s["backward_graphs"]))]
+    tiles = [TileSpec(tuple(t.index), tuple(
+        None if layout is None else TilePart(
+            layouts.class_of[i][k], dict(t.crops[k]),
+            {c: t.kept[c] for c in analysis.split.stage_io[k].targets if c in t.kept})
+        for k, layout in enumerate(layouts.tiles[i]))) for i, t in enumerate(schedule.tiles)]
+    global_specs = [_graph_spec(f"global{k + 1}", g, graphs, k + 1)
+                    for k, g in enumerate(s["globals"])]
+    head = _graph_spec("head", s["head"], graphs, analysis.split.stages)
     graphs["graphs/model.onnx"] = _export_graph(analysis, params)
     meta = ProgramMeta(
         source=s["source"],
@@ -297,22 +337,82 @@ def _program(s: Mapping[str, Any]) -> Program:
         tile=tuple(schedule.tile),
         alignment=tuple(schedule.alignment),
         boundaries=tuple(tuple(b) for b in schedule.boundaries),
-        notes=list(schedule.notes) + _tied_notes(analysis, params),
-        cut_tensors=[CutSpec(c, tuple(analysis.graph.shape(c)), analysis.tensors[c].stride,
-                             tuple(analysis.tensors[c].receptive_field))
-                     for c in analysis.cut_tensors],
+        notes=list(schedule.notes) + _tied_notes(analysis, params) + _share_notes(s),
+        buffers=_buffers(analysis, len(tiles)),
         parameters=_parameter_specs(analysis, params),
+        stages=_stage_specs(analysis, tiles),
         classes=classes,
         tiles=tiles,
-        run_order=tile_run_order(tiles),
-        head=HeadSpec("graphs/head_forward.onnx", "graphs/head_backward.onnx",
-                      tuple(head.head.inputs), dict(head.head.outputs),
-                      dict(head.backward.cotangents), dict(head.backward.gradients)),
+        globals=global_specs,
+        head=head,
         outputs=list(analysis.graph.outputs),
         model="graphs/model.onnx",
         flops=s["flops"],
     )
     return Program(meta, graphs, parameter_values(analysis.graph.constants, params.names))
+
+
+def _class_spec(k: int, layout: TileLayout, forward: onnx.ModelProto, backward: BackwardGraph,
+                params: Parameters, graphs: dict[str, onnx.ModelProto]) -> ClassSpec:
+    fwd_name, bwd_name = f"graphs/tile{k}_forward.onnx", f"graphs/tile{k}_backward.onnx"
+    graphs[fwd_name], graphs[bwd_name] = forward, backward.model
+    outputs = [o.name for o in forward.graph.output]
+    kept = dict(zip(outputs, [t for t, _ in layout.outputs]))
+    partial = dict(zip(outputs[len(layout.outputs):],
+                       [stacked_name(r) for r, _ in layout.partials]))
+    source = {**kept, **partial}
+    inputs = [i.name for i in forward.graph.input]
+    return ClassSpec(
+        id=k, stage=layout.stage, forward=fwd_name, backward=bwd_name,
+        inputs={t: tuple(size) for t, size in layout.inputs},
+        side_inputs=tuple(n for n in inputs if n not in params.names
+                          and n not in dict(layout.inputs)),
+        outputs={kept[o]: o for o in kept}, partials={partial[o]: o for o in partial},
+        cotangents={source[o]: c for o, c in backward.cotangents.items()},
+        gradients=dict(backward.gradients),
+        parameters=tuple(n for n in inputs if n in params.names))
+
+
+def _graph_spec(name: str, graph: GraphAndBackward, graphs: dict[str, onnx.ModelProto],
+                ready: int) -> GraphSpec:
+    fwd_name, bwd_name = f"graphs/{name}_forward.onnx", f"graphs/{name}_backward.onnx"
+    graphs[fwd_name], graphs[bwd_name] = graph.model, graph.backward.model
+    return GraphSpec(name, fwd_name, bwd_name, tuple(graph.inputs), dict(graph.outputs),
+                     dict(graph.backward.cotangents), dict(graph.backward.gradients), ready)
+
+
+def _buffers(analysis: Analysis, tiles: int) -> list[BufferSpec]:
+    graph, split = analysis.graph, analysis.split
+    buffers: list[BufferSpec] = []
+    seen: set[str] = set()
+    for stage in split.stage_io:
+        for name in stage.outputs:
+            if name not in seen:
+                info = analysis.tensors[name]
+                buffers.append(BufferSpec(name, tuple(graph.shape(name)),
+                                          graph.dtypes.get(name, 1), "grid", info.stride,
+                                          tuple(info.receptive_field), split.layout(name)))
+                seen.add(name)
+        for reduction in stage.reductions:
+            shape = list(graph.shape(reduction.tensor))
+            for axis in reduction.rule.axes:
+                shape[axis] = 1
+            identity = {"ReduceSum": 0.0, "ReduceMax": float("-inf"),
+                        "ReduceMin": float("inf")}[reduction.rule.partial]
+            buffers.append(BufferSpec(stacked_name(reduction.output), (tiles, *shape),
+                                      graph.dtypes.get(reduction.tensor, 1), "partials",
+                                      identity=identity))
+    for name in split.ready:
+        buffers.append(BufferSpec(name, tuple(graph.shape(name)), graph.dtypes.get(name, 1),
+                                  "global"))
+    return buffers
+
+
+def _stage_specs(analysis: Analysis, tiles: list[TileSpec]) -> list[StageSpec]:
+    return [StageSpec(k, tuple(io.inputs), tuple(io.side_inputs), tuple(io.outputs),
+                      tuple(stacked_name(r.output) for r in io.reductions),
+                      tuple(tile_run_order(tiles, k)))
+            for k, io in enumerate(analysis.split.stage_io)]
 
 
 def _export_graph(analysis: Analysis, params: Parameters) -> onnx.ModelProto:
@@ -342,7 +442,25 @@ def _tied_notes(analysis: Analysis, params: Parameters) -> list[str]:
         f"{'is an Identity' if len(aliases) == 1 else 'are Identities'} of {name!r}, so "
         f"they share one value and train as one parameter; export after the weights differ "
         f"(randomised or trained) to keep them apart."
-        for name, aliases in tied_parameters(analysis.model, params.trainable).items()]
+        for name, aliases in tied_parameters(analysis.source or analysis.model,
+                                             params.trainable).items()]
+
+
+#: Below this share of the model's forward FLOPs streamed, the compile notes say so.
+LOW_STREAMED_SHARE = 0.5
+
+
+def _share_notes(s: Mapping[str, Any]) -> list[str]:
+    """A note when streaming buys little: the stages compute a small part of the model."""
+    flops: FlopCounts | None = s["flops"]
+    share = flops.streamed_share if flops is not None else None
+    if share is None or share >= LOW_STREAMED_SHARE:
+        return []
+    analysis: Analysis = s["analysis"]
+    stop = analysis.split.stops[0].sentence() if analysis.split.stops else "the head"
+    return [f"streaming buys little here: the tiles compute only {share:.0%} of the model's "
+            f"forward FLOPs, the rest runs on whole tensors in the head; the grid ends at "
+            f"{stop}."]
 
 
 def _memory_plan(s: Mapping[str, Any]) -> MemoryPlan:
@@ -356,25 +474,26 @@ def compile_passes(with_flops: bool = True, with_memory_plan: bool = True) -> li
     """The compiler's passes in the order they run (see the module docstring)."""
     passes = [
         Pass("parameters", ("analysis",), "parameters",
-             lambda s: model_parameters(s["analysis"].model),
+             lambda s: model_parameters(s["analysis"]),
              doc="which initializers the runtime owns: trainable weights and buffers"),
         Pass("schedule", ("analysis", "tile", "max_tiles"), "schedule", _schedule,
-             _check_schedule,
-             doc="the tile grid; kept regions partition every cut tensor"),
+             _check_schedule, doc="the tile grid; kept regions partition every target"),
         Pass("layout", ("analysis", "schedule"), "layouts", _layouts, _check_layouts,
-             doc="each tile's cone in tile-local numbers, checked exact; shape classes"),
+             doc="each tile's cone per stage in tile-local numbers, checked exact; classes"),
         Pass("tile graphs", ("analysis", "layouts", "parameters"), "tile_graphs", _tile_graphs,
              _check_tile_graphs, doc="one forward ONNX graph per shape class"),
-        Pass("autodiff", ("tile_graphs", "parameters"), "backward_graphs", _backward_graphs,
-             _check_backward, doc="the backward graph of each tile graph"),
+        Pass("autodiff", ("tile_graphs", "parameters", "analysis"), "backward_graphs",
+             _backward_graphs, _check_backward, doc="the backward graph of each tile graph"),
+        Pass("globals", ("analysis", "parameters", "schedule"), "globals", _globals,
+             doc="the graphs on per-sample values between stages, and their backward"),
         Pass("head", ("analysis", "parameters"), "head", _head,
-             doc="the graph after the cut, and its backward graph"),
+             doc="the graph after the grid, and its backward graph"),
         Pass("flops", ("analysis", "layouts", "tile_graphs", "parameters"), "flops",
              _flops if with_flops else (lambda s: None),
-             doc="tiled and untiled FLOPs: the recompute overhead"),
+             doc="tiled, untiled and whole-model FLOPs: the recompute overhead"),
         Pass("program", ("analysis", "schedule", "layouts", "parameters", "tile_graphs",
-                         "backward_graphs", "head", "flops", "source"), "program", _program,
-             doc="the program: graphs, parameters and its typed description"),
+                         "backward_graphs", "globals", "head", "flops", "source"), "program",
+             _program, doc="the program: graphs, parameters and its typed description"),
     ]
     if with_memory_plan:
         passes.append(Pass("memory plan", ("program", "analysis", "conventional", "policy",

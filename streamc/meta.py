@@ -4,6 +4,14 @@
 runtime, the memory planner and the CLI; :meth:`ProgramMeta.to_json` and
 :meth:`ProgramMeta.from_json` are the only places that know the on-disk keys. A box is one
 half-open ``(start, stop)`` interval per spatial axis, in full-image coordinates of its tensor.
+
+A program runs in **stages** (docs/architecture.md): stage ``k`` runs one tile graph per tile
+(the graph of the tile's shape class in that stage), reading crops of whole tensors (the image,
+or *buffers* earlier stages wrote) and per-sample *global* buffers, and writing the kept regions
+of its output buffers and its partials of whole-image reductions (one row per tile of a
+*partials* buffer). Between stages a *global graph* combines the partials into global buffers;
+after the last stage the *head* runs on whole buffers. A network without reductions inside has
+one stage and no global graph.
 """
 
 from __future__ import annotations
@@ -18,8 +26,8 @@ from streamc.errors import ProgramError
 from streamc.ops.memory import element_bytes
 
 FORMAT = "streamc-program"
-#: Version 2: typed metadata, the run order and the runtime policy of the stored memory plan.
-FORMAT_VERSION = 2
+#: Version 3: stages, buffers and global graphs (version 2: typed metadata, run order, policy).
+FORMAT_VERSION = 3
 
 Box = tuple[tuple[int, int], ...]
 
@@ -40,6 +48,14 @@ def _fraction_json(value: Fraction) -> int | str:
     return value.numerator if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
 
 
+def _boxes(value: Mapping[str, Any]) -> dict[str, Box]:
+    return {str(k): _box(v) for k, v in value.items()}
+
+
+def _boxes_json(value: Mapping[str, Box]) -> dict[str, list[list[int]]]:
+    return {k: _box_json(v) for k, v in value.items()}
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """The image input: its name, full shape (N, C, *size) and ONNX element type."""
@@ -54,17 +70,44 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
-class CutSpec:
-    """A tensor that leaves the prefix: its full shape, cumulative stride and receptive field."""
+class BufferSpec:
+    """A whole tensor the runtime holds between graph runs (shapes are per compiled batch).
+
+    ``kind``: ``"grid"`` (a grid tensor a stage writes whole: its ``stride``, ``receptive_field``
+    and the positions of its spatial axes, ``layout``), ``"global"`` (a per-sample tensor) or
+    ``"partials"`` (the partials of one reduction, one row per tile; a row no tile writes holds
+    ``identity``).
+    """
 
     name: str
     shape: tuple[int, ...]
-    stride: tuple[Fraction, ...]
-    receptive_field: tuple[int, ...]
+    elem_type: int = 1
+    kind: str = "grid"
+    stride: tuple[Fraction, ...] = ()
+    receptive_field: tuple[int, ...] = ()
+    layout: tuple[int, ...] = ()
+    identity: float = 0.0
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * 4
+        return math.prod(self.shape) * element_bytes(self.elem_type)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "elem_type": self.elem_type,
+                "kind": self.kind, "stride": [_fraction_json(s) for s in self.stride],
+                "receptive_field": list(self.receptive_field), "layout": list(self.layout),
+                "identity": self.identity}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> BufferSpec:
+        return cls(str(d["name"]), tuple(map(int, d["shape"])), int(d["elem_type"]),
+                   str(d["kind"]), tuple(_fraction(s) for s in d["stride"]),
+                   tuple(map(int, d["receptive_field"])), tuple(map(int, d["layout"])),
+                   float(d["identity"]))
+
+
+#: A tensor that leaves the grid for the head (kept for the name ``streamc inspect`` uses).
+CutSpec = BufferSpec
 
 
 @dataclass(frozen=True)
@@ -82,56 +125,130 @@ class ParameterSpec:
 
 
 @dataclass(frozen=True)
-class TileSpec:
-    """One tile: grid index, shape class, the image crop it reads, and the region of each cut
-    tensor it keeps (the kept regions of all tiles partition each cut tensor)."""
+class TilePart:
+    """What one tile does in one stage: its shape class, the region of each stage input it
+    reads (``crops``), and the region of each stage output and reduced tensor it keeps."""
 
-    index: tuple[int, ...]
     class_id: int
-    crop: Box
+    crops: Mapping[str, Box]
     kept: Mapping[str, Box]
 
 
 @dataclass(frozen=True)
-class ClassSpec:
-    """A tile shape class: one forward graph and its backward graph, shared by its tiles.
+class TileSpec:
+    """One tile: its grid index and its part in each stage (None: nothing to do there). Its
+    row in every partials buffer is its index in the program's tile list."""
 
-    ``outputs``: cut tensor -> forward graph output holding its kept region; ``cotangents``:
-    cut tensor -> backward graph input of that region's gradient; ``gradients``: parameter ->
-    backward graph output; ``parameters``: the runtime-owned inputs of the forward graph.
+    index: tuple[int, ...]
+    parts: tuple[TilePart | None, ...]
+
+    @property
+    def class_id(self) -> int:
+        """The tile's shape class in the first stage."""
+        return self.parts[0].class_id
+
+    @property
+    def crop(self) -> Box:
+        """The image region the tile reads in the first stage."""
+        return next(iter(self.parts[0].crops.values()))
+
+    @property
+    def kept(self) -> dict[str, Box]:
+        """Every region the tile keeps, of every stage."""
+        merged: dict[str, Box] = {}
+        for part in self.parts:
+            if part is not None:
+                merged.update(part.kept)
+        return merged
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    """A tile shape class of one stage: one forward graph and its backward graph.
+
+    ``inputs``: stage input buffer -> crop size; ``side_inputs``: global buffers read;
+    ``outputs``: output buffer -> forward graph output holding its kept region; ``partials``:
+    partials buffer -> forward graph output; ``cotangents``: output or partials buffer ->
+    backward graph input of its gradient; ``gradients``: parameter, input buffer or global
+    buffer -> backward graph output; ``parameters``: the runtime-owned inputs of the forward.
     """
 
     id: int
+    stage: int
     forward: str
     backward: str
-    input_size: tuple[int, ...]
+    inputs: Mapping[str, tuple[int, ...]]
+    side_inputs: tuple[str, ...]
     outputs: Mapping[str, str]
+    partials: Mapping[str, str]
     cotangents: Mapping[str, str]
     gradients: Mapping[str, str]
     parameters: tuple[str, ...]
 
+    @property
+    def input_size(self) -> tuple[int, ...]:
+        """The crop size of the first input (the image's, in the first stage)."""
+        return next(iter(self.inputs.values()))
+
 
 @dataclass(frozen=True)
-class HeadSpec:
-    """The head: its graphs, the cut tensors it reads (``inputs``), model output -> graph output
-    (``outputs``), graph output -> cotangent input (``cotangents``), wrt -> gradient output."""
+class StageSpec:
+    """One stage: the buffers its tiles read (``inputs``: crops; ``side_inputs``: whole global
+    buffers) and write (``outputs``: kept regions; ``partials``: one row per tile), and the
+    order its tiles run in (``run_order``, tile indices)."""
 
+    index: int
+    inputs: tuple[str, ...]
+    side_inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    partials: tuple[str, ...]
+    run_order: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """A graph run once per batch chunk on whole buffers (a global graph, or the head): its
+    forward and backward graphs, the buffers it reads (``inputs``, graph inputs of the same
+    names), ``outputs`` (buffer or model output -> graph output), ``cotangents`` (graph output
+    -> backward input), ``gradients`` (input buffer or parameter -> backward output), and the
+    first stage that may read its outputs (``ready``; the head: the number of stages)."""
+
+    name: str
     forward: str
     backward: str
     inputs: tuple[str, ...]
     outputs: Mapping[str, str]
     cotangents: Mapping[str, str]
     gradients: Mapping[str, str]
+    ready: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "forward": self.forward, "backward": self.backward,
+                "inputs": list(self.inputs), "outputs": dict(self.outputs),
+                "cotangents": dict(self.cotangents), "gradients": dict(self.gradients),
+                "ready": self.ready}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> GraphSpec:
+        return cls(str(d["name"]), str(d["forward"]), str(d["backward"]), tuple(d["inputs"]),
+                   dict(d["outputs"]), dict(d["cotangents"]), dict(d["gradients"]),
+                   int(d["ready"]))
+
+
+#: The head is a graph on whole buffers like the global graphs.
+HeadSpec = GraphSpec
 
 
 @dataclass(frozen=True)
 class FlopCounts:
-    """FLOPs of one training step, tiled and untiled (the same table counts both)."""
+    """FLOPs of one training step, tiled and untiled (the same table counts both), and of the
+    whole model (``model_forward``: what share of it the stages stream)."""
 
     untiled_forward: int
     untiled_backward: int
     tiled_forward: int
     tiled_backward: int
+    model_forward: int = 0
 
     @property
     def forward_overhead(self) -> float:
@@ -147,10 +264,18 @@ class FlopCounts:
         untiled = self.untiled_forward + self.untiled_backward
         return round((self.tiled_forward + self.tiled_backward) / max(untiled, 1), 4)
 
+    @property
+    def streamed_share(self) -> float | None:
+        """The share of the model's forward FLOPs the stages compute tile by tile."""
+        if not self.model_forward:
+            return None
+        return min(1.0, round(self.untiled_forward / self.model_forward, 4))
+
     def to_json(self) -> dict[str, Any]:
         return {"untiled_forward": self.untiled_forward,
                 "untiled_backward": self.untiled_backward,
                 "tiled_forward": self.tiled_forward, "tiled_backward": self.tiled_backward,
+                "model_forward": self.model_forward,
                 "forward_overhead": self.forward_overhead,
                 "backward_overhead": self.backward_overhead}
 
@@ -174,15 +299,15 @@ class ProgramMeta:
     tile: tuple[int, ...]
     alignment: tuple[int, ...]
     boundaries: tuple[tuple[int, ...], ...]
-    cut_tensors: list[CutSpec]
+    buffers: list[BufferSpec]
     parameters: list[ParameterSpec]
+    stages: list[StageSpec]
     classes: list[ClassSpec]
     tiles: list[TileSpec]
-    head: HeadSpec
+    globals: list[GraphSpec]
+    head: GraphSpec
     outputs: list[str]
     model: str
-    #: tile indices in the order the runtime runs them (and the memory plan follows)
-    run_order: list[int]
     notes: list[str] = field(default_factory=list)
     flops: FlopCounts | None = None
     #: the stored memory plan (``MemoryPlan.to_dict()``), for the policy it names
@@ -193,17 +318,37 @@ class ProgramMeta:
     def grid(self) -> tuple[int, ...]:
         return tuple(len(b) - 1 for b in self.boundaries)
 
+    def buffer(self, name: str) -> BufferSpec:
+        return self._buffers[name]
+
+    @property
+    def _buffers(self) -> dict[str, BufferSpec]:
+        return {b.name: b for b in self.buffers}
+
+    @property
+    def cut_tensors(self) -> list[BufferSpec]:
+        """The buffers the head reads (grid tensors and global tensors)."""
+        buffers = self._buffers
+        return [buffers[name] for name in self.head.inputs if name in buffers]
+
     @property
     def cut_names(self) -> list[str]:
-        return [c.name for c in self.cut_tensors]
+        return list(self.head.inputs)
 
     @property
     def trainable(self) -> list[str]:
         return [p.name for p in self.parameters if p.trainable]
 
+    @property
+    def run_order(self) -> list[int]:
+        """Tile indices in the order the first stage runs them."""
+        return list(self.stages[0].run_order)
+
     def graph_files(self) -> list[str]:
         """Every graph file the description refers to."""
         files = [self.model, self.head.forward, self.head.backward]
+        for g in self.globals:
+            files += [g.forward, g.backward]
         for c in self.classes:
             files += [c.forward, c.backward]
         return files
@@ -211,7 +356,9 @@ class ProgramMeta:
     def tiles_per_class(self) -> dict[int, int]:
         counts: dict[int, int] = {}
         for tile in self.tiles:
-            counts[tile.class_id] = counts.get(tile.class_id, 0) + 1
+            for part in tile.parts:
+                if part is not None:
+                    counts[part.class_id] = counts.get(part.class_id, 0) + 1
         return counts
 
     # -- JSON ------------------------------------------------------------------------------------
@@ -230,26 +377,29 @@ class ProgramMeta:
             "grid": list(self.grid),
             "boundaries": [list(b) for b in self.boundaries],
             "notes": list(self.notes),
-            "cut_tensors": [
-                {"name": c.name, "shape": list(c.shape),
-                 "stride": [_fraction_json(s) for s in c.stride],
-                 "receptive_field": list(c.receptive_field)} for c in self.cut_tensors],
+            "buffers": [b.to_json() for b in self.buffers],
             "parameters": [
                 {"name": p.name, "shape": list(p.shape), "elem_type": p.elem_type,
                  "trainable": p.trainable} for p in self.parameters],
+            "stages": [
+                {"index": s.index, "inputs": list(s.inputs), "side_inputs": list(s.side_inputs),
+                 "outputs": list(s.outputs), "partials": list(s.partials),
+                 "run_order": list(s.run_order)} for s in self.stages],
             "classes": [
-                {"id": c.id, "forward": c.forward, "backward": c.backward,
-                 "input_size": list(c.input_size), "outputs": dict(c.outputs),
-                 "cotangents": dict(c.cotangents), "gradients": dict(c.gradients),
-                 "parameters": list(c.parameters)} for c in self.classes],
+                {"id": c.id, "stage": c.stage, "forward": c.forward, "backward": c.backward,
+                 "inputs": {k: list(v) for k, v in c.inputs.items()},
+                 "side_inputs": list(c.side_inputs), "outputs": dict(c.outputs),
+                 "partials": dict(c.partials), "cotangents": dict(c.cotangents),
+                 "gradients": dict(c.gradients), "parameters": list(c.parameters)}
+                for c in self.classes],
             "tiles": [
-                {"index": list(t.index), "class": t.class_id, "crop": _box_json(t.crop),
-                 "kept": {c: _box_json(b) for c, b in t.kept.items()}} for t in self.tiles],
-            "run_order": list(self.run_order),
-            "head": {"forward": self.head.forward, "backward": self.head.backward,
-                     "inputs": list(self.head.inputs), "outputs": dict(self.head.outputs),
-                     "cotangents": dict(self.head.cotangents),
-                     "gradients": dict(self.head.gradients)},
+                {"index": list(t.index),
+                 "parts": [None if p is None else
+                           {"class": p.class_id, "crops": _boxes_json(p.crops),
+                            "kept": _boxes_json(p.kept)} for p in t.parts]}
+                for t in self.tiles],
+            "globals": [g.to_json() for g in self.globals],
+            "head": self.head.to_json(),
             "outputs": list(self.outputs),
             "model": self.model,
             "flops": self.flops.to_json() if self.flops is not None else None,
@@ -263,7 +413,7 @@ class ProgramMeta:
         :class:`~streamc.errors.ProgramError` naming it."""
         try:
             return cls._from_json(data)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, StopIteration) as exc:
             what = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
             raise ProgramError(
                 f"{where} is malformed ({type(exc).__name__}: {what}); recompile the program."
@@ -272,7 +422,6 @@ class ProgramMeta:
     @classmethod
     def _from_json(cls, d: Mapping[str, Any]) -> ProgramMeta:
         flops = d.get("flops")
-        head = d["head"]
         return cls(
             source=SourceSpec(d["source"]["path"], d["source"]["sha256"]),
             input=InputSpec(str(d["input"]["name"]), tuple(map(int, d["input"]["shape"])),
@@ -283,36 +432,40 @@ class ProgramMeta:
             alignment=tuple(map(int, d["alignment"])),
             boundaries=tuple(tuple(map(int, b)) for b in d["boundaries"]),
             notes=[str(n) for n in d.get("notes", [])],
-            cut_tensors=[CutSpec(str(c["name"]), tuple(map(int, c["shape"])),
-                                 tuple(_fraction(s) for s in c["stride"]),
-                                 tuple(map(int, c["receptive_field"])))
-                         for c in d["cut_tensors"]],
+            buffers=[BufferSpec.from_json(b) for b in d["buffers"]],
             parameters=[ParameterSpec(str(p["name"]), tuple(map(int, p["shape"])),
                                       int(p["elem_type"]), bool(p["trainable"]))
                         for p in d["parameters"]],
-            classes=[ClassSpec(int(c["id"]), str(c["forward"]), str(c["backward"]),
-                               tuple(map(int, c["input_size"])), dict(c["outputs"]),
-                               dict(c["cotangents"]), dict(c["gradients"]),
-                               tuple(c["parameters"])) for c in d["classes"]],
-            tiles=[TileSpec(tuple(map(int, t["index"])), int(t["class"]), _box(t["crop"]),
-                            {str(c): _box(b) for c, b in t["kept"].items()})
+            stages=[StageSpec(int(s["index"]), tuple(s["inputs"]), tuple(s["side_inputs"]),
+                              tuple(s["outputs"]), tuple(s["partials"]),
+                              tuple(map(int, s["run_order"]))) for s in d["stages"]],
+            classes=[ClassSpec(int(c["id"]), int(c["stage"]), str(c["forward"]),
+                               str(c["backward"]),
+                               {str(k): tuple(map(int, v)) for k, v in c["inputs"].items()},
+                               tuple(c["side_inputs"]), dict(c["outputs"]),
+                               dict(c["partials"]), dict(c["cotangents"]),
+                               dict(c["gradients"]), tuple(c["parameters"]))
+                     for c in d["classes"]],
+            tiles=[TileSpec(tuple(map(int, t["index"])),
+                            tuple(None if p is None else
+                                  TilePart(int(p["class"]), _boxes(p["crops"]),
+                                           _boxes(p["kept"])) for p in t["parts"]))
                    for t in d["tiles"]],
-            run_order=[int(i) for i in d["run_order"]],
-            head=HeadSpec(str(head["forward"]), str(head["backward"]), tuple(head["inputs"]),
-                          dict(head["outputs"]), dict(head["cotangents"]),
-                          dict(head["gradients"])),
+            globals=[GraphSpec.from_json(g) for g in d["globals"]],
+            head=GraphSpec.from_json(d["head"]),
             outputs=[str(o) for o in d["outputs"]],
             model=str(d["model"]),
             flops=None if not flops else FlopCounts(
                 int(flops["untiled_forward"]), int(flops["untiled_backward"]),
-                int(flops["tiled_forward"]), int(flops["tiled_backward"])),
+                int(flops["tiled_forward"]), int(flops["tiled_backward"]),
+                int(flops.get("model_forward", 0))),
             memory_plan=d.get("memory_plan"),
             compile_seconds=d.get("compile_seconds"),
         )
 
 
-def class_run_order(tiles: Sequence[TileSpec]) -> list[int]:
-    """Tile classes in the order the runtime runs them: the largest crop first.
+def class_run_order(tiles: Sequence[TileSpec], stage: int = 0) -> list[int]:
+    """Tile classes of ``stage`` in the order the runtime runs them: the largest crop first.
 
     The order of tiles does not change the result (up to float summation order), but it
     decides how well ONNX Runtime's CPU arena, which never gives memory back, reuses its
@@ -322,13 +475,17 @@ def class_run_order(tiles: Sequence[TileSpec]) -> list[int]:
     """
     largest: dict[int, int] = {}
     for tile in tiles:
-        crop = math.prod(b - a for a, b in tile.crop)
-        largest[tile.class_id] = max(largest.get(tile.class_id, 0), crop)
+        part = tile.parts[stage] if stage < len(tile.parts) else None
+        if part is None:
+            continue
+        crop = max((math.prod(b - a for a, b in box) for box in part.crops.values()), default=0)
+        largest[part.class_id] = max(largest.get(part.class_id, 0), crop)
     return sorted(largest, key=lambda k: (-largest[k], k))
 
 
-def tile_run_order(tiles: Sequence[TileSpec]) -> list[int]:
-    """Tile indices grouped by class, classes in :func:`class_run_order`, tiles in grid order
-    within a class."""
-    rank = {k: i for i, k in enumerate(class_run_order(tiles))}
-    return sorted(range(len(tiles)), key=lambda i: rank[tiles[i].class_id])
+def tile_run_order(tiles: Sequence[TileSpec], stage: int = 0) -> list[int]:
+    """Indices of the tiles with a part in ``stage``, grouped by class, classes in
+    :func:`class_run_order`, tiles in grid order within a class."""
+    rank = {k: i for i, k in enumerate(class_run_order(tiles, stage))}
+    chosen = [i for i, t in enumerate(tiles) if stage < len(t.parts) and t.parts[stage]]
+    return sorted(chosen, key=lambda i: rank[tiles[i].parts[stage].class_id])

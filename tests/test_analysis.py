@@ -488,7 +488,7 @@ def test_unknown_input_name() -> None:
 
 def test_first_op_not_local() -> None:
     message = _error(zoo.build("nonlocal_first").onnx_model)
-    assert "InstanceNormalization" in message and "no spatially local prefix" in message
+    assert "CumSum" in message and "no spatially local prefix" in message
 
 
 def _bn_training(first: bool) -> onnx.ModelProto:
@@ -541,12 +541,25 @@ def test_spatial_concat() -> None:
     assert a.cut_tensors == ["c1"]
 
 
-@pytest.mark.parametrize("mode", ["linear", "cubic"])
-def test_resize_interpolating(mode: str) -> None:
+@pytest.mark.parametrize("mode, transform, expected", [
+    ("cubic", "half_pixel", "Resize mode 'cubic'"),
+    ("linear", "align_corners", "'align_corners'"),
+    ("linear", "asymmetric", "half_pixel"),
+])
+def test_resize_interpolating_refused(mode: str, transform: str, expected: str) -> None:
     scales = {"scales": np.array([1, 1, 2, 2], dtype=np.float32)}
-    first = _first_op(_node("Resize", ["image", "", "scales"], "y", mode=mode), scales)
-    message = _error(first)
-    assert f"Resize mode '{mode}'" in message and "nearest" in message
+    first = _first_op(_node("Resize", ["image", "", "scales"], "y", mode=mode,
+                            coordinate_transformation_mode=transform), scales)
+    assert expected in _error(first)
+
+
+def test_resize_linear_half_pixel_is_local() -> None:
+    """Bilinear upsampling (align_corners=False) is lowered to an edge Pad and a depthwise
+    ConvTranspose: local."""
+    scales = {"scales": np.array([1, 1, 2, 2], dtype=np.float32)}
+    first = _first_op(_node("Resize", ["image", "", "scales"], "y", mode="linear"), scales)
+    a = streamc.analyze(first)
+    assert not a.stops and a.cut_tensors == ["y"]
 
 
 @pytest.mark.parametrize(
@@ -586,13 +599,15 @@ def test_non_integer_resize_stops() -> None:
     assert "not an integer upsampling factor" in stop.reason
 
 
-def test_pad_reflect_stops() -> None:
+def test_pad_wrap_stops() -> None:
+    """Wrap padding copies the far side of the image next to this one: not local (constant,
+    edge and reflect padding are)."""
     nodes = [_node("Conv", ["image", "w1"], "c1", kernel_shape=[3, 3]),
-             _node("Pad", ["c1", "pads"], "y", mode="reflect")]
+             _node("Pad", ["c1", "pads"], "y", mode="wrap")]
     inits = {"w1": _w(3, 2, 3, 3), "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64)}
-    a = streamc.analyze(make_model(nodes, inits, (1, 2, 8, 8)))
+    a = streamc.analyze(make_model(nodes, inits, (1, 2, 8, 8), opset=19))
     (stop,) = a.stops
-    assert "reflect" in stop.reason
+    assert "wrap" in stop.reason
 
 
 def test_maxpool_indices_used_stops() -> None:

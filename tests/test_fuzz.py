@@ -73,16 +73,18 @@ def test_damaged_models(model_bytes: bytes, tmp_path: Path) -> None:
 EDITS = {
     "drop a key": lambda m, r: m.pop(r.choice(sorted(m))),
     "tiles not a list": lambda m, r: m.__setitem__("tiles", "all of them"),
-    "class of a tile": lambda m, r: m["tiles"][0].__setitem__("class", "zero"),
-    "crop shape": lambda m, r: m["tiles"][0].__setitem__("crop", [[0]]),
-    "cut shape": lambda m, r: m["cut_tensors"][0].__setitem__("shape", None),
-    "stride": lambda m, r: m["cut_tensors"][0].__setitem__("stride", ["one"]),
+    "class of a tile": lambda m, r: m["tiles"][0]["parts"][0].__setitem__("class", "zero"),
+    "crop shape": lambda m, r: m["tiles"][0]["parts"][0].__setitem__("crops", {"image": [[0]]}),
+    "cut shape": lambda m, r: m["buffers"][0].__setitem__("shape", None),
+    "stride": lambda m, r: m["buffers"][0].__setitem__("stride", ["one"]),
+    "buffer kind": lambda m, r: m["buffers"][0].__setitem__("kind", "somewhere"),
+    "stage of a class": lambda m, r: m["classes"][0].__setitem__("stage", 5),
     "parameter entry": lambda m, r: m["parameters"].__setitem__(0, 7),
     "head": lambda m, r: m.__setitem__("head", []),
     "no classes": lambda m, r: m.__setitem__("classes", []),
     "graph file": lambda m, r: m["classes"][0].__setitem__("forward", "graphs/nope.onnx"),
     "input": lambda m, r: m["input"].__setitem__("shape", "1x3"),
-    "run order": lambda m, r: m.__setitem__("run_order", {"a": 1}),
+    "run order": lambda m, r: m["stages"][0].__setitem__("run_order", {"a": 1}),
 }
 
 

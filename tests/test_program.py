@@ -163,9 +163,9 @@ def test_load_altered_program_json(saved: Path, field: str, value) -> None:
 def test_load_altered_tile_kept_region(saved: Path) -> None:
     """A subtle edit (one tile's kept region) is caught too: the checksum covers all of it."""
     meta = json.loads((saved / "program.json").read_text())
-    tile = meta["tiles"][0]
-    cut = next(iter(tile["kept"]))
-    tile["kept"][cut][0][1] += 1
+    part = meta["tiles"][0]["parts"][0]
+    cut = next(iter(part["kept"]))
+    part["kept"][cut][0][1] += 1
     (saved / "program.json").write_text(json.dumps(meta, indent=1))
     _refused(saved, "altered after compilation")
 

@@ -82,5 +82,5 @@ def test_the_schedule_uses_the_fewest_tiles_that_fit(size: int, tile: int) -> No
     assert min_tile(analysis, 0) <= tile_aligned
     for n in range(1, used):
         bounds = _even_bounds(analysis, 0, size, n, align) if n > 1 else [0, size]
-        widest = max(b - a for a, b in _crops(analysis, 0, bounds, size))
+        widest = max(span.width for span in _crops(analysis, 0, bounds, size))
         assert widest > tile_aligned, (n, bounds, widest)

@@ -81,7 +81,7 @@ CUT_HINTS: dict[str, str] = {
     "Relu, each read by a ReduceMean",
     "conv3d": "before GlobalAveragePool: the last Relu (stride 4 on D, H, W)",
     "mixed_act": "before GlobalAveragePool: the Tanh after the residual Add (stride 2)",
-    "nonlocal_first": "empty prefix: the first op, InstanceNormalization, is not local",
+    "nonlocal_first": "empty prefix: the first op, CumSum, is not local",
 }
 
 

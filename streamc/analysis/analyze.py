@@ -81,21 +81,31 @@ class Analysis:
         return self.split.cut_tensors
 
     @property
+    def targets(self) -> list[str]:
+        """Every grid tensor some stage keeps regions of (outputs and reduced tensors)."""
+        seen: dict[str, None] = {}
+        for stage in self.split.stage_io:
+            seen.update(dict.fromkeys(stage.targets))
+        return list(seen)
+
+    @property
     def stops(self) -> list[Stop]:
         return self.split.stops
 
     def extent(self, tensor: str) -> tuple[int, ...] | None:
-        """Spatial size of a tensor (None when the image size is symbolic)."""
-        return spatial_extent(self.graph, tensor)
+        """Spatial size of a grid tensor (None when the image size is symbolic)."""
+        return spatial_extent(self.graph, tensor, self.split.layout(tensor))
 
-    def regions_for(self, cut_boxes: Mapping[str, Box], runnable: bool = False
-                    ) -> dict[str, Box]:
-        """Region of every prefix tensor needed to compute ``cut_boxes`` of the cut tensors.
+    def regions_for(self, cut_boxes: Mapping[str, Box], runnable: bool = False,
+                    stage: int | None = None) -> dict[str, Box]:
+        """Region of every grid tensor needed to compute ``cut_boxes`` of the given tensors
+        (within ``stage`` only, when given: see :func:`needed_regions`).
 
         ``runnable``: widen regions so that every op in the cone reads at least one input
         position (what a tile graph computes; see :func:`needed_regions`).
         """
-        return needed_regions(self.graph, self.split, cut_boxes, runnable=runnable)
+        return needed_regions(self.graph, self.split, cut_boxes, runnable=runnable,
+                              stage=stage)
 
     def to_dict(self) -> dict:
         head_ops: dict[str, int] = {}
@@ -139,15 +149,22 @@ def _runtime_sizes(graph: Graph, split: Split) -> bool:
         op = split.local_ops[name]
         if not op.grid_inputs:
             continue
-        source = graph.shape(node.input[op.grid_inputs[0]])
-        if source is None or any(d is None for d in source[2:]):
+        grid = node.input[op.grid_inputs[0]]
+        source = spatial_extent(graph, grid, split.layout(grid))
+        if source is None:
             continue
-        sizes = tuple(axis.out_size(n) for axis, n in zip(op.axes, source[2:]))
+        sizes = tuple(axis.out_size(n) for axis, n in zip(op.axes, source))
         for out in node.output:
             shape = graph.shape(out) if out else None
-            if shape is None or len(shape) != len(source) or tuple(shape[2:]) == sizes:
+            layout = split.layout(out)
+            if shape is None or len(shape) <= max(layout):
                 continue
-            graph.shapes[out] = tuple(shape[:2]) + sizes
+            if tuple(shape[p] for p in layout) == sizes:
+                continue
+            shape = list(shape)
+            for p, size in zip(layout, sizes):
+                shape[p] = size
+            graph.shapes[out] = tuple(shape)
             changed = True
     return changed
 

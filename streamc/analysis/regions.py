@@ -48,11 +48,16 @@ def box_size(box: Box) -> tuple[int, ...]:
     return tuple(max(0, b - a) for a, b in box)
 
 
-def spatial_extent(graph: Graph, tensor: str) -> tuple[int, ...] | None:
+def spatial_extent(graph: Graph, tensor: str, layout: Sequence[int] | None = None
+                   ) -> tuple[int, ...] | None:
+    """Sizes of the spatial axes (at ``layout``, channels-first by default) of a tensor."""
     shape = graph.shape(tensor)
-    if shape is None or any(d is None for d in shape[2:]):
+    if shape is None:
         return None
-    return tuple(shape[2:])
+    layout = layout or range(2, len(shape))
+    if any(p >= len(shape) or shape[p] is None for p in layout):
+        return None
+    return tuple(shape[p] for p in layout)
 
 
 def needed_regions(
@@ -61,6 +66,7 @@ def needed_regions(
     cut_boxes: Mapping[str, Box],
     clip_to_extent: bool = True,
     runnable: bool = False,
+    stage: int | None = None,
 ) -> dict[str, Box]:
     """Regions every prefix tensor must hold so that the cut tensors hold ``cut_boxes``.
 
@@ -74,9 +80,14 @@ def needed_regions(
     towards the interior until it reads at least one input position: an op cannot run on an
     empty input, and the extra positions are sliced away. The tiling passes use this; the
     exact dependency regions (``runnable=False``) are what receptive fields report.
+
+    With ``stage``, only the nodes of that stage are walked: the regions of the grid tensors it
+    reads from earlier stages are what a tile of the stage needs of them (its crops).
     """
     needed: dict[str, Box] = {t: b for t, b in cut_boxes.items() if not is_empty(b)}
     for step in _steps(graph, split):
+        if stage is not None and step.stage != stage:
+            continue
         out_box = None
         for out in step.outputs:
             box = needed.get(out)
@@ -109,6 +120,7 @@ class _Step:
     outputs: tuple[str, ...]
     inputs: tuple[tuple[str, tuple[int, ...] | None], ...]  # grid input, its spatial extent
     out_extent: tuple[int, ...] | None  # spatial extent of the first output
+    stage: int = 0
 
 
 def _steps(graph: Graph, split: Split) -> list[_Step]:
@@ -121,10 +133,12 @@ def _steps(graph: Graph, split: Split) -> list[_Step]:
     for name in reversed(split.prefix):
         node = graph.nodes[name]
         op = split.local_ops[name]
-        inputs = tuple((node.input[slot], spatial_extent(graph, node.input[slot]))
+        inputs = tuple((node.input[slot], spatial_extent(graph, node.input[slot],
+                                                          split.layout(node.input[slot])))
                        for slot in op.grid_inputs)
+        out = node.output[0]
         steps.append(_Step(node, op, tuple(o for o in node.output if o), inputs,
-                           spatial_extent(graph, node.output[0])))
+                           spatial_extent(graph, out, split.layout(out)), split.phase[out]))
     split.__dict__["_region_steps"] = (graph, steps)
     return steps
 

@@ -1,4 +1,22 @@
-"""Locality split: the spatially local prefix, the cut tensors that leave it, and the head."""
+"""Locality split: the spatially local part of the network in stages, the whole-image
+reductions between them, the per-sample computations they feed, and the head.
+
+Every image-dependent tensor is one of:
+
+- a **grid** tensor: indexed by image position (the image, and every output of a local op);
+  its *phase* is the stage that computes it;
+- a **global** tensor: a per-sample value without spatial extent, computed from whole-image
+  reductions of grid tensors (:mod:`streamc.ops.reduction`) by *global* nodes (the MLP of a
+  squeeze-and-excitation block, the statistics of a normalisation). Local ops read global
+  tensors like per-channel constants, so a grid node that reads one belongs to a later stage
+  than the reduction it comes from;
+- a **head** tensor: everything after the grid that does not come back to it.
+
+Stage ``k`` computes the grid nodes of phase ``k``; it reads grid tensors of earlier stages
+(kept whole between stages), global tensors, and writes the grid tensors later stages or the
+head read, and the partial results of the reductions of its tensors. A network without
+reductions inside has one stage: the prefix of earlier versions.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +32,12 @@ from streamc.ops.locality import (
     Refuse,
     nonlocal_reason,
 )
+from streamc.ops.reduction import REDUCTIONS, ReductionRule
 
 
 @dataclass
 class Stop:
-    """A node that consumes a prefix tensor but is not local, so the prefix ends before it."""
+    """A node that consumes a grid tensor but is not local, so the grid ends before it."""
 
     node: str
     op: str
@@ -29,26 +48,73 @@ class Stop:
         return f"node {self.node!r} ({self.op}) reading {self.tensor!r}: {self.reason}"
 
 
+@dataclass(frozen=True)
+class Reduction:
+    """A whole-image reduction inside the network: node ``node`` reduces grid tensor
+    ``tensor`` (computed by stage ``stage``) into global tensor ``output``."""
+
+    node: str
+    tensor: str
+    output: str
+    rule: ReductionRule
+    stage: int
+
+
+@dataclass
+class StageIO:
+    """What one stage computes and reads: its grid nodes; the grid tensors it reads from
+    earlier stages (the image for stage 0, or kept whole tensors: its tile *inputs*); the global
+    tensors it reads (*side inputs*); the grid tensors it writes whole for later stages or the
+    head (*outputs*); and the reductions of its tensors, computed as per-tile partials."""
+
+    nodes: list[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
+    side_inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    reductions: list[Reduction] = field(default_factory=list)
+
+    @property
+    def targets(self) -> list[str]:
+        """The grid tensors of which each tile keeps (or owns, for reductions) a region."""
+        return self.outputs + [r.tensor for r in self.reductions if r.tensor not in self.outputs]
+
+
 @dataclass
 class Split:
-    """Result of the locality split.
+    """Result of the locality split (see the module docstring).
 
-    ``prefix``: local node names in topological order. ``local_ops``: how each acts on the grid.
-    ``cut_tensors``: prefix tensors read by the head or returned as graph outputs, in order of
-    production. ``head``: the image-dependent nodes after the cut. ``constant_nodes``: nodes that
-    do not depend on the image (computed weights, for example); passes copy those they need.
-    ``stops``: every non-local node that reads a prefix tensor.
+    ``prefix``: every grid (local) node, in topological order; ``local_ops``: how each acts on
+    the grid; ``phase``: the stage of each grid tensor; ``layouts``: where the spatial axes of
+    each grid tensor are (absent: channels-first); ``reductions``: reductions computed tile by
+    tile; ``global_nodes``: nodes computing global tensors, with ``ready`` the first stage that
+    can read each global tensor; ``cut_tensors``: grid tensors the head reads or the model
+    returns; ``head``: the image-dependent nodes after the grid; ``constant_nodes``: nodes that
+    do not depend on the image; ``stops``: non-local nodes reading grid tensors.
     """
 
     input_name: str
     n_spatial: int
     prefix: list[str] = field(default_factory=list)
     local_ops: dict[str, LocalOp] = field(default_factory=dict)
+    phase: dict[str, int] = field(default_factory=dict)
+    layouts: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    reductions: list[Reduction] = field(default_factory=list)
+    global_nodes: list[str] = field(default_factory=list)
+    ready: dict[str, int] = field(default_factory=dict)
     cut_tensors: list[str] = field(default_factory=list)
     head: list[str] = field(default_factory=list)
     constant_nodes: list[str] = field(default_factory=list)
     stops: list[Stop] = field(default_factory=list)
     prefix_tensors: list[str] = field(default_factory=list)
+    stage_io: list[StageIO] = field(default_factory=list)
+
+    @property
+    def stages(self) -> int:
+        """How many stages the grid part runs in."""
+        return len(self.stage_io) or 1 + max(self.phase.values(), default=0)
+
+    def layout(self, tensor: str) -> tuple[int, ...]:
+        return self.layouts.get(tensor, tuple(range(2, 2 + self.n_spatial)))
 
 
 def image_dependent_tensors(graph: Graph, input_name: str) -> set[str]:
@@ -61,8 +127,112 @@ def image_dependent_tensors(graph: Graph, input_name: str) -> set[str]:
     return dependent
 
 
+class _Walk:
+    """One pass over the nodes in order, classifying each (see :func:`split_graph`)."""
+
+    def __init__(self, graph: Graph, input_name: str, n_spatial: int,
+                 reductions_allowed: bool) -> None:
+        self.graph = graph
+        self.dependent = image_dependent_tensors(graph, input_name)
+        self.split = Split(input_name=input_name, n_spatial=n_spatial)
+        self.ctx = LocalityContext(graph, self.dependent, n_spatial, self.split.layouts, set())
+        self.reductions_allowed = reductions_allowed
+        self.split.phase[input_name] = 0
+        self.split.prefix_tensors.append(input_name)
+        self.kind: dict[str, str] = {input_name: "grid"}
+
+    def run(self) -> Split:
+        for name in self.graph.order:
+            node = self.graph.nodes[name]
+            inputs = [i for i in node.input if i and i in self.dependent]
+            if not inputs:
+                self.split.constant_nodes.append(name)
+                continue
+            kinds = {self.kind.get(i, "head") for i in inputs}
+            if "head" in kinds:
+                self._to_head(name)
+            elif "grid" in kinds:
+                self._grid_reader(name, node, inputs)
+            else:
+                self._global(name, node, inputs)
+        return self.split
+
+    def _to_head(self, name: str) -> None:
+        self.split.head.append(name)
+        for out in self.graph.nodes[name].output:
+            if out:
+                self.kind[out] = "head"
+
+    def _grid_reader(self, name: str, node, inputs: list[str]) -> None:
+        rule = LOCALITY.get(node.op_type, self.graph.opset, node.domain)
+        reason = None
+        if rule is None:
+            reason = nonlocal_reason(node)
+        else:
+            try:
+                op = rule(node, self.ctx)
+            except Refuse as exc:
+                raise UnsupportedModelError(
+                    f"node {name!r} ({node.op_type}) cannot be streamed: {exc}.") from None
+            except NotLocal as exc:
+                reason = str(exc)
+        if reason is None:
+            self._local(name, node, op)
+            return
+        reduction = self._reduction(name, node) if self.reductions_allowed else None
+        if reduction is not None:
+            return
+        grid = next(i for i in inputs if self.kind.get(i) == "grid")
+        self.split.stops.append(Stop(name, node.op_type, grid, reason))
+        self._to_head(name)
+
+    def _local(self, name: str, node, op: LocalOp) -> None:
+        split = self.split
+        grid = [node.input[s] for s in op.grid_inputs]
+        phase = max([split.phase[t] for t in grid]
+                    + [split.ready[t] for t in node.input if t in self.ctx.globals])
+        layout = op.layout if op.layout is not None else split.layout(grid[0])
+        split.prefix.append(name)
+        split.local_ops[name] = op
+        for out in node.output:
+            if out:
+                self.kind[out] = "grid"
+                split.phase[out] = phase
+                if layout != tuple(range(2, 2 + split.n_spatial)):
+                    split.layouts[out] = layout
+                split.prefix_tensors.append(out)
+
+    def _reduction(self, name: str, node) -> Reduction | None:
+        rule = REDUCTIONS.get(node.op_type, self.graph.opset, node.domain)
+        if rule is None or len(node.output) != 1 or not self.ctx.is_grid(node.input[0]):
+            return None
+        if any(i and i in self.dependent for i in node.input[1:]):
+            return None
+        try:
+            spec = rule(node, self.ctx)
+        except NotLocal:
+            return None
+        tensor = node.input[0]
+        reduction = Reduction(name, tensor, node.output[0], spec, self.split.phase[tensor])
+        self.split.reductions.append(reduction)
+        self._mark_global(name, node.output[0], reduction.stage + 1)
+        return reduction
+
+    def _mark_global(self, name: str, tensor: str, ready: int) -> None:
+        self.kind[tensor] = "global"
+        self.ctx.globals.add(tensor)
+        self.split.ready[tensor] = ready
+
+    def _global(self, name: str, node, inputs: list[str]) -> None:
+        ready = max(self.split.ready[i] for i in inputs)
+        self.split.global_nodes.append(name)
+        for out in node.output:
+            if out:
+                self._mark_global(name, out, ready)
+
+
 def split_graph(graph: Graph, input_name: str) -> Split:
-    """Split ``graph`` at the first non-local op on every path from the image."""
+    """Split ``graph`` into stages of local ops (see the module docstring)."""
     shape = graph.shape(input_name)
     if shape is None or len(shape) < 4:
         raise UnsupportedModelError(
@@ -70,51 +240,84 @@ def split_graph(graph: Graph, input_name: str) -> Split:
             "two spatial axes."
         )
     n_spatial = len(shape) - 2
-    dependent = image_dependent_tensors(graph, input_name)
-    ctx = LocalityContext(graph, dependent, n_spatial)
-    result = Split(input_name=input_name, n_spatial=n_spatial)
-    in_prefix = {input_name}
-    result.prefix_tensors.append(input_name)
-    for name in graph.order:
-        node = graph.nodes[name]
-        grid = [i for i in node.input if i and i in dependent]
-        if not grid:
-            result.constant_nodes.append(name)
-            continue
-        if all(i in in_prefix for i in grid):
-            rule = LOCALITY.get(node.op_type, graph.opset, node.domain)
-            reason = None
-            if rule is None:
-                reason = nonlocal_reason(node)
-            else:
-                try:
-                    op = rule(node, ctx)
-                except Refuse as exc:
-                    raise UnsupportedModelError(
-                        f"node {name!r} ({node.op_type}) cannot be streamed: {exc}."
-                    ) from None
-                except NotLocal as exc:
-                    reason = str(exc)
-            if reason is None:
-                result.prefix.append(name)
-                result.local_ops[name] = op
-                for out in node.output:
-                    if out:
-                        in_prefix.add(out)
-                        result.prefix_tensors.append(out)
-                continue
-            result.stops.append(Stop(name, node.op_type, grid[0], reason))
-        result.head.append(name)
-    if not result.prefix:
-        stop = result.stops[0] if result.stops else None
+    split = _Walk(graph, input_name, n_spatial, reductions_allowed=True).run()
+    if not _returns_to_grid(graph, split):
+        # No reduction feeds local ops again: the classic split, reductions start the head.
+        split = _Walk(graph, input_name, n_spatial, reductions_allowed=False).run()
+    else:
+        _demote_dead_ends(graph, split)
+    if not split.prefix:
+        stop = split.stops[0] if split.stops else None
         detail = f": {stop.sentence()}" if stop else ""
         raise UnsupportedModelError(
             "the model has no spatially local prefix to stream: the first op reading the image "
             f"is not local{detail}. streamc needs convolutions, pooling or pointwise ops first."
         )
-    head_inputs = {i for n in result.head for i in graph.nodes[n].input if i}
+    head_inputs = {i for n in split.head for i in graph.nodes[n].input if i}
     outputs = set(graph.outputs)
-    for tensor in result.prefix_tensors:
-        if tensor in head_inputs or tensor in outputs:
-            result.cut_tensors.append(tensor)
-    return result
+    split.cut_tensors = [t for t in split.prefix_tensors if t in head_inputs or t in outputs]
+    split.stage_io = _stage_io(graph, split)
+    return split
+
+
+def _stage_io(graph: Graph, split: Split) -> list[StageIO]:
+    stages = [StageIO() for _ in range(1 + max(split.phase.values(), default=0))]
+    stages[0].inputs.append(split.input_name)
+    for name in split.prefix:
+        node = graph.nodes[name]
+        out = next(o for o in node.output if o)
+        k = split.phase[out]
+        stage = stages[k]
+        stage.nodes.append(name)
+        for tensor in node.input:
+            if not tensor:
+                continue
+            if tensor in split.phase and split.phase[tensor] < k and tensor not in stage.inputs:
+                stage.inputs.append(tensor)
+            if tensor in split.ready and tensor not in stage.side_inputs:
+                stage.side_inputs.append(tensor)
+    readers: dict[str, set[int]] = {}
+    for name in split.prefix:
+        node = graph.nodes[name]
+        k = split.phase[next(o for o in node.output if o)]
+        for tensor in node.input:
+            readers.setdefault(tensor, set()).add(k)
+    wanted = set(split.cut_tensors)
+    for tensor in split.prefix_tensors:
+        k = split.phase[tensor]
+        if tensor in wanted or any(j > k for j in readers.get(tensor, ())):
+            if tensor != split.input_name or k > 0:
+                stages[k].outputs.append(tensor)
+    for reduction in split.reductions:
+        stages[reduction.stage].reductions.append(reduction)
+    return stages
+
+
+def _returns_to_grid(graph: Graph, split: Split) -> bool:
+    return any(t in split.ready for n in split.prefix for t in graph.nodes[n].input)
+
+
+def _demote_dead_ends(graph: Graph, split: Split) -> None:
+    """Reductions and global nodes whose results never come back to the grid belong to the
+    head, which reads the full grid tensors they reduce (as when there are no stages)."""
+    needed: set[str] = {t for n in split.prefix for t in graph.nodes[n].input if t in split.ready}
+    for name in reversed(split.global_nodes):
+        node = graph.nodes[name]
+        if any(o in needed for o in node.output):
+            needed.update(i for i in node.input if i in split.ready)
+    keep = []
+    head = set(split.head)
+    for name in split.global_nodes:
+        if any(o in needed for o in graph.nodes[name].output):
+            keep.append(name)
+        else:
+            head.add(name)
+    kept = [r for r in split.reductions if r.output in needed]
+    head.update(r.node for r in split.reductions if r.output not in needed)
+    split.global_nodes = keep
+    split.reductions = kept
+    for tensor in [t for t in split.ready if t not in needed]:
+        del split.ready[tensor]
+    # Head nodes downstream of a demoted node stay in the head; keep the graph's order.
+    order = {name: k for k, name in enumerate(graph.order)}
+    split.head = sorted(head, key=order.__getitem__)

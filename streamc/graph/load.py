@@ -7,9 +7,9 @@ from pathlib import Path
 import onnx
 
 from streamc.errors import ModelLoadError
+from streamc.ops.facts import FLOAT_TYPES
 
-FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
-                         onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16})
+__all__ = ["FLOAT_TYPES", "dims", "load_model", "load_model_serialized", "opset_version"]
 
 
 def load_model(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:

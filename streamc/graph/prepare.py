@@ -1,6 +1,7 @@
 """Preparing a model for analysis: choose the image input, fix its size, infer every shape the
 way ONNX Runtime computes it, fold constant subgraphs (the Shape/Gather/Concat chains exporters
-emit for Pad pads, Resize scales and Reshape shapes) into initializers."""
+emit for Pad pads, Resize scales and Reshape shapes) into initializers, drop zero-width pads and
+lower whole-image normalisations (:mod:`streamc.ops.lowering`)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,18 @@ import copy
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import onnx
-from onnx import helper, shape_inference
+from onnx import helper, numpy_helper, shape_inference
 
 from streamc.errors import UnsupportedModelError
 from streamc.graph.fold import constant_values, drop_unused_initializers, inline_constants
 from streamc.graph.load import FLOAT_TYPES, dims
-from streamc.ops.attrs import attributes, set_attribute
+from streamc.ops.attrs import attribute, attributes, set_attribute
 from streamc.ops.facts import CEIL_MODE_POOLS
 from streamc.ops.geometry import Window
+from streamc.ops.lowering import lower
+from streamc.ops.vjp.trainable import trainable_initializers
 
 
 def image_like_inputs(model: onnx.ModelProto) -> list[str]:
@@ -70,8 +74,9 @@ def prepare(
     input_name: str | None = None,
     batch: int | None = None,
 ) -> onnx.ModelProto:
-    """Return a copy of ``model`` with the image's spatial size fixed (if given), shapes inferred
-    and constant subgraphs folded into initializers.
+    """Return a copy of ``model`` with the image's spatial size fixed (if given), shapes inferred,
+    whole-image normalisations lowered (:mod:`streamc.ops.lowering`) and constant subgraphs
+    folded into initializers.
 
     ``image`` is the spatial size only ((H, W) or (D, H, W)). A symbolic batch axis is set to
     ``batch`` when given.
@@ -104,11 +109,42 @@ def prepare(
     # ceil_mode pool whose last window ORT drops): inference recomputes them.
     for out in model.graph.output:
         out.type.tensor_type.ClearField("shape")
-    model = _infer(model)
+    trainable = set(trainable_initializers(model))
+    model = _fold(_infer(model), trainable)
+    _empty_pads_to_identity(model)
+    # Lowering needs every shape: after folding, Reshape targets computed by Shape ops are known.
+    if lower(model, _shapes(model), trainable):
+        drop_unused_initializers(model.graph)
+        model = _fold(_infer(model), trainable)
+    return model
+
+
+def _empty_pads_to_identity(model: onnx.ModelProto) -> None:
+    """A Pad of width zero on every side does nothing in any mode (MONAI writes ``edge`` ones
+    where two U-Net branches already agree in size): make it an Identity."""
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "Pad" or node.domain not in ("", "ai.onnx"):
+            continue
+        if len(node.input) > 1 and node.input[1]:
+            if node.input[1] not in inits:
+                continue
+            pads = numpy_helper.to_array(inits[node.input[1]])
+        else:
+            pads = np.asarray(attribute(node, "pads", [1]))
+        if pads.size and not np.any(pads):
+            node.op_type = "Identity"
+            del node.input[1:]
+            del node.attribute[:]
+
+
+def _fold(model: onnx.ModelProto, trainable: set[str]) -> onnx.ModelProto:
+    """Fold constant subgraphs into initializers until nothing changes (at most 20 rounds)."""
     for _ in range(20):
-        # Multi-element float initializers may be weights: nothing computed from them folds.
-        weights = {i.name for i in model.graph.initializer
-                   if i.data_type in FLOAT_TYPES and math.prod(i.dims) > 1}
+        # Trainable and multi-element float initializers may be weights: nothing computed
+        # from them folds (it would cut them off from their gradient, or rename them).
+        weights = trainable | {i.name for i in model.graph.initializer
+                               if i.data_type in FLOAT_TYPES and math.prod(i.dims) > 1}
         model, changed = inline_constants(model, constant_values(model, protected=weights))
         if not changed:
             break
@@ -224,3 +260,10 @@ def _to_floor_mode(node: onnx.NodeProto, sizes: list[int]) -> None:
         ends.append(max(pads[n + i], (out - 1) * strides[i] + window.span - size - pads[i]))
     set_attribute(node, "ceil_mode", 0)
     set_attribute(node, "pads", list(pads[:n]) + ends)
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...] | None]:
+    graph = model.graph
+    shapes = {vi.name: dims(vi) for vi in (*graph.input, *graph.value_info, *graph.output)}
+    shapes.update({i.name: tuple(i.dims) for i in graph.initializer})
+    return shapes

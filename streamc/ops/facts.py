@@ -3,6 +3,11 @@ unchanged, which input slots hold runtime-owned buffers. Every pass reads them f
 
 from __future__ import annotations
 
+import onnx
+
+FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
+                         onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16})
+
 #: Ops whose result must never be folded into a constant, even when every input is constant:
 #: their value is random.
 NEVER_FOLD = frozenset({

@@ -50,15 +50,18 @@ class LocalOp:
     """How one node acts on the spatial grid.
 
     ``axes``: one map per spatial axis. ``grid_inputs``: input slots that carry the image grid
-    (the others must be constants that do not vary over space). ``tiling``: how the node runs
-    on a tile (:mod:`streamc.ops.tiling`). ``attrs``: what the tiling rule needs of the node
-    beyond ``axes`` (a Pad's full pads).
+    (the others must be constants, or per-sample tensors that do not vary over space).
+    ``tiling``: how the node runs on a tile (:mod:`streamc.ops.tiling`). ``attrs``: what the
+    tiling rule needs of the node beyond ``axes`` (a Pad's full pads, a Reshape's shape).
+    ``layout``: the positions of the spatial axes in the node's outputs, when they differ from
+    its first grid input's (Transpose, Reshape, reductions over channels).
     """
 
     axes: tuple[AxisMap, ...]
     grid_inputs: tuple[int, ...] = (0,)
     tiling: TileRule = tiling.POINTWISE
     attrs: dict = field(default_factory=dict, compare=False)
+    layout: tuple[int, ...] | None = None
 
 
 class GraphView(Protocol):
@@ -73,20 +76,33 @@ class GraphView(Protocol):
 
 @dataclass
 class LocalityContext:
-    """What a rule may look at: the graph, the image-dependent tensors, the spatial rank."""
+    """What a rule may look at: the graph, the image-dependent tensors, the spatial rank, where
+    the spatial axes of each grid tensor are (``layouts``; channels-first when absent), and
+    which image-dependent tensors are per-sample values without spatial extent (``globals``:
+    results of whole-image reductions, which broadcast over space like constants)."""
 
     graph: GraphView
     image_dependent: set[str]
     n_spatial: int
+    layouts: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    globals: set[str] = field(default_factory=set)
+
+    def layout(self, tensor: str) -> tuple[int, ...]:
+        """Positions of the spatial axes of grid tensor ``tensor``."""
+        return self.layouts.get(tensor, tuple(range(2, 2 + self.n_spatial)))
 
     def spatial_shape(self, tensor: str) -> tuple[int | None, ...] | None:
         shape = self.graph.shape(tensor)
-        if shape is None or len(shape) != self.n_spatial + 2:
+        layout = self.layout(tensor)
+        if shape is None or len(shape) <= max(layout):
             return None
-        return tuple(shape[2:])
+        return tuple(shape[p] for p in layout)
 
     def constant(self, tensor: str) -> np.ndarray | None:
         return self.graph.constants.get(tensor)
+
+    def is_grid(self, tensor: str) -> bool:
+        return tensor in self.image_dependent and tensor not in self.globals
 
 
 LOCALITY: OpTable = OpTable("locality")
@@ -155,8 +171,16 @@ def _check_grid_slots(node, ctx: LocalityContext, grid: Sequence[int]) -> None:
             )
 
 
+def channels_first(node, ctx: LocalityContext) -> None:
+    """Refuse a node whose first input is not in channels-first (N, C, spatial...) layout:
+    its op's attributes address spatial axes by position."""
+    if ctx.layout(node.input[0]) != tuple(range(2, 2 + ctx.n_spatial)):
+        raise NotLocal(f"its input {node.input[0]!r} is not channels-first (N, C, spatial...)")
+
+
 @LOCALITY.register("Conv")
 def conv(node, ctx: LocalityContext) -> LocalOp:
+    channels_first(node, ctx)
     attrs = attributes(node)
     kernel = _spatial_attr(attrs.get("kernel_shape") or _kernel_from_weight(node, ctx),
                            ctx.n_spatial, 1, "kernel_shape")
@@ -167,6 +191,7 @@ def conv(node, ctx: LocalityContext) -> LocalOp:
 
 @LOCALITY.register("ConvTranspose")
 def conv_transpose(node, ctx: LocalityContext) -> LocalOp:
+    channels_first(node, ctx)
     attrs = attributes(node)
     n = ctx.n_spatial
     kernel = list(attrs.get("kernel_shape") or _kernel_from_weight(node, ctx))
@@ -187,6 +212,7 @@ def conv_transpose(node, ctx: LocalityContext) -> LocalOp:
 
 
 def _pool(node, ctx: LocalityContext) -> LocalOp:
+    channels_first(node, ctx)
     attrs = attributes(node)
     kernel = _spatial_attr(attrs.get("kernel_shape"), ctx.n_spatial, 1, "kernel_shape")
     ceil_mode = bool(attrs.get("ceil_mode", 0))
@@ -224,7 +250,8 @@ def _pointwise_axes(ctx: LocalityContext) -> tuple[AxisMap, ...]:
 
 @LOCALITY.register(
     "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu",
-    "Softplus", "Gelu", "Erf", "Identity", "Cast",
+    "Softplus", "Gelu", "Erf", "Identity", "Cast", "Sqrt", "Reciprocal", "Neg", "Exp", "Log",
+    "Abs",
 )
 def unary(node, ctx: LocalityContext) -> LocalOp:
     return LocalOp(_pointwise_axes(ctx), (0,))
@@ -248,6 +275,7 @@ def dropout(node, ctx: LocalityContext) -> LocalOp:
 
 @LOCALITY.register("BatchNormalization")
 def batch_norm(node, ctx: LocalityContext) -> LocalOp:
+    channels_first(node, ctx)
     attrs = attributes(node)
     if attrs.get("training_mode", 0) or sum(1 for o in node.output if o) > 1:
         raise Refuse(
@@ -258,41 +286,50 @@ def batch_norm(node, ctx: LocalityContext) -> LocalOp:
     return LocalOp(_pointwise_axes(ctx), (0,))
 
 
-def _check_broadcast_constant(node, ctx: LocalityContext, slot: int) -> None:
+def _check_broadcast_constant(node, ctx: LocalityContext, slot: int,
+                              out_rank: int | None = None,
+                              layout: tuple[int, ...] | None = None) -> None:
+    """Input ``slot`` (a constant or a per-sample tensor) must not vary over space where it
+    broadcasts onto a grid tensor of rank ``out_rank`` with spatial axes at ``layout``."""
     name = node.input[slot]
     shape = ctx.graph.shape(name)
     if shape is None:
-        raise NotLocal(f"the shape of its constant input {name!r} is unknown")
-    out_rank = ctx.n_spatial + 2
+        raise NotLocal(f"the shape of its input {name!r} is unknown")
+    layout = layout or tuple(range(2, 2 + ctx.n_spatial))
+    out_rank = out_rank or ctx.n_spatial + 2
     if len(shape) > out_rank:
-        raise NotLocal(f"its constant input {name!r} has more axes than the image")
-    # Right-aligned broadcasting: the trailing n_spatial axes are the spatial ones.
-    spatial = shape[max(0, len(shape) - ctx.n_spatial):]
-    if any(d not in (1, None) for d in spatial) or any(d is None for d in spatial):
+        raise NotLocal(f"its input {name!r} has more axes than the image")
+    lead = out_rank - len(shape)  # right-aligned broadcasting
+    spatial = [shape[p - lead] for p in layout if p >= lead]
+    if any(d != 1 for d in spatial):
         raise NotLocal(
-            f"its constant input {name!r} (shape {list(shape)}) varies over space; only "
-            "per-channel or scalar constants keep the op local"
+            f"its input {name!r} (shape {list(shape)}) varies over space; only per-channel, "
+            "per-sample or scalar operands keep the op local"
         )
 
 
 def _elementwise(node, ctx: LocalityContext, constant_slots_ok: bool = True) -> LocalOp:
-    out_spatial = ctx.spatial_shape(node.output[0])
-    grid = []
+    grid = [slot for slot, name in enumerate(node.input) if name and ctx.is_grid(name)]
+    if not grid:
+        raise NotLocal("it has no input on the image grid")
+    first = node.input[grid[0]]
+    layout, shape = ctx.layout(first), ctx.graph.shape(first)
+    if shape is None:
+        raise NotLocal(f"the shape of its input {first!r} is unknown")
+    sizes = ctx.spatial_shape(first)
     for slot, name in enumerate(node.input):
-        if not name:
+        if not name or slot == grid[0]:
             continue
-        if name in ctx.image_dependent:
-            shape = ctx.graph.shape(name)
-            if shape is None or len(shape) != ctx.n_spatial + 2:
-                raise NotLocal(f"its input {name!r} is not a tensor on the image grid")
-            if out_spatial is not None and tuple(shape[2:]) != tuple(out_spatial):
+        if slot in grid:
+            other = ctx.graph.shape(name)
+            if ctx.layout(name) != layout or other is None or len(other) != len(shape):
+                raise NotLocal(f"its grid inputs {first!r} and {name!r} have different layouts")
+            if ctx.spatial_shape(name) != sizes:
                 raise NotLocal(
-                    f"its input {name!r} (spatial size {list(shape[2:])}) is broadcast over "
-                    f"space to {list(out_spatial)}"
-                )
-            grid.append(slot)
-        elif constant_slots_ok:
-            _check_broadcast_constant(node, ctx, slot)
+                    f"its input {name!r} (spatial size {list(ctx.spatial_shape(name))}) is "
+                    f"broadcast over space to {list(sizes)}")
+        elif constant_slots_ok or name in ctx.globals:
+            _check_broadcast_constant(node, ctx, slot, len(shape), layout)
         else:
             raise NotLocal(f"its input {name!r} is a constant where a grid tensor is needed")
     return LocalOp(_pointwise_axes(ctx), tuple(grid))
@@ -305,9 +342,16 @@ def binary(node, ctx: LocalityContext) -> LocalOp:
 
 @LOCALITY.register("PRelu")
 def prelu(node, ctx: LocalityContext) -> LocalOp:
+    channels_first(node, ctx)
     _check_grid_slots(node, ctx, (0,))
     _check_broadcast_constant(node, ctx, 1)
     return LocalOp(_pointwise_axes(ctx), (0,))
+
+
+@LOCALITY.register("Where", "Greater", "Less", "Equal", "GreaterOrEqual", "LessOrEqual", "And",
+                   "Or", "Not")
+def elementwise_other(node, ctx: LocalityContext) -> LocalOp:
+    return _elementwise(node, ctx)
 
 
 @LOCALITY.register("Clip")
@@ -317,14 +361,15 @@ def clip(node, ctx: LocalityContext) -> LocalOp:
 
 
 def _channel_axis(node, ctx: LocalityContext, default: int | None = None) -> None:
+    """The node's ``axis`` attribute must name a channel axis (neither batch nor spatial)."""
     axis = attributes(node).get("axis", default)
     if axis is None:
         raise NotLocal("it has no axis")
-    rank = ctx.n_spatial + 2
+    rank = len(ctx.graph.shape(node.input[0]) or ()) or ctx.n_spatial + 2
     if axis < 0:
         axis += rank
-    if axis != 1:
-        raise NotLocal(f"it works along axis {axis}; only the channel axis (1) keeps it local")
+    if axis == 0 or axis in ctx.layout(node.input[0]):
+        raise NotLocal(f"it works along axis {axis}; only a channel axis keeps it local")
 
 
 @LOCALITY.register("Concat")
@@ -340,12 +385,21 @@ def split(node, ctx: LocalityContext) -> LocalOp:
     return LocalOp(_pointwise_axes(ctx), (0,))
 
 
+#: Pad modes a tile reproduces: at the image border its crop starts (ends) where the image
+#: does, so repeating or mirroring the crop's border repeats or mirrors the image's.
+PAD_MODES = ("constant", "edge", "reflect")
+
+
 @LOCALITY.register("Pad")
 def pad(node, ctx: LocalityContext) -> LocalOp:
+    channels_first(node, ctx)
     attrs = attributes(node)
     mode = attrs.get("mode", "constant")
-    if mode != "constant":
-        raise NotLocal(f"Pad mode {mode!r} mirrors or repeats image content; use mode 'constant'")
+    if isinstance(mode, bytes):
+        mode = mode.decode()
+    if mode not in PAD_MODES:
+        raise NotLocal(f"Pad mode {mode!r} wraps the image around; use 'constant', 'edge' or "
+                       "'reflect'")
     rank = ctx.n_spatial + 2
     if ctx.graph.opset < 11:
         pads = list(attrs.get("pads", []))
@@ -368,6 +422,8 @@ def pad(node, ctx: LocalityContext) -> LocalOp:
         raise NotLocal(f"its pads have {len(pads)} entries for a rank-{rank} tensor")
     if pads[0] or pads[rank]:
         raise NotLocal("it pads the batch axis")
+    if mode != "constant" and min(pads) < 0:
+        raise NotLocal(f"it crops (negative pads) in mode {mode!r}")
     for slot in (1, 2, 3):
         if len(node.input) > slot and node.input[slot] in ctx.image_dependent:
             raise NotLocal("its pads or value depend on the image")
@@ -404,12 +460,21 @@ def _upsample_axes(node, ctx: LocalityContext, factors: Sequence[float], mode: s
 
 @LOCALITY.register("Resize")
 def resize(node, ctx: LocalityContext) -> LocalOp:
+    channels_first(node, ctx)
     attrs = attributes(node)
     mode = attrs.get("mode", "nearest")
+    if mode == "linear":
+        # Preparation lowers the streamable form (see streamc.ops.lowering): this one is not.
+        raise NotLocal(
+            "linear Resize streams only as an integer upsampling with half_pixel coordinates "
+            "(torch's align_corners=False) at a fixed image size (give --image); "
+            f"this one has coordinate_transformation_mode "
+            f"{attrs.get('coordinate_transformation_mode', 'half_pixel')!r}"
+        )
     if mode != "nearest":
         raise NotLocal(
-            f"Resize mode {mode!r} is not supported; only nearest upsampling by an integer "
-            "factor is (interpolating modes read neighbours across tile borders differently)"
+            f"Resize mode {mode!r} is not supported; nearest and linear upsampling by an "
+            "integer factor are (cubic interpolation reads two neighbours on each side)"
         )
     if attrs.get("antialias", 0) or attrs.get("axes") or attrs.get("keep_aspect_ratio_policy",
                                                                       "stretch") != "stretch":
@@ -443,6 +508,7 @@ def resize(node, ctx: LocalityContext) -> LocalOp:
 
 @LOCALITY.register("Upsample")
 def upsample(node, ctx: LocalityContext) -> LocalOp:
+    channels_first(node, ctx)
     attrs = attributes(node)
     if attrs.get("mode", "nearest") != "nearest":
         raise NotLocal("only nearest Upsample by an integer factor is supported")
@@ -460,3 +526,7 @@ def upsample(node, ctx: LocalityContext) -> LocalOp:
 def cumulative_scale(op: LocalOp) -> tuple[Fraction, ...]:
     """Input steps per output step, per axis, of one op."""
     return tuple(axis.scale for axis in op.axes)
+
+
+# The rules of ops that move, split or merge axes register into the same table.
+from streamc.ops import layout as _layout  # noqa: E402, F401

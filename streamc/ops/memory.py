@@ -97,9 +97,9 @@ def saves_inputs(node: onnx.NodeProto, nbytes: dict[str, int]) -> tuple[list[str
     return [t for t in node.input if t], 0
 
 
-@SAVED.register("BatchNormalization", "LeakyRelu", "Elu", "Selu", "Softplus", "HardSigmoid",
-                "HardSwish", "Log", "Abs", "GlobalAveragePool", "AveragePool", "GlobalMaxPool",
-                "Clip", "Erf", "Gelu", "Where")
+@SAVED.register("LayerNormalization", "BatchNormalization", "LeakyRelu", "Elu", "Selu",
+                "Softplus", "HardSigmoid", "HardSwish", "Log", "Abs", "GlobalAveragePool",
+                "AveragePool", "GlobalMaxPool", "Clip", "Erf", "Gelu", "Where")
 def saves_first_input(node: onnx.NodeProto, nbytes: dict[str, int]) -> tuple[list[str], int]:
     return list(node.input[:1]), 0
 
@@ -125,6 +125,7 @@ def saves_input_and_indices(node: onnx.NodeProto, nbytes: dict[str, int]
 @SAVED.register("Add", "Sub", "Neg", "Concat", "Split", "Slice", "Pad", "Reshape", "Flatten",
                 "Squeeze", "Unsqueeze", "Identity", "Transpose", "Resize", "Upsample", "Dropout",
                 "Cast", "Expand", "ReduceSum", "ReduceMean", "Shape", "Constant",
-                "ConstantOfShape", "Size", "Sum", "Mean")
+                "ConstantOfShape", "Size", "Sum", "Mean", "Greater", "Less", "Equal",
+                "GreaterOrEqual", "LessOrEqual", "And", "Or", "Not")
 def saves_nothing(node: onnx.NodeProto, nbytes: dict[str, int]) -> tuple[list[str], int]:
     return [], 0

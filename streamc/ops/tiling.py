@@ -12,7 +12,7 @@ tile-graph pass asks that rule three things, without knowing which op it is:
 - :meth:`TileRule.rewrite`: the node's copy in the tile graph, with that padding written in.
 
 Rules are stateless singletons: :data:`POINTWISE`, :data:`WINDOW`, :data:`PAD`, :data:`RESIZE`,
-:data:`TRANSPOSED`.
+:data:`TRANSPOSED`, :data:`RESHAPE`.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ class Placement:
     pads: tuple[tuple[int, int], ...] | None = None
     output_padding: tuple[int, ...] | None = None
     output_slice: Local | None = None
+    #: the tile-local size of the output region, per spatial axis
+    sizes: tuple[int, ...] | None = None
 
 
 class Emitter(Protocol):
@@ -197,6 +199,21 @@ class TransposedRule(TileRule):
         set_attribute(node, "output_padding", list(placement.output_padding))
 
 
+class ReshapeRule(TileRule):
+    """Reshape of channel axes only: its shape constant gets the tile's spatial sizes."""
+
+    name = "reshape"
+
+    def layout(self, axes, out_box, need):
+        return Placement(sizes=tuple(b - a for a, b in out_box))
+
+    def rewrite(self, node, axes, placement, attrs, opset, emit):
+        shape = list(attrs["shape"])
+        for position, size in zip(attrs["layout"], placement.sizes):
+            shape[position] = size
+        node.input[1] = emit.ints(shape)
+
+
 def _transposed_pads(ax: Transposed, out: Interval, available: Interval) -> tuple[int, int, int]:
     """Pads and output_padding for a ConvTranspose on ``available`` to yield exactly ``out``."""
     start, stop = ax.produces(available)
@@ -222,6 +239,8 @@ WINDOW = WindowRule()
 PAD = PadRule()
 RESIZE = ResizeRule()
 TRANSPOSED = TransposedRule()
+RESHAPE = ReshapeRule()
 
-__all__ = ["PAD", "POINTWISE", "RESIZE", "TRANSPOSED", "WINDOW", "AxisState", "Emitter",
+__all__ = ["PAD", "POINTWISE", "RESHAPE", "RESIZE", "TRANSPOSED", "WINDOW", "AxisState",
+           "Emitter",
            "Local", "Placement", "TileRule", "local_box"]

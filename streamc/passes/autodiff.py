@@ -25,11 +25,13 @@ from onnx import helper
 from streamc.errors import UnsupportedModelError
 from streamc.graph import FLOAT_TYPES, constant_values, dims, inline_constants, opset_version
 from streamc.ops.attrs import captured_names, constant_value
-from streamc.ops.facts import PASS_THROUGH
 from streamc.ops.vjp import VJP, TensorType, VjpContext, VjpRule
 from streamc.ops.vjp.context import node_label
+from streamc.ops.vjp.trainable import trainable_initializers
 
 MIN_OPSET = 17
+
+__all__ = ["BackwardGraph", "build_backward", "trainable_initializers"]
 
 
 @dataclass
@@ -62,33 +64,6 @@ def build_backward(
     """
     model = _ready(model, protected=set(wrt))
     return _Differentiator(model, list(wrt), outputs, keep_outputs, name).run()
-
-
-def trainable_initializers(model: onnx.ModelProto) -> list[str]:
-    """Float initializers that feed a slot the VJP table marks trainable (weights, biases...).
-
-    Conv/ConvTranspose W and B, BatchNormalization scale and bias, Gemm B and C, PRelu slope, a
-    constant MatMul operand and the bias Add that follows a MatMul. BatchNormalization mean and
-    variance, shape tensors and other constants are not trainable. Order: first use in the graph.
-    """
-    graph = model.graph
-    floats = {i.name for i in graph.initializer if i.data_type in FLOAT_TYPES}
-    producers = {out: node for node in graph.node for out in node.output}
-    found: dict[str, None] = {}
-    for node in graph.node:
-        rule = VJP.get(node.op_type, None, node.domain)
-        if rule is None:
-            continue
-        for slot in rule.trainable_slots(node, producers):
-            if slot >= len(node.input):
-                continue
-            source = node.input[slot]
-            # Look through shape-only ops: torch feeds PReLU's slope through an Unsqueeze.
-            while source in producers and producers[source].op_type in PASS_THROUGH:
-                source = producers[source].input[0]
-            if source in floats:
-                found.setdefault(source)
-    return list(found)
 
 
 # --------------------------------------------------------------------------------------------

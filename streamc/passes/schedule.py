@@ -1,10 +1,14 @@
-"""Schedule pass: the tile grid, each tile's kept regions of the cut tensors, and its input crop.
+"""Schedule pass: the tile grid, each tile's kept regions, and the crops it reads.
 
 Contract: :func:`make_schedule` takes an :class:`~streamc.analysis.Analysis` with a static image
 size and a requested tile size (input pixels per axis, an upper bound on every crop) and returns
-a :class:`Schedule`. Tile boundaries in the image lie on the prefix's alignment lattice
-(docs/architecture.md); the kept regions of every cut tensor partition that tensor; each axis is cut
-into as few tiles as fit the requested size, of equal kept size except the last.
+a :class:`Schedule`. Tile boundaries in the image lie on the alignment lattice of every grid
+tensor (docs/architecture.md). The *targets* of each stage (the grid tensors it writes whole,
+and those whose reductions it computes) are cut along the same image boundaries: the kept
+regions of the tiles partition every target. A tile's crop of a stage input is what its kept
+regions need of it. Each axis is cut into as few tiles as fit the requested size (image pixels;
+a crop of a later stage's input counts its width times its stride), of equal kept size except
+the last.
 """
 
 from __future__ import annotations
@@ -22,11 +26,18 @@ from streamc.units import parse_extent
 
 @dataclass(frozen=True)
 class Tile:
-    """One tile: its grid index, kept region of each cut tensor, and the image crop it reads."""
+    """One tile: its grid index, its kept region of every stage target it has a part of, and
+    per stage the region of each stage input it reads (``crops[k]``; empty when the tile has
+    nothing to compute in stage ``k``)."""
 
     index: tuple[int, ...]
     kept: dict[str, Box]
-    crop: Box
+    crops: tuple[dict[str, Box], ...]
+
+    @property
+    def crop(self) -> Box:
+        """The image region the tile reads in the first stage."""
+        return next(iter(self.crops[0].values()))
 
 
 @dataclass
@@ -75,27 +86,51 @@ def _axis_kept(analysis: Analysis, axis: int, start: int, stop: int, image_end: 
             0 if start == 0 else _cut_boundary(analysis, cut, axis, start, False),
             _cut_boundary(analysis, cut, axis, stop, stop >= image_end),
         )
-        for cut in analysis.cut_tensors
+        for cut in analysis.targets
     }
 
 
-def _crop_along(analysis: Analysis, axis: int, kept: dict[str, tuple[int, int]]) -> tuple[int, int]:
-    """Image interval along ``axis`` needed for these kept intervals (other axes full)."""
-    boxes: dict[str, Box] = {}
-    for cut, interval in kept.items():
-        extent = analysis.extent(cut)
-        box = [(0, n) for n in extent]
-        box[axis] = interval
-        boxes[cut] = tuple(box)
-    regions = analysis.regions_for(boxes, runnable=True)
-    image_box = regions.get(analysis.input_name)
-    if image_box is None or is_empty(image_box):
-        return (0, 0)
-    return image_box[axis]
+@dataclass(frozen=True)
+class _Span:
+    """What one tile reads along an axis: the image interval of the first stage, and the
+    widest crop of any stage in image pixels (a later stage's crop times its input's stride)."""
+
+    lo: int
+    hi: int
+    width: int
+
+    @property
+    def empty(self) -> bool:
+        return self.hi <= self.lo
 
 
-def _crops(analysis: Analysis, axis: int, bounds: Sequence[int], size: int
-           ) -> list[tuple[int, int]]:
+def _crop_along(analysis: Analysis, axis: int, kept: dict[str, tuple[int, int]]) -> _Span:
+    """What the kept intervals along ``axis`` need of the stage inputs (other axes full)."""
+    lo = hi = width = 0
+    for k, stage in enumerate(analysis.split.stage_io):
+        boxes: dict[str, Box] = {}
+        for cut in stage.targets:
+            interval = kept[cut]
+            if interval[1] <= interval[0]:
+                continue
+            box = [(0, n) for n in analysis.extent(cut)]
+            box[axis] = interval
+            boxes[cut] = tuple(box)
+        if not boxes:
+            continue
+        regions = analysis.regions_for(boxes, runnable=True, stage=k)
+        for tensor in stage.inputs:
+            box = regions.get(tensor)
+            if box is None or is_empty(box):
+                continue
+            a, b = box[axis]
+            width = max(width, math.ceil((b - a) * analysis.tensors[tensor].stride[axis]))
+            if k == 0 and tensor == analysis.input_name:
+                lo, hi = a, b
+    return _Span(lo, hi, width)
+
+
+def _crops(analysis: Analysis, axis: int, bounds: Sequence[int], size: int) -> list[_Span]:
     return [_crop_along(analysis, axis, _axis_kept(analysis, axis, a, b, size))
             for a, b in zip(bounds, bounds[1:])]
 
@@ -109,7 +144,7 @@ def _without_empty(analysis: Analysis, axis: int, bounds: list[int], size: int) 
     for i in range(1, len(bounds) - 1):
         # Boundary i separates tile i-1 from tile i; drop it if either side is empty, unless
         # that would merge two tiles that both read pixels.
-        if crops[i][1] > crops[i][0] and crops[i - 1][1] > crops[i - 1][0]:
+        if not crops[i].empty and not crops[i - 1].empty:
             keep.append(bounds[i])
     return keep + [size]
 
@@ -123,15 +158,15 @@ def min_tile(analysis: Analysis, axis: int) -> int:
     steps = list(range(0, size, align))
     reach = max(
         abs(info.offset[axis]) + info.receptive_field[axis]
-        for info in (analysis.tensors[c] for c in analysis.cut_tensors)
+        for info in (analysis.tensors[c] for c in analysis.targets)
     ) + align
     interior = (size // 2 // align) * align
     chosen = sorted({a for a in steps if a < reach or a + align > size - reach} | {interior})
     widest = 0
     for a in chosen:
-        lo, hi = _crop_along(analysis, axis,
-                             _axis_kept(analysis, axis, a, min(a + align, size), size))
-        widest = max(widest, hi - lo)
+        span = _crop_along(analysis, axis,
+                           _axis_kept(analysis, axis, a, min(a + align, size), size))
+        widest = max(widest, span.width)
     return widest
 
 
@@ -155,7 +190,7 @@ def _axis_boundaries(analysis: Analysis, axis: int, tile: int, smallest: int) ->
     size, align = analysis.image_size[axis], analysis.alignment[axis]
 
     def fits(bounds: list[int]) -> bool:
-        return max(b - a for a, b in _crops(analysis, axis, bounds, size)) <= tile
+        return max(span.width for span in _crops(analysis, axis, bounds, size)) <= tile
 
     if fits([0, size]):
         return [0, size]
@@ -242,7 +277,7 @@ def make_schedule(analysis: Analysis, tile: int | str | Sequence[int],
             )
             t = rounded
         aligned.append(t)
-    for cut in analysis.cut_tensors:
+    for cut in analysis.targets:
         extent = analysis.extent(cut)
         if extent is None or any(n <= 0 for n in extent):
             raise CompileError(
@@ -263,7 +298,7 @@ def make_schedule(analysis: Analysis, tile: int | str | Sequence[int],
     schedule = Schedule(tuple(size), requested, tuple(aligned), analysis.alignment, boundaries,
                         notes=notes)
     for index in _grid_indices(schedule.grid):
-        kept: dict[str, list[tuple[int, int]]] = {c: [] for c in analysis.cut_tensors}
+        kept: dict[str, list[tuple[int, int]]] = {c: [] for c in analysis.targets}
         for axis, i in enumerate(index):
             start, stop = boundaries[axis][i], boundaries[axis][i + 1]
             for cut, interval in _axis_kept(analysis, axis, start, stop, size[axis]).items():
@@ -271,15 +306,27 @@ def make_schedule(analysis: Analysis, tile: int | str | Sequence[int],
         kept_boxes = {c: tuple(b) for c, b in kept.items() if not is_empty(tuple(b))}
         if not kept_boxes:
             continue
-        regions = analysis.regions_for(kept_boxes, runnable=True)
-        crop = regions.get(analysis.input_name)
-        if crop is None:
-            raise CompileError(
-                f"internal error: tile {index} keeps {kept_boxes} of the cut tensors, which "
-                "read no image pixel; please report this."
-            )
-        schedule.tiles.append(Tile(index, kept_boxes, crop))
+        schedule.tiles.append(Tile(index, kept_boxes, _stage_crops(analysis, index, kept_boxes)))
     return schedule
+
+
+def _stage_crops(analysis: Analysis, index: tuple[int, ...], kept: dict[str, Box]
+                 ) -> tuple[dict[str, Box], ...]:
+    """Per stage, the region of each stage input the tile's kept regions need."""
+    crops = []
+    for k, stage in enumerate(analysis.split.stage_io):
+        boxes = {t: kept[t] for t in stage.targets if t in kept}
+        if not boxes:
+            crops.append({})
+            continue
+        regions = analysis.regions_for(boxes, runnable=True, stage=k)
+        reads = {t: regions[t] for t in stage.inputs if t in regions}
+        if k == 0 and analysis.input_name not in reads:
+            raise CompileError(
+                f"internal error: tile {index} keeps {boxes}, which read no image pixel; "
+                "please report this.")
+        crops.append(reads)
+    return tuple(crops)
 
 
 def _grid_indices(grid: Sequence[int]) -> list[tuple[int, ...]]:
@@ -300,7 +347,7 @@ def check_schedule(analysis: Analysis, schedule: Schedule) -> None:
     """The schedule's invariants: along every axis the kept intervals of every cut tensor
     follow each other without gap or overlap from 0 to the tensor's extent (so the kept
     regions of all tiles partition it), and every crop lies in the image within the tile."""
-    for cut in analysis.cut_tensors:
+    for cut in analysis.targets:
         extent = analysis.extent(cut)
         for axis in range(analysis.n_spatial):
             intervals: dict[int, tuple[int, int]] = {}

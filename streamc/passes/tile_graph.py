@@ -13,6 +13,7 @@ refuses a layout whose kept regions are not all exact (the layout check, docs/ar
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,23 +39,38 @@ class NodeLayout:
 
 @dataclass
 class TileLayout:
-    """One tile's graph in tile-local numbers, plus the full-image regions it was made from."""
+    """One tile's graph for one stage in tile-local numbers, plus the full-image regions it
+    was made from.
 
-    input_size: tuple[int, ...]
+    ``inputs``: (stage input, size of its crop); ``outputs``: (stage output, slice of its kept
+    region); ``partials``: (reduction output, slice of the region of the reduced tensor the tile
+    owns).
+    """
+
+    stage: int
+    inputs: tuple[tuple[str, tuple[int, ...]], ...]
     nodes: tuple[NodeLayout, ...]
-    outputs: tuple[tuple[str, Local | None], ...]  # (cut tensor, slice of its kept region)
+    outputs: tuple[tuple[str, Local | None], ...]
+    partials: tuple[tuple[str, Local | None], ...] = ()
     regions: dict[str, Box] = field(default_factory=dict, compare=False)
 
+    @property
+    def input_size(self) -> tuple[int, ...]:
+        """The size of the first input's crop (the image's, in the first stage)."""
+        return self.inputs[0][1]
+
     def signature(self) -> tuple:
-        return (self.input_size, self.nodes, self.outputs)
+        return (self.stage, self.inputs, self.nodes, self.outputs, self.partials)
 
 
-def layout_tile(analysis: Analysis, tile: Tile) -> TileLayout:
-    """The layout of ``tile`` (see module docstring)."""
+def layout_tile(analysis: Analysis, tile: Tile, stage: int = 0) -> TileLayout:
+    """The layout of ``tile`` in ``stage`` (see module docstring)."""
     graph = analysis.graph
-    regions = analysis.regions_for(tile.kept, runnable=True)
+    io = analysis.split.stage_io[stage]
+    targets = {t: tile.kept[t] for t in io.targets if t in tile.kept}
+    regions = analysis.regions_for(targets, runnable=True, stage=stage)
     nodes = []
-    for name in analysis.prefix:
+    for name in io.nodes:
         node = graph.nodes[name]
         op = analysis.split.local_ops[name]
         out_box = None
@@ -75,12 +91,12 @@ def layout_tile(analysis: Analysis, tile: Tile) -> TileLayout:
             needs.append(need)
         placement = op.tiling.layout(op.axes, out_box, needs[0])
         nodes.append(NodeLayout(name, tuple(slices), placement))
-    outputs = tuple(
-        (cut, local_box(tile.kept[cut], regions[cut]))
-        for cut in analysis.cut_tensors if cut in tile.kept
-    )
-    crop = regions[analysis.input_name]
-    return TileLayout(tuple(b - a for a, b in crop), tuple(nodes), outputs, regions)
+    outputs = tuple((t, local_box(tile.kept[t], regions[t])) for t in io.outputs
+                    if t in tile.kept)
+    partials = tuple((r.output, local_box(tile.kept[r.tensor], regions[r.tensor]))
+                     for r in io.reductions if r.tensor in tile.kept)
+    inputs = tuple((t, tuple(b - a for a, b in regions[t])) for t in io.inputs if t in regions)
+    return TileLayout(stage, inputs, tuple(nodes), outputs, partials, regions)
 
 
 # --- verification -------------------------------------------------------------------------------
@@ -101,12 +117,15 @@ def _intersect(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
 
 
 def verify_layout(analysis: Analysis, tile: Tile, layout: TileLayout) -> None:
-    """Check, from the layout's local numbers, that every kept region is exact; raise otherwise."""
+    """Check, from the layout's local numbers, that every kept region is exact; raise otherwise.
+
+    A stage's inputs hold exact values everywhere (the image, or whole tensors kept by earlier
+    stages); what the stage computes from them is exact where the layout says it is."""
     graph = analysis.graph
-    crop = tile.crop
-    known: dict[str, _Known] = {
-        analysis.input_name: _Known(tuple(a for a, _ in crop), layout.input_size, crop)
-    }
+    known: dict[str, _Known] = {}
+    for tensor, _size in layout.inputs:
+        crop = layout.regions[tensor]
+        known[tensor] = _Known(tuple(a for a, _ in crop), tuple(b - a for a, b in crop), crop)
     for spec in layout.nodes:
         node = graph.nodes[spec.node]
         result = _node_computes(analysis, spec, known)
@@ -121,7 +140,11 @@ def verify_layout(analysis: Analysis, tile: Tile, layout: TileLayout) -> None:
                     f"{claimed}; refusing to emit an inexact program."
                 )
             known[out] = result
-    for cut, kept in tile.kept.items():
+    stage = analysis.split.stage_io[layout.stage]
+    for cut in stage.targets:
+        kept = tile.kept.get(cut)
+        if kept is None:
+            continue
         k = known[cut]
         if not all(v[0] <= a and b <= v[1] for (a, b), v in zip(kept, k.valid)):
             raise CompileError(
@@ -198,12 +221,14 @@ class _Builder:
         self.initializers[name] = numpy_helper.from_array(array, name)
         return name
 
-    def slice(self, tensor: str, local: Local, output: str | None = None) -> str:
+    def slice(self, tensor: str, local: Local, axes: Sequence[int],
+              output: str | None = None) -> str:
+        """``tensor`` sliced to ``local`` along its spatial axes (at positions ``axes``)."""
         out = output or self.fresh(tensor)
         self.nodes.append(helper.make_node(
             "Slice",
             [tensor, self.ints([a for a, _ in local]), self.ints([b for _, b in local]),
-             self.ints(list(range(2, 2 + len(local))))],
+             self.ints(list(axes))],
             [out], name=self.fresh("slice"),
         ))
         return out
@@ -218,24 +243,33 @@ def emit_tile_graph(
 ) -> onnx.ModelProto:
     """Write ``layout`` as an ONNX model.
 
-    Inputs: the image crop (named like the model's image input), then every initializer in
+    Inputs: the crop of each stage input (named like the tensor: the image crop like the
+    model's image input), the per-sample side inputs the stage reads, then every initializer in
     ``parameters`` that the tile reads (as graph inputs, fed by the runtime). Other initializers
-    stay initializers. Outputs: the kept region of each cut tensor, named by ``output_names``
-    (default: :func:`kept_name` of the cut tensor).
+    stay initializers. Outputs: the kept region of each stage output, named by
+    ``output_names`` (default: :func:`kept_name`), then each reduction's partial over the
+    region the tile owns (:func:`partial_name`).
     """
     model = analysis.model
+    graph = analysis.graph
     builder = _Builder(f"{name}_")
     for spec in layout.nodes:
         _emit_node(analysis, spec, builder)
-    outputs = _emit_outputs(analysis, layout, builder, output_names)
+    partials = _emit_partials(analysis, layout, builder)
+    outputs = _emit_outputs(analysis, layout, builder, output_names) + partials
     nodes = _with_constant_nodes(analysis, builder.nodes)
     used = {i for n in nodes for i in n.input if i}
     inits = {i.name: i for i in model.graph.initializer}
-    image = analysis.input_name
-    image_vi = next(v for v in model.graph.input if v.name == image)
-    image_shape = [d.dim_value for d in image_vi.type.tensor_type.shape.dim][:2]
-    inputs = [helper.make_tensor_value_info(
-        image, image_vi.type.tensor_type.elem_type, image_shape + list(layout.input_size))]
+    inputs = []
+    for tensor, size in layout.inputs:
+        shape = list(graph.shape(tensor))
+        for position, n in zip(analysis.split.layout(tensor), size):
+            shape[position] = n
+        inputs.append(helper.make_tensor_value_info(tensor, graph.dtypes.get(tensor, 1), shape))
+    for tensor in analysis.split.stage_io[layout.stage].side_inputs:
+        if tensor in used:
+            inputs.append(helper.make_tensor_value_info(
+                tensor, graph.dtypes.get(tensor, 1), list(graph.shape(tensor))))
     for pname in sorted(p for p in parameters if p in used):
         t = inits[pname]
         inputs.append(helper.make_tensor_value_info(pname, t.data_type, list(t.dims)))
@@ -255,11 +289,13 @@ def _emit_node(analysis: Analysis, spec: NodeLayout, builder: _Builder) -> None:
     rule, its output sliced when the rule computes more than is needed."""
     node = analysis.graph.nodes[spec.node]
     op = analysis.split.local_ops[spec.node]
+    layout = analysis.split.layout
     copy = onnx.NodeProto()
     copy.CopyFrom(node)
     for slot, local in spec.input_slices:
         if local is not None:
-            copy.input[slot] = builder.slice(node.input[slot], local)
+            tensor = node.input[slot]
+            copy.input[slot] = builder.slice(tensor, local, layout(tensor))
     op.tiling.rewrite(copy, op.axes, spec.placement, op.attrs, analysis.graph.opset, builder)
     output_slice = spec.placement.output_slice
     if output_slice is None:
@@ -268,7 +304,7 @@ def _emit_node(analysis: Analysis, spec: NodeLayout, builder: _Builder) -> None:
     final = copy.output[0]
     copy.output[0] = builder.fresh(final)
     builder.nodes.append(copy)
-    builder.slice(copy.output[0], output_slice, output=final)
+    builder.slice(copy.output[0], output_slice, layout(final), output=final)
 
 
 def _emit_outputs(analysis: Analysis, layout: TileLayout, builder: _Builder,
@@ -277,7 +313,7 @@ def _emit_outputs(analysis: Analysis, layout: TileLayout, builder: _Builder,
     for cut, local in layout.outputs:
         out_name = kept_name(cut) if output_names is None else output_names[cut]
         if local is not None:
-            source = builder.slice(cut, local)
+            source = builder.slice(cut, local, analysis.split.layout(cut))
             _rename(builder.nodes, source, out_name)
         elif cut != analysis.input_name and not _identity_output_is_safe(builder.nodes, cut):
             # The whole computed region is kept: give the tensor the output's name instead of
@@ -291,6 +327,29 @@ def _emit_outputs(analysis: Analysis, layout: TileLayout, builder: _Builder,
             builder.nodes.append(helper.make_node("Identity", [cut], [out_name],
                                                   name=builder.fresh("out")))
         outputs.append(out_name)
+    return outputs
+
+
+def _emit_partials(analysis: Analysis, layout: TileLayout, builder: _Builder) -> list[str]:
+    """Each reduction of the stage over the region of its tensor this tile owns, kept dims."""
+    rules = {r.output: r for r in analysis.split.stage_io[layout.stage].reductions}
+    outputs = []
+    for reduction_output, local in layout.partials:
+        reduction = rules[reduction_output]
+        tensor = reduction.tensor
+        owned = tensor if local is None else builder.slice(tensor, local,
+                                                           analysis.split.layout(tensor))
+        out = partial_name(reduction_output)
+        axes = list(reduction.rule.axes)
+        opset = analysis.graph.opset
+        if opset >= 18 or (reduction.rule.partial == "ReduceSum" and opset >= 13):
+            node = helper.make_node(reduction.rule.partial, [owned, builder.ints(axes)], [out],
+                                    name=builder.fresh("partial"), keepdims=1)
+        else:
+            node = helper.make_node(reduction.rule.partial, [owned], [out], axes=axes,
+                                    name=builder.fresh("partial"), keepdims=1)
+        builder.nodes.append(node)
+        outputs.append(out)
     return outputs
 
 
@@ -341,3 +400,8 @@ def _typed_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
 def kept_name(cut: str) -> str:
     """Name of a tile graph's output that holds the kept region of cut tensor ``cut``."""
     return f"{cut}:kept"
+
+
+def partial_name(reduction_output: str) -> str:
+    """Name of a tile graph's output that holds its partial of a whole-image reduction."""
+    return f"{reduction_output}:partial"

@@ -26,10 +26,13 @@ from streamc.runtime.weights import WeightSet, as_numpy
 from streamc.steps import Step
 
 Box = Sequence[Sequence[int]]
+#: An index into a tensor (slices and ints), built by the interpreter from a box and the
+#: positions of the tensor's spatial axes.
+Index = tuple
 
 
 def region(box: Box) -> tuple[slice, ...]:
-    """Index of a spatial box over (N, C, *spatial)."""
+    """Index of a spatial box over a channels-first tensor (N, C, *spatial)."""
     return (slice(None), slice(None)) + tuple(slice(a, b) for a, b in box)
 
 
@@ -38,17 +41,20 @@ class Backend(Protocol):
 
     pool: SessionPool
 
-    def crop(self, image: Any, box: Box) -> Any:
-        """The image's region ``box`` (all of N and C), as a graph input."""
+    def crop(self, tensor: Any, index: Index) -> Any:
+        """``tensor[index]`` as a graph input (contiguous)."""
 
-    def read(self, tensor: Any, box: Box) -> Any:
-        """The region ``box`` of a full tensor (a cut gradient), as a graph input."""
+    def read(self, tensor: Any, index: Index) -> Any:
+        """``tensor[index]`` (a region of a gradient buffer) as a graph input."""
 
-    def zeros(self, shape: Sequence[int]) -> Any:
-        """A float32 tensor of zeros."""
+    def full(self, shape: Sequence[int], value: float, dtype: np.dtype) -> Any:
+        """A new tensor of ``shape`` filled with ``value``."""
 
-    def write(self, target: Any, box: Box, value: Any) -> None:
-        """``target[region(box)] = value``."""
+    def write(self, target: Any, index: Index, value: Any) -> None:
+        """``target[index] = value``."""
+
+    def add(self, target: Any, index: Index, value: Any) -> None:
+        """``target[index] += value``."""
 
     def accumulate(self, totals: dict[str, Any], name: str, value: Any) -> None:
         """``totals[name] += value`` (or set it)."""
@@ -84,16 +90,19 @@ class NumpyBackend:
         """A graph output as this backend's array."""
         return array
 
-    def crop(self, image: np.ndarray, box: Box) -> np.ndarray:
-        return np.ascontiguousarray(image[region(box)])
+    def crop(self, tensor: np.ndarray, index: Index) -> np.ndarray:
+        return np.ascontiguousarray(tensor[index])
 
     read = crop
 
-    def zeros(self, shape: Sequence[int]) -> np.ndarray:
-        return np.zeros(tuple(shape), dtype=np.float32)
+    def full(self, shape: Sequence[int], value: float, dtype: np.dtype) -> np.ndarray:
+        return np.full(tuple(shape), value, dtype=dtype)
 
-    def write(self, target: np.ndarray, box: Box, value: np.ndarray) -> None:
-        target[region(box)] = value
+    def write(self, target: np.ndarray, index: Index, value: np.ndarray) -> None:
+        target[index] = value
+
+    def add(self, target: np.ndarray, index: Index, value: np.ndarray) -> None:
+        target[index] += value
 
     def accumulate(self, totals: dict[str, np.ndarray], name: str, value: np.ndarray) -> None:
         if name in totals:

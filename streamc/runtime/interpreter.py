@@ -1,33 +1,40 @@
 """The one interpreter of compiled programs.
 
-:class:`Interpreter` walks a program's steps (:func:`~streamc.steps.program_steps`: prefix
-forward, head forward, head backward, prefix backward) in the one order the program and the
-runtime policy define, and hands every piece of tensor work to a
+:class:`Interpreter` walks a program's steps (:func:`~streamc.steps.program_steps`) in the one
+order the program and the runtime policy define, and hands every piece of tensor work to a
 :class:`~streamc.runtime.backend.Backend`. ``streamc check`` runs it over the numpy backend,
 :class:`~streamc.runtime.module.StreamingModel` over the torch backends: the same steps, the
 same order, the same sessions.
 
-- prefix forward: for each tile, crop the image, run its class's forward graph, write the kept
-  region of each cut tensor into the full cut tensor;
-- head forward / backward: once on the full cut tensors;
-- prefix backward: for each tile, run its class's backward graph on the same crop with the
-  cotangent of its kept regions, and add the weight gradients up; release steps free baked
-  sessions once their pass is over.
+It holds the program's *buffers* (:class:`~streamc.meta.BufferSpec`) per batch chunk:
 
-A program compiled for batch ``n`` runs a batch of ``k·n`` images as ``k`` chunks: each tile
-step runs once per chunk, outputs and cut tensors are joined along the batch axis, weight
-gradients summed.
+- a tile forward step crops its stage's inputs (the image, or buffers of earlier stages), reads
+  the global buffers its stage needs, writes its kept regions into the stage's output buffers
+  and its partials into its row of each partials buffer;
+- a global graph reads whole buffers (stacked partials, earlier globals) and writes global
+  buffers; the head reads whole buffers and gives the model's outputs;
+- backward runs the same units in reverse with gradient buffers: a tile's backward graph takes
+  the gradients of its kept regions and partials, and gives the gradients of the weights
+  (summed over tiles), of its input crops (added into whole gradient buffers: the tiles' crops
+  overlap, their contributions add up) and of the global buffers it read (summed).
+
+A program compiled for batch ``n`` runs a batch of ``k·n`` images as ``k`` chunks: every step
+runs once per chunk, outputs are joined along the batch axis, weight gradients summed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+from onnx import helper
+
 from streamc.errors import InputError
+from streamc.meta import BufferSpec, ClassSpec, GraphSpec
 from streamc.program import Program
 from streamc.progress import progress_bar
-from streamc.runtime.backend import Backend
+from streamc.runtime.backend import Backend, Index
 from streamc.runtime.weights import WeightSet
 from streamc.steps import Step, StepKind, program_steps
 
@@ -69,6 +76,24 @@ def check_image(program: Program, shape: Sequence[int], dtype: object, float32: 
         )
 
 
+@dataclass
+class ForwardState:
+    """What the forward pass leaves for the backward pass: the image and, per batch chunk, the
+    buffers the stages and global graphs wrote."""
+
+    image: Tensor
+    chunks: list[slice]
+    buffers: list[dict[str, Tensor]] = field(default_factory=list)
+
+
+def index(box: Sequence[Sequence[int]], layout: Sequence[int], rank: int) -> Index:
+    """Index of a spatial box over a tensor of ``rank`` whose spatial axes are at ``layout``."""
+    result: list[slice] = [slice(None)] * rank
+    for position, (a, b) in zip(layout, box):
+        result[position] = slice(a, b)
+    return tuple(result)
+
+
 class Interpreter:
     """Runs a program's steps over a backend (see the module docstring).
 
@@ -82,16 +107,19 @@ class Interpreter:
         self.policy = backend.pool.policy
         self.progress = progress
         meta = program.meta
+        self.meta = meta
         self.batch = int(meta.input.shape[0])
-        self.cut_names = meta.cut_names
-        self.cut_shapes = {c.name: c.shape for c in meta.cut_tensors}
+        self.image_name = meta.input.name
+        self.buffers: dict[str, BufferSpec] = {b.name: b for b in meta.buffers}
+        self.globals: dict[str, GraphSpec] = {g.name: g for g in meta.globals}
+        self.cut_names = list(meta.head.inputs)
         self.output_names = list(meta.outputs)
         self._steps: dict[int, dict[str, list[Step]]] = {}
 
     def steps(self, phase: str, chunks: int = 1) -> list[Step]:
         """The steps of ``phase`` for a batch of ``chunks`` compiled batches."""
         if chunks not in self._steps:
-            self._steps[chunks] = program_steps(self.program.meta, self.policy, chunks)
+            self._steps[chunks] = program_steps(self.meta, self.policy, chunks)
         return self._steps[chunks][phase]
 
     def chunks(self, total: int) -> list[slice]:
@@ -103,127 +131,223 @@ class Interpreter:
             )
         return [slice(b, b + self.batch) for b in range(0, total, self.batch)]
 
-    # -- phases ----------------------------------------------------------------------------------
-    def prefix_forward(self, image: Tensor, weights: WeightSet) -> list[Tensor]:
-        """The full cut tensors (in ``cut_names`` order) for a batch of images."""
-        backend = self.backend
-        chunks = self.chunks(image.shape[0])
-        cuts = [{name: backend.zeros(self.cut_shapes[name]) for name in self.cut_names}
-                for _ in chunks]
-        steps = self.steps("prefix_forward", len(chunks))
-        with self._bar(len(steps) * len(chunks), "forward") as tick:
-            for step in steps:
-                tile = self.program.tiles[step.tile]
-                cls = self.program.classes[tile.class_id]
-                pairs = list(cls.outputs.items())
-                for c, chunk in enumerate(chunks):
-                    x = backend.crop(backend.batch(image, chunk), tile.crop)
-                    values = backend.run(step, weights, {self.program.input_name: x},
-                                         [out for _, out in pairs])
-                    for (cut, _), value in zip(pairs, values):
-                        backend.write(cuts[c][cut], tile.kept[cut], value)
-                    tick()
-        return [backend.concat([c[name] for c in cuts]) for name in self.cut_names]
+    # -- where tensors are -----------------------------------------------------------------------
+    def _layout(self, name: str) -> tuple[int, ...]:
+        spec = self.buffers.get(name)
+        if spec is not None and spec.layout:
+            return spec.layout
+        return tuple(range(2, len(self.meta.input.shape)))
 
-    def head_forward(self, cuts: Sequence[Tensor], weights: WeightSet) -> list[Tensor]:
-        """The model's outputs (in ``output_names`` order) from the full cut tensors."""
+    def _rank(self, name: str) -> int:
+        spec = self.buffers.get(name)
+        return len(spec.shape) if spec is not None else len(self.meta.input.shape)
+
+    def _index(self, name: str, box) -> Index:
+        return index(box, self._layout(name), self._rank(name))
+
+    def _source(self, state: ForwardState, c: int, name: str) -> Tensor:
+        if name == self.image_name:
+            return self.backend.batch(state.image, state.chunks[c])
+        return state.buffers[c][name]
+
+    def _buffer(self, store: dict[str, Tensor], name: str) -> Tensor:
+        """``store[name]``, created as the buffer's identity (zeros) on first use."""
+        if name not in store:
+            spec = self.buffers[name]
+            store[name] = self.backend.full(spec.shape, spec.identity,
+                                            helper.tensor_dtype_to_np_dtype(spec.elem_type))
+        return store[name]
+
+    # -- forward -----------------------------------------------------------------------------
+    def prefix_forward(self, image: Tensor, weights: WeightSet
+                       ) -> tuple[list[Tensor], ForwardState]:
+        """Every stage and global graph: the head's inputs (in ``cut_names`` order, whole
+        batch) and the state the backward pass needs."""
+        chunks = self.chunks(image.shape[0])
+        state = ForwardState(image, chunks, [{} for _ in chunks])
+        steps = self.steps("prefix_forward", len(chunks))
+        tiles = sum(1 for s in steps if s.kind is StepKind.TILE_FORWARD)
+        with progress_bar(len(chunks) * tiles, "forward", self.progress) as tick:
+            for step in steps:
+                for c in range(len(chunks)):
+                    if step.kind is StepKind.TILE_FORWARD:
+                        self._tile_forward(step, state, c, weights)
+                        tick()
+                    else:
+                        self._global_forward(step, state, c, weights)
+        return [self.backend.concat([self._source(state, c, n) for c in range(len(chunks))])
+                for n in self.cut_names], state
+
+    def _tile_forward(self, step: Step, state: ForwardState, c: int, weights: WeightSet
+                      ) -> None:
         backend = self.backend
-        head = self.program.meta.head
+        part = self.meta.tiles[step.tile].parts[step.stage]
+        cls = self.meta.classes[part.class_id]
+        feeds = self._tile_feeds(cls, part, state, c)
+        names = list(cls.outputs) + list(cls.partials)
+        values = backend.run(step, weights, feeds,
+                             [cls.outputs.get(n) or cls.partials[n] for n in names])
+        store = state.buffers[c]
+        for name, value in zip(names, values):
+            target = self._buffer(store, name)
+            if name in cls.outputs:
+                backend.write(target, self._index(name, part.kept[name]), value)
+            else:
+                backend.write(target, (step.tile,), value)
+
+    def _tile_feeds(self, cls: ClassSpec, part, state: ForwardState, c: int) -> dict[str, Tensor]:
+        feeds = {t: self.backend.crop(self._source(state, c, t), self._index(t, part.crops[t]))
+                 for t in cls.inputs}
+        feeds.update({g: state.buffers[c][g] for g in cls.side_inputs})
+        return feeds
+
+    def _global_forward(self, step: Step, state: ForwardState, c: int, weights: WeightSet
+                        ) -> None:
+        spec = self.globals[step.name]
+        store = state.buffers[c]
+        feeds = {n: self._buffer(store, n) for n in spec.inputs}
+        names = list(spec.outputs)
+        values = self.backend.run(step, weights, feeds, [spec.outputs[n] for n in names])
+        store.update(zip(names, values))
+
+    def head_forward(self, inputs: Sequence[Tensor], weights: WeightSet) -> list[Tensor]:
+        """The model's outputs (in ``output_names`` order) from the head's inputs."""
+        backend = self.backend
+        head = self.meta.head
         graph_outputs = [head.outputs[o] for o in self.output_names]
-        chunks = self.chunks(cuts[0].shape[0])
+        chunks = self.chunks(inputs[0].shape[0])
         (step,) = self.steps("head_forward", len(chunks))
         per_chunk = []
         for chunk in chunks:
-            feeds = {name: backend.batch(c, chunk) for name, c in zip(self.cut_names, cuts)}
+            feeds = {name: backend.batch(t, chunk) for name, t in zip(self.cut_names, inputs)}
             per_chunk.append(backend.run(step, weights, feeds, graph_outputs))
         return [backend.concat([c[k] for c in per_chunk]) for k in range(len(graph_outputs))]
 
-    def head_backward(self, cuts: Sequence[Tensor], weights: WeightSet,
+    # -- backward ------------------------------------------------------------------------------
+    def head_backward(self, inputs: Sequence[Tensor], weights: WeightSet,
                       output_grads: Sequence[Tensor | None]
                       ) -> tuple[list[Tensor | None], dict[str, Tensor]]:
-        """(gradients of the cut tensors, gradients of the head's trainable parameters)."""
+        """(gradients of the head's inputs, gradients of the head's trainable parameters)."""
         backend = self.backend
-        head = self.program.meta.head
-        chunks = self.chunks(cuts[0].shape[0])
+        head = self.meta.head
+        chunks = self.chunks(inputs[0].shape[0])
         steps = self.steps("head_backward", len(chunks))
         if not steps:
             return [None] * len(self.cut_names), {}
         (step,) = steps
         pairs = list(head.gradients.items())
-        cut_parts: dict[str, list[Tensor]] = {}
+        parts: dict[str, list[Tensor]] = {}
         param_grads: dict[str, Tensor] = {}
         for chunk in chunks:
-            feeds = {name: backend.batch(c, chunk) for name, c in zip(self.cut_names, cuts)}
+            feeds = {name: backend.batch(t, chunk) for name, t in zip(self.cut_names, inputs)}
             for out, grad in zip(self.output_names, output_grads):
                 cot = head.cotangents.get(head.outputs[out])
                 if cot is None:
                     continue
-                feeds[cot] = (backend.zeros(self._input_shape(head.backward, cot))
-                              if grad is None else backend.batch(grad, chunk))
+                feeds[cot] = (self._zeros_like_input(head.backward, cot) if grad is None
+                              else backend.batch(grad, chunk))
             values = backend.run(step, weights, feeds, [n for _, n in pairs])
             for (wrt, _), value in zip(pairs, values):
-                if wrt in self.cut_shapes:
-                    cut_parts.setdefault(wrt, []).append(value)
+                if wrt in self.cut_names:
+                    parts.setdefault(wrt, []).append(value)
                 else:
                     backend.accumulate(param_grads, wrt, value)
-        cut_grads = [backend.concat(cut_parts[name]) if name in cut_parts else None
-                     for name in self.cut_names]
-        return cut_grads, param_grads
+        grads = [backend.concat(parts[name]) if name in parts else None
+                 for name in self.cut_names]
+        return grads, param_grads
 
-    def prefix_backward(self, image: Tensor, weights: WeightSet,
+    def prefix_backward(self, state: ForwardState, weights: WeightSet,
                         cut_grads: Sequence[Tensor | None]) -> dict[str, Tensor]:
-        """Weight gradients of the prefix, summed over tiles (and batch chunks)."""
+        """Weight gradients of every stage and global graph, summed over tiles and chunks,
+        given the gradients of the head's inputs."""
         backend = self.backend
-        grads: dict[str, Tensor] = {}
-        given = {name: g for name, g in zip(self.cut_names, cut_grads) if g is not None}
-        if not given:
-            return grads
-        chunks = self.chunks(image.shape[0])
+        params: dict[str, Tensor] = {}
+        if all(g is None for g in cut_grads):
+            return params
+        chunks = state.chunks
+        grads: list[dict[str, Tensor]] = [
+            {n: backend.batch(g, chunk) for n, g in zip(self.cut_names, cut_grads)
+             if g is not None} for chunk in chunks]
         steps = self.steps("prefix_backward", len(chunks))
         tiles = sum(1 for s in steps if s.kind is StepKind.TILE_BACKWARD)
-        with self._bar(tiles * len(chunks), "backward") as tick:
+        with progress_bar(len(chunks) * tiles, "backward", self.progress) as tick:
             for step in steps:
                 if step.kind is StepKind.RELEASE:
                     backend.release(step)
                     continue
-                tile = self.program.tiles[step.tile]
-                cls = self.program.classes[tile.class_id]
-                pairs = list(cls.gradients.items())
-                for chunk in chunks:
-                    feeds = {self.program.input_name:
-                             backend.crop(backend.batch(image, chunk), tile.crop)}
-                    for cut, cot in cls.cotangents.items():
-                        box = tile.kept[cut]
-                        feeds[cot] = (backend.read(backend.batch(given[cut], chunk), box)
-                                      if cut in given else backend.zeros(
-                                          [*self.cut_shapes[cut][:2], *(b - a for a, b in box)]))
-                    values = backend.run(step, weights, feeds, [out for _, out in pairs])
-                    for (name, _), value in zip(pairs, values):
-                        backend.accumulate(grads, name, value)
-                    del values, feeds
-                    tick()
-        return grads
+                for c in range(len(chunks)):
+                    if step.kind is StepKind.TILE_BACKWARD:
+                        self._tile_backward(step, state, c, grads[c], params, weights)
+                        tick()
+                    else:
+                        self._global_backward(step, state, c, grads[c], params, weights)
+        return params
 
+    def _tile_backward(self, step: Step, state: ForwardState, c: int, grads: dict[str, Tensor],
+                       params: dict[str, Tensor], weights: WeightSet) -> None:
+        backend = self.backend
+        part = self.meta.tiles[step.tile].parts[step.stage]
+        cls = self.meta.classes[part.class_id]
+        feeds = self._tile_feeds(cls, part, state, c)
+        for name, cot in cls.cotangents.items():
+            if name in cls.outputs:
+                given = grads.get(name)
+                feeds[cot] = (self._zeros_like_input(cls.backward, cot) if given is None else
+                              backend.read(given, self._index(name, part.kept[name])))
+            else:
+                given = grads.get(name)
+                feeds[cot] = (self._zeros_like_input(cls.backward, cot) if given is None else
+                              backend.read(given, (step.tile,)))
+        pairs = list(cls.gradients.items())
+        values = backend.run(step, weights, feeds, [n for _, n in pairs])
+        for (wrt, _), value in zip(pairs, values):
+            if wrt in cls.inputs:  # a crop: its gradient adds into the whole buffer's
+                backend.add(self._buffer(grads, wrt), self._index(wrt, part.crops[wrt]), value)
+            elif wrt in self.buffers:
+                backend.accumulate(grads, wrt, value)
+            else:
+                backend.accumulate(params, wrt, value)
+
+    def _global_backward(self, step: Step, state: ForwardState, c: int,
+                         grads: dict[str, Tensor], params: dict[str, Tensor],
+                         weights: WeightSet) -> None:
+        backend = self.backend
+        spec = self.globals[step.name]
+        store = state.buffers[c]
+        feeds = {n: self._buffer(store, n) for n in spec.inputs}
+        for buffer, out in spec.outputs.items():
+            cot = spec.cotangents.get(out)
+            if cot is not None:
+                given = grads.get(buffer)
+                feeds[cot] = self._zeros_like_input(spec.backward, cot) if given is None \
+                    else given
+        pairs = list(spec.gradients.items())
+        values = backend.run(step, weights, feeds, [n for _, n in pairs])
+        for (wrt, _), value in zip(pairs, values):
+            backend.accumulate(grads if wrt in self.buffers else params, wrt, value)
+
+    def _zeros_like_input(self, graph: str, name: str) -> Tensor:
+        for vi in self.program.graph(graph).graph.input:
+            if vi.name == name:
+                t = vi.type.tensor_type
+                return self.backend.full([d.dim_value for d in t.shape.dim], 0.0,
+                                         helper.tensor_dtype_to_np_dtype(t.elem_type))
+        raise InputError(f"internal: graph {graph} has no input {name!r}")
+
+    # -- a whole step ----------------------------------------------------------------------------
     def run(self, image: Tensor, weights: WeightSet,
             output_grads: Callable[[list[Tensor]], Sequence[Tensor | None]] | None = None
             ) -> tuple[list[Tensor], dict[str, Tensor]]:
         """A whole step: forward; with ``output_grads`` (the model's outputs -> their
         cotangents) also backward. Returns (outputs, parameter gradients, head and prefix)."""
-        cuts = self.prefix_forward(image, weights)
-        outputs = self.head_forward(cuts, weights)
+        inputs, state = self.prefix_forward(image, weights)
+        outputs = self.head_forward(inputs, weights)
         if output_grads is None:
             return outputs, {}
-        cut_grads, grads = self.head_backward(cuts, weights, output_grads(outputs))
-        for name, value in self.prefix_backward(image, weights, cut_grads).items():
+        cut_grads, grads = self.head_backward(inputs, weights, output_grads(outputs))
+        for name, value in self.prefix_backward(state, weights, cut_grads).items():
             self.backend.accumulate(grads, name, value)
         return outputs, grads
 
-    # -- helpers ---------------------------------------------------------------------------------
-    def _input_shape(self, graph: str, name: str) -> list[int]:
-        for vi in self.program.graph(graph).graph.input:
-            if vi.name == name:
-                return [d.dim_value for d in vi.type.tensor_type.shape.dim]
-        raise InputError(f"internal: graph {graph} has no input {name!r}")
 
-    def _bar(self, total: int, desc: str):
-        return progress_bar(total, desc, self.progress)
+__all__ = ["ForwardState", "Interpreter", "check_image", "index"]

@@ -106,21 +106,23 @@ class _Runtime:
 
 
 class _Prefix(torch.autograd.Function):
-    """image, *weights -> full cut tensors; backward runs every tile's backward graph."""
+    """image, *weights -> the head's inputs (whole buffers); backward runs every stage's tile
+    backward graphs and the global graphs' backward graphs."""
 
     @staticmethod
     def forward(ctx: Any, interpreter: Interpreter, weights: WeightSet, names: Sequence[str],
                 image: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        cuts = interpreter.prefix_forward(image, weights)
-        ctx.interpreter, ctx.weights, ctx.names = interpreter, weights, names
-        ctx.save_for_backward(image, *tensors)  # lets autograd catch in-place weight changes
+        cuts, state = interpreter.prefix_forward(image, weights)
+        ctx.interpreter, ctx.weights, ctx.names, ctx.state = interpreter, weights, names, state
+        ctx.save_for_backward(*tensors)  # lets autograd catch in-place weight changes
         return tuple(cuts)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, *cut_grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        image, *tensors = ctx.saved_tensors
-        grads = ctx.interpreter.prefix_backward(image, ctx.weights, cut_grads)
+        tensors = ctx.saved_tensors
+        state, ctx.state = ctx.state, None
+        grads = ctx.interpreter.prefix_backward(state, ctx.weights, cut_grads)
         out = [_grad_for(grads.get(name), t) for name, t in zip(ctx.names, tensors)]
         return (None, None, None, None, *out)
 
@@ -305,7 +307,7 @@ class StreamingModel(nn.Module):
                                   *tensors.values())
         else:
             with torch.no_grad():
-                outputs = interpreter.head_forward(interpreter.prefix_forward(x, weights),
+                outputs = interpreter.head_forward(interpreter.prefix_forward(x, weights)[0],
                                                    weights)
         outputs = tuple(outputs)
         return outputs[0] if len(outputs) == 1 else outputs
@@ -318,7 +320,7 @@ class StreamingModel(nn.Module):
             cuts = _Prefix.apply(interpreter, weights, list(tensors), x, *tensors.values())
         else:
             with torch.no_grad():
-                cuts = interpreter.prefix_forward(x, weights)
+                cuts = interpreter.prefix_forward(x, weights)[0]
         cuts = tuple(cuts)
         return cuts[0] if len(cuts) == 1 else cuts
 

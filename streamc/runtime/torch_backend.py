@@ -17,7 +17,7 @@ import torch
 
 from streamc.errors import StreamcError
 from streamc.program import Program
-from streamc.runtime.backend import Box, NumpyBackend, region
+from streamc.runtime.backend import Index, NumpyBackend
 from streamc.runtime.options import RuntimeOptions
 from streamc.runtime.providers import device_index
 from streamc.runtime.sessions import Session, gather_inputs
@@ -54,6 +54,9 @@ _TORCH_OF_ORT_TYPE = {
     "tensor(uint8)": torch.uint8,
     "tensor(int8)": torch.int8,
 }
+
+
+_TORCH_OF_NUMPY = {np.dtype(v): k for k, v in _NUMPY_OF_TORCH.items()}
 
 
 def torch_dtype_of_onnx(elem_type: int) -> torch.dtype:
@@ -94,17 +97,22 @@ class TorchCpuBackend(NumpyBackend):
     def from_numpy(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array))
 
-    def crop(self, image: torch.Tensor, box: Box) -> torch.Tensor:
-        return image[region(box)]
+    def crop(self, tensor: torch.Tensor, index: Index) -> torch.Tensor:
+        return tensor[index]
 
     read = crop
 
-    def zeros(self, shape: Sequence[int]) -> torch.Tensor:
-        return torch.zeros(tuple(shape), dtype=torch.float32, device=self.device)
+    def full(self, shape: Sequence[int], value: float, dtype: np.dtype) -> torch.Tensor:
+        return torch.full(tuple(shape), value, dtype=_TORCH_OF_NUMPY[np.dtype(dtype)],
+                          device=self.device)
 
-    def write(self, target: torch.Tensor, box: Box, value: torch.Tensor) -> None:
+    def write(self, target: torch.Tensor, index: Index, value: torch.Tensor) -> None:
         # Through numpy: one thread, no thread wake-ups.
-        target.numpy()[region(box)] = value.numpy()
+        target.numpy()[index] = value.numpy()
+
+    def add(self, target: torch.Tensor, index: Index, value: torch.Tensor) -> None:
+        view = target.numpy()[index]
+        np.add(view, value.numpy(), out=view)
 
     def accumulate(self, totals: dict[str, torch.Tensor], name: str, value: torch.Tensor
                    ) -> None:
@@ -121,8 +129,11 @@ class TorchCpuBackend(NumpyBackend):
 class TorchCudaBackend(TorchCpuBackend):
     """torch CUDA tensors, bound to ORT's CUDA provider through IOBinding."""
 
-    def write(self, target: torch.Tensor, box: Box, value: torch.Tensor) -> None:
-        target[region(box)] = value
+    def write(self, target: torch.Tensor, index: Index, value: torch.Tensor) -> None:
+        target[index] = value
+
+    def add(self, target: torch.Tensor, index: Index, value: torch.Tensor) -> None:
+        target[index] += value
 
     def accumulate(self, totals: dict[str, torch.Tensor], name: str, value: torch.Tensor
                    ) -> None:

@@ -6,7 +6,7 @@ from streamc.ops.vjp.common import scaled
 from streamc.ops.vjp.table import ALL_SLOTS, bias_after_matmul, vjp
 
 
-@vjp("Add", unbroadcast=ALL_SLOTS, trainable=(0, 1), trainable_if=bias_after_matmul)
+@vjp("Add", unbroadcast=ALL_SLOTS, trainable=(0, 1), trainable_if=bias_after_matmul, scales=(0, 1))
 def add(ctx, node, dys):
     return [dys[0], dys[0]]
 
@@ -16,7 +16,7 @@ def sub(ctx, node, dys):
     return [dys[0], ctx.op("Neg", dys[0])]
 
 
-@vjp("Mul", unbroadcast=ALL_SLOTS)
+@vjp("Mul", unbroadcast=ALL_SLOTS, scales=(0, 1))
 def mul(ctx, node, dys):
     a, b = node.input[:2]
     return [ctx.op("Mul", dys[0], b), ctx.op("Mul", dys[0], a)]

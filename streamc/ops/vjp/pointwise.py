@@ -198,6 +198,7 @@ def cast(ctx, node, dys):
     return [ctx.op("Cast", dys[0], to=ctx.dtype(x))]
 
 
-@vjp("Constant", "Shape", "Size", "ConstantOfShape")
+@vjp("Constant", "Shape", "Size", "ConstantOfShape", "Greater", "Less", "Equal", "GreaterOrEqual",
+     "LessOrEqual", "And", "Or", "Not")
 def no_gradient(ctx, node, dys):
     return [None] * len(node.input)

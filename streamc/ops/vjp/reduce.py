@@ -157,3 +157,29 @@ def batch_norm(ctx, node, dys):
     dmean = ctx.op("Neg", ctx.op("Mul", dbias, scale_inv))
     dvar = ctx.op("Mul", scaled(ctx, scale_inv, -0.5, var), ctx.op("Mul", inv, dscale))
     return [dx, dscale, dbias, dmean, dvar]
+
+
+@vjp("LayerNormalization", trainable=(1, 2), unbroadcast=(1, 2), since=17)
+def layer_norm(ctx, node, dys):
+    """Y = (X − μ)/σ·scale + B over the axes from ``axis`` on:
+    dX = (g − mean(g) − x̂·mean(g·x̂))/σ with g = dY·scale, x̂ = (X − μ)/σ."""
+    x, scale = node.input[:2]
+    dy = dys[0]
+    rank = ctx.rank(x)
+    axes = list(range(int(attribute(node, "axis", -1)) % rank, rank))
+    eps = ctx.scalar(attribute(node, "epsilon", 1e-5), x)
+    count = math.prod(ctx.shape(x)[a] for a in axes)
+
+    def mean(name: str) -> str:  # ReduceSum takes axes as an input from opset 13, ReduceMean 18
+        return ctx.op("Mul", ctx.reduce_sum(name, axes), ctx.scalar(1.0 / count, x))
+
+    centered = ctx.op("Sub", x, mean(x))
+    variance = mean(ctx.op("Mul", centered, centered))
+    inv = ctx.op("Reciprocal", ctx.op("Sqrt", ctx.op("Add", variance, eps)))
+    xhat = ctx.op("Mul", centered, inv)
+    g = ctx.op("Mul", dy, scale)
+    mean_g = mean(g)
+    mean_gx = mean(ctx.op("Mul", g, xhat))
+    dx = ctx.op("Mul", inv, ctx.op("Sub", ctx.op("Sub", g, mean_g), ctx.op("Mul", xhat, mean_gx)))
+    db = dy if input_at(node, 2) else None
+    return [dx, ctx.op("Mul", dy, xhat), db]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from streamc.errors import UnsupportedModelError
@@ -53,12 +55,17 @@ def split(ctx, node, dys):
 
 @vjp("Pad")
 def pad(ctx, node, dys):
+    """Constant: the interior of dY (negative pads crop, so their cotangent is zero-padded).
+    Edge: each padded row's cotangent also goes to the border row it repeats. Reflect: to the
+    row it mirrors. Both are separable, so axes are undone one at a time."""
     x, dy = node.input[0], dys[0]
     mode = attribute(node, "mode", "constant")
-    if mode != "constant":
+    if isinstance(mode, bytes):
+        mode = mode.decode()
+    if mode not in ("constant", "edge", "reflect"):
         raise UnsupportedModelError(
-            f"Pad node {node.name!r} uses mode {mode!r}; streamc differentiates only constant "
-            "padding. Use zero padding in the model."
+            f"Pad node {node.name!r} uses mode {mode!r}; streamc differentiates constant, edge "
+            "and reflect padding."
         )
     rank = ctx.rank(x)
     pads = [int(p) for p in ctx.require_value(node.input[1], "pads")]
@@ -67,6 +74,8 @@ def pad(ctx, node, dys):
     begin, end = [0] * rank, [0] * rank
     for i, axis in enumerate(axes):
         begin[axis], end[axis] = pads[i], pads[i + len(axes)]
+    if mode != "constant":
+        return [_unpad_repeated(ctx, dy, ctx.shape(x), begin, end, mode), None, None, None]
     out_shape = ctx.shape(node.output[0])
     cut = [a for a in range(rank) if begin[a] > 0 or end[a] > 0]
     if cut:
@@ -80,6 +89,44 @@ def pad(ctx, node, dys):
     if any(b < 0 for b in begin) or any(e < 0 for e in end):
         dy = ctx.op("Pad", dy, ctx.ints([max(-b, 0) for b in begin] + [max(-e, 0) for e in end]))
     return [dy, None, None, None]
+
+
+def _unpad_repeated(ctx, dy: str, shape: Sequence[int], begin: Sequence[int],
+                    end: Sequence[int], mode: str) -> str:
+    """The cotangent of an edge or reflect Pad of a tensor of ``shape`` (pads >= 0)."""
+    for axis in reversed(range(len(shape))):
+        b, e, n = begin[axis], end[axis], shape[axis]
+        if not b and not e:
+            continue
+        terms = [_rows(ctx, dy, axis, b, b + n)]
+        if mode == "edge":
+            if b:
+                terms.append(_placed(ctx, ctx.reduce_sum(_rows(ctx, dy, axis, 0, b), [axis]),
+                                     len(shape), axis, 0, n - 1))
+            if e:
+                last = ctx.reduce_sum(_rows(ctx, dy, axis, b + n, b + n + e), [axis])
+                terms.append(_placed(ctx, last, len(shape), axis, n - 1, 0))
+        else:  # reflect: padded row -j mirrors row j, row n-1+j mirrors row n-1-j
+            if b:
+                terms.append(_placed(ctx, _rows(ctx, dy, axis, b - 1, -(2**63), -1),
+                                     len(shape), axis, 1, n - 1 - b))
+            if e:
+                terms.append(_placed(ctx, _rows(ctx, dy, axis, b + n + e - 1, b + n - 1, -1),
+                                     len(shape), axis, n - 1 - e, 1))
+        dy = ctx.add_all(terms)
+    return dy
+
+
+def _rows(ctx, x: str, axis: int, start: int, stop: int, step: int = 1) -> str:
+    return ctx.op("Slice", x, ctx.ints([start]), ctx.ints([stop]), ctx.ints([axis]),
+                  ctx.ints([step]))
+
+
+def _placed(ctx, part: str, rank: int, axis: int, lead: int, trail: int) -> str:
+    """``part`` (of rank ``rank``) zero-padded by ``lead`` and ``trail`` rows along ``axis``."""
+    widths = [0] * (2 * rank)
+    widths[axis], widths[rank + axis] = lead, trail
+    return ctx.op("Pad", part, ctx.ints(widths))
 
 
 @vjp("Slice")

@@ -12,7 +12,9 @@ input's shape, except in the slots listed in ``unbroadcast``: there it has the s
 and the driver sums the broadcast axes away. Rules may emit cotangents for inputs that do not
 need them: the driver drops dead nodes.
 
-Each rule also says which input slots hold trainable parameters (``trainable``), so that
+Each rule also says which input slots hold trainable parameters (``trainable``; ``scales``: slots
+where a constant of more than one element is a trainable per-channel scale or shift, as layer
+scale and GroupNorm's affine Mul/Add, while a single value, ``x * 0.5``, stays a constant), so that
 :func:`streamc.passes.autodiff.trainable_initializers` can find the weights of a model, and may
 rewrite its forward node before the backward pass (``prepare``: MaxPool gains an Indices output).
 """
@@ -47,6 +49,7 @@ class VjpRule:
     trainable_if: Callable[[onnx.NodeProto, dict[str, onnx.NodeProto]], tuple[int, ...]] | None = (
         None
     )
+    scales: tuple[int, ...] = ()
 
     def unbroadcasts(self, slot: int) -> bool:
         return self.unbroadcast == ALL_SLOTS or slot in self.unbroadcast  # type: ignore[operator]
@@ -69,12 +72,13 @@ def vjp(
     unbroadcast: tuple[int, ...] | int = (),
     prepare: Callable | None = None,
     trainable_if: Callable | None = None,
+    scales: tuple[int, ...] = (),
     since: int = 1,
 ) -> Callable[[RuleFn], RuleFn]:
     """Decorator: register ``fn`` as the VJP rule of ``op_types``."""
 
     def decorate(fn: RuleFn) -> RuleFn:
-        rule = VjpRule(fn, trainable, unbroadcast, prepare, trainable_if)
+        rule = VjpRule(fn, trainable, unbroadcast, prepare, trainable_if, scales)
         for op_type in op_types:
             VJP.add(op_type, rule, since=since)
         return fn

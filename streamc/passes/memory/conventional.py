@@ -49,7 +49,7 @@ def plan_conventional(analysis: Analysis, optimizer_copies: int = 2) -> Conventi
     """Memory of conventional full-image training of the analysed model at its image size;
     see :class:`ConventionalPlan`."""
     proto = analysis.model
-    params = model_parameters(proto)
+    params = model_parameters(analysis)
     inits = {t.name: t for t in proto.graph.initializer}
     param_bytes = sum(initializer_bytes(inits[n]) for n in params.names if n in inits)
     trainable = sum(initializer_bytes(inits[n]) for n in params.trainable if n in inits)

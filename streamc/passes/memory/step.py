@@ -53,8 +53,6 @@ class Resident:
     parameters: int  # weights and buffers (BatchNorm statistics)
     gradients: int  # one per trainable weight
     optimizer: int  # optimizer state: Adam keeps two moments per trainable weight
-    cut_tensors: int
-    cut_gradients: int
     outputs: int  # the model's outputs (from the head)
     constants: int  # constant initializers held by the sessions (folded ones included)
     runtime: int = 0  # ORT's start-up and its state in the sessions kept (RUNTIME_* allowance)
@@ -87,6 +85,9 @@ class MemoryPlan:
     head_forward: GraphPlan
     head_backward: GraphPlan
     phases: dict[str, int]
+    #: the most bytes of whole buffers (cut tensors, stage outputs, partials, global tensors)
+    #: and their gradients alive at once
+    buffers: int
     peak: int
     peak_phase: str
     session_arenas: int
@@ -99,6 +100,8 @@ class MemoryPlan:
     policy: RuntimePolicy = DEFAULT_POLICY
     #: phase -> the graphs whose baked sessions are alive at that phase's peak
     sessions: dict[str, list[str]] = field(default_factory=dict)
+    #: (forward, backward) plans of the global graphs between stages
+    globals: list[tuple[GraphPlan, GraphPlan]] = field(default_factory=list)
 
     @property
     def forward_peak(self) -> int:
@@ -138,6 +141,9 @@ class MemoryPlan:
             "forward_peak": self.forward_peak,
             "backward_peak": self.backward_peak,
             "resident": self.resident.to_dict(),
+            "buffers": self.buffers,
+            "globals": [{"forward": f.to_dict(), "backward": b.to_dict()}
+                        for f, b in self.globals],
             "phases": dict(self.phases),
             "classes": [c.to_dict() for c in self.classes],
             "head_forward": self.head_forward.to_dict(),
@@ -160,9 +166,10 @@ class MemoryPlan:
             f"{_allocator_note(self.policy)})",
             f"  resident      {format_bytes(r.total)}  (image {format_bytes(r.image)}, weights "
             f"{format_bytes(r.parameters)}, gradients {format_bytes(r.gradients)}, optimizer "
-            f"{format_bytes(r.optimizer)}, cut tensors and gradients "
-            f"{format_bytes(r.cut_tensors + r.cut_gradients)}, ORT's own state "
-            f"{format_bytes(r.runtime)}, session constants {format_bytes(r.constants)})",
+            f"{format_bytes(r.optimizer)}, ORT's own state {format_bytes(r.runtime)}, session "
+            f"constants {format_bytes(r.constants)})",
+            f"  whole tensors between graphs (cut tensors, stage outputs, their gradients) "
+            f"up to {format_bytes(self.buffers)}",
             f"  tile forward  {format_bytes(self.forward_peak)}",
             f"  tile backward {format_bytes(self.backward_peak)}",
             f"  baked forward sessions (weight copies) {format_bytes(self.baked_sessions)}",
@@ -237,7 +244,11 @@ class _StepPlanner:
                              self.graph_plan(c.backward, "backward")) for c in meta.classes]
         head_fwd = self.graph_plan(meta.head.forward, "forward")
         head_bwd = self.graph_plan(meta.head.backward, "backward")
-        cuts = sum(c.nbytes for c in meta.cut_tensors)
+        globals_ = [(self.graph_plan(g.forward, "forward"), self.graph_plan(g.backward,
+                                                                           "backward"))
+                    for g in meta.globals]
+        graph_plans = [p for c in classes for p in (c.forward, c.backward)] + \
+            [head_fwd, head_bwd] + [p for pair in globals_ for p in pair]
         trainable = sum(p.nbytes for p in meta.parameters if p.trainable)
         all_steps = [s for phase in PHASES for s in self.steps[phase]]
         resident = Resident(
@@ -245,24 +256,21 @@ class _StepPlanner:
             parameters=sum(self.param_bytes.values()),
             gradients=trainable,
             optimizer=optimizer_copies * trainable,
-            cut_tensors=cuts,
-            cut_gradients=cuts,
             outputs=head_fwd.outputs,
-            constants=sum(c.forward.constants + c.backward.constants for c in classes)
-            + head_fwd.constants + head_bwd.constants,
+            constants=sum(p.constants for p in graph_plans),
             runtime=RUNTIME_ONCE + RUNTIME_PER_NODE * self._resident_nodes(all_steps),
         )
-        phases, sessions, baked_sessions = self._phases(resident.total, cuts)
+        live = _BufferLives(meta, all_steps)
+        phases, sessions, baked_sessions = self._phases(resident.total, all_steps, live)
         peak_phase = max(phases, key=lambda k: phases[k])
-        arenas = resident.total + sum(c.forward.peak + c.backward.peak for c in classes) \
-            + head_fwd.peak + head_bwd.peak
+        arenas = resident.total + live.peak + sum(p.peak for p in graph_plans)
         return MemoryPlan(
             image_size=list(meta.image_size), tile=list(meta.tile), grid=list(meta.grid),
             tiles=len(meta.tiles), resident=resident, classes=classes, head_forward=head_fwd,
-            head_backward=head_bwd, phases=phases, peak=phases[peak_phase],
+            head_backward=head_bwd, phases=phases, buffers=live.peak, peak=phases[peak_phase],
             peak_phase=peak_phase, session_arenas=arenas, conventional=conventional,
             order="exact" if self.exact else self.order, baked_sessions=baked_sessions,
-            policy=self.policy, sessions=sessions,
+            policy=self.policy, sessions=sessions, globals=globals_,
         )
 
     def _released(self) -> set[str]:
@@ -277,13 +285,16 @@ class _StepPlanner:
         graphs = {c.forward: Step(StepKind.TILE_FORWARD, c.forward) for c in meta.classes}
         graphs.update({c.backward: Step(StepKind.TILE_BACKWARD, c.backward)
                        for c in meta.classes})
+        for g in meta.globals:
+            graphs[g.forward] = Step(StepKind.GLOBAL_FORWARD, g.forward)
+            graphs[g.backward] = Step(StepKind.GLOBAL_BACKWARD, g.backward)
         graphs[meta.head.forward] = Step(StepKind.HEAD_FORWARD, meta.head.forward)
         graphs[meta.head.backward] = Step(StepKind.HEAD_BACKWARD, meta.head.backward)
         graphs.update({s.graph: s for s in steps if s.kind is not StepKind.RELEASE})
         return sum(self.graph_plan(g, s.role).nodes for g, s in graphs.items()
                    if not (s.baked and g in released))
 
-    def _phases(self, base: int, cuts: int
+    def _phases(self, base: int, steps: list[Step], live: _BufferLives
                 ) -> tuple[dict[str, int], dict[str, list[str]], int]:
         """Memory at every step, the largest per phase label, and the baked sessions alive
         then; and what the baked sessions hold at the end of the forward pass."""
@@ -292,22 +303,73 @@ class _StepPlanner:
         phases: dict[str, int] = {}
         sessions: dict[str, list[str]] = {}
         baked_sessions = 0
-        for phase in PHASES:
-            if phase == "head_backward":
+        for position, step in enumerate(steps):
+            if step.kind is StepKind.HEAD_BACKWARD and not baked_sessions:
                 baked_sessions = sum(held.values())
-            # The cut gradients exist once the head's backward graph has produced them.
-            before = cuts if phase != "prefix_backward" else 0
-            for step in self.steps[phase]:
-                if step.kind is StepKind.RELEASE:
-                    held.pop(step.graph, None)
-                    continue
-                plan = self.graph_plan(step.graph, step.role)
-                if step.baked and step.graph not in held:
-                    own = RUNTIME_PER_NODE * plan.nodes if step.graph in released else 0
-                    held[step.graph] = self.weight_copies(step.graph) + own
-                value = base - before + plan.peak + sum(held.values())
-                label = phase_label(self.meta, step)
-                if value > phases.get(label, -1):
-                    phases[label] = value
-                    sessions[label] = sorted(held)
+            if step.kind is StepKind.RELEASE:
+                held.pop(step.graph, None)
+                continue
+            plan = self.graph_plan(step.graph, step.role)
+            if step.baked and step.graph not in held:
+                own = RUNTIME_PER_NODE * plan.nodes if step.graph in released else 0
+                held[step.graph] = self.weight_copies(step.graph) + own
+            value = base + live.at(position) + plan.peak + sum(held.values())
+            label = phase_label(self.meta, step)
+            if value > phases.get(label, -1):
+                phases[label] = value
+                sessions[label] = sorted(held)
+        if not baked_sessions:
+            baked_sessions = sum(held.values())
         return phases, sessions, baked_sessions
+
+
+class _BufferLives:
+    """How many bytes of whole buffers and gradient buffers are alive at each step.
+
+    A buffer (gradient buffers are named ``<buffer>:grad``) lives from the first step that
+    writes it (the step after, when the whole buffer is a graph's output) to the end of the
+    training step: the interpreter keeps the forward state and the gradient buffers until its
+    backward pass returns. The image is resident, not a buffer.
+    """
+
+    def __init__(self, meta, steps: list[Step]) -> None:
+        sizes = {b.name: b.nbytes for b in meta.buffers}
+        births: dict[str, int] = {}
+        for position, step in enumerate(steps):
+            _reads, writes, whole = _access(meta, step)
+            for name in writes:
+                if name.removesuffix(":grad") in sizes and name not in births:
+                    births[name] = position + 1 if whole else position
+        delta = [0] * (len(steps) + 1)
+        for name, birth in births.items():
+            delta[birth] += sizes[name.removesuffix(":grad")]
+        self.live, running = [], 0
+        for position in range(len(steps) + 1):
+            running += delta[position]
+            self.live.append(running)
+        self.peak = max(self.live, default=0)
+
+    def at(self, position: int) -> int:
+        return self.live[position]
+
+
+def _access(meta, step: Step) -> tuple[list[str], list[str], bool]:
+    """(buffers read, buffers written, whether the writes are whole graph outputs) of a step;
+    gradient buffers are named ``<buffer>:grad``."""
+    kind = step.kind
+    if kind is StepKind.RELEASE:
+        return [], [], False
+    if step.tile is not None:
+        cls = meta.classes[meta.tiles[step.tile].parts[step.stage].class_id]
+        inputs = list(cls.inputs) + list(cls.side_inputs)
+        if kind is StepKind.TILE_FORWARD:
+            return inputs, list(cls.outputs) + list(cls.partials), False
+        grads_in = [f"{n}:grad" for n in list(cls.outputs) + list(cls.partials)]
+        grads_out = [f"{n}:grad" for n in inputs]
+        return inputs + grads_in, grads_out, False
+    spec = meta.head if step.name is None else next(g for g in meta.globals
+                                                    if g.name == step.name)
+    if kind in (StepKind.HEAD_FORWARD, StepKind.GLOBAL_FORWARD):
+        return list(spec.inputs), list(spec.outputs), True
+    grads_in = [f"{n}:grad" for n in spec.outputs]
+    return list(spec.inputs) + grads_in, [f"{n}:grad" for n in spec.inputs], True

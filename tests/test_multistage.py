@@ -1,0 +1,128 @@
+"""Whole-image statistics inside the network (issue 14): multi-stage programs are exact.
+
+Squeeze-and-excitation, GroupNorm, InstanceNorm and channels-last ConvNeXt blocks
+(:mod:`tests.blocks`, written here as torch modules) are exported with
+:func:`streamc.export_torch`, compiled into several tiles, run by the interpreter and compared
+with torch autograd on the full image: outputs and every weight gradient, within the bounds of
+:func:`tests.test_exactness.assert_matches_torch` (torch float64 as the reference, 1e-5 or 4x
+torch float32's own error).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import streamc
+import zoo
+from streamc.compiler import compile as compile_program
+from streamc.export import export_torch
+from streamc.runtime.module import StreamingModel
+from tests import blocks
+from tests.test_exactness import assert_matches_torch
+
+# name -> (module factory, input shape, tile, stages: how many tile passes the program makes)
+CASES = {
+    "se_efficientnet": (lambda: blocks.SENet("efficientnet"), (1, 3, 64, 64), 32, 4),
+    "se_mobilenetv3": (lambda: blocks.SENet("mobilenet"), (1, 3, 48, 40), 32, 4),
+    "convnext": (blocks.ConvNeXtNet, (1, 3, 192, 160), 112, 1),
+    "groupnorm_unet_2d": (lambda: blocks.NormUNet("group", 2), (1, 1, 48, 48), 24, 5),
+    "instancenorm_unet_2d": (lambda: blocks.NormUNet("instance", 2), (1, 1, 40, 48), 24, 5),
+    "groupnorm_unet_3d": (lambda: blocks.NormUNet("group", 3, linear_upsampling=True),
+                          (1, 1, 16, 20, 16), 12, 5),
+    "instancenorm_unet_3d": (lambda: blocks.NormUNet("instance", 3), (1, 1, 16, 16, 20), 12, 5),
+    "padded_convs": (blocks.PaddedConvs, (1, 3, 40, 36), 24, 1),
+}
+
+_BUILT: dict = {}
+
+
+def built(name: str):
+    """(torch module, ONNX export, program) of a case, compiled once per session."""
+    if name not in _BUILT:
+        factory, shape, tile, _ = CASES[name]
+        torch.manual_seed(0)
+        module = blocks.randomised(factory())
+        model = export_torch(module, shape)
+        program = compile_program(model, tile=tile, image=shape[2:], with_flops=False)
+        _BUILT[name] = module, model, program
+    return _BUILT[name]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_block_matches_torch(name: str) -> None:
+    module, model, program = built(name)
+    shape, stages = CASES[name][1], CASES[name][3]
+    assert len(program.tiles) > 1
+    assert len(program.meta.stages) == stages
+    # Every torch parameter is a program parameter under its state_dict name (PReLU slopes
+    # and GroupNorm's affine weights included, though the graph reshapes them).
+    assert set(program.meta.trainable) == {n for n, _ in module.named_parameters()}
+    assert_matches_torch(program, module, model, zoo.random_image(shape, seed=3))
+
+
+def test_streaming_model_training_step_matches_torch() -> None:
+    """Two Adam steps through :class:`StreamingModel` (several stages, batch of two) match
+    the torch module's."""
+    module, _, program = built("se_efficientnet")
+    model = StreamingModel(program, threads=1)
+    reference = copy.deepcopy(module)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-3)
+    ref_params = dict(reference.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    targets = torch.tensor([0, 2])
+    for step in range(2):
+        x = torch.randn((2, 3, 64, 64), generator=g)
+        loss = F.cross_entropy(model(x), targets)
+        ref_loss = F.cross_entropy(reference(x), targets)
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        loss.backward()
+        ref_loss.backward()
+        for pname, p in model.onnx_parameters.items():
+            ref = ref_params[pname].grad
+            scale = ref.abs().max().item() or 1.0
+            assert (p.grad - ref).abs().max().item() <= 1e-4 * scale, (step, pname)
+        opt.step()
+        ref_opt.step()
+
+
+def test_saved_multistage_program_runs_the_same(tmp_path) -> None:
+    module, model, program = built("se_mobilenetv3")
+    loaded = streamc.load(program.save(tmp_path / "p"))
+    assert loaded.meta.to_json() == program.meta.to_json()
+    assert_matches_torch(loaded, module, model, zoo.random_image(CASES["se_mobilenetv3"][1]))
+
+
+def test_border_ops_stream() -> None:
+    """Reflect and replicate padding, a zero-width replicate pad and bilinear upsampling are
+    local: the whole network is one stage whose output is the model's."""
+    _, model, program = built("padded_convs")
+    assert program.cut_tensors == ["logits"]
+    assert {n.op_type for n in model.graph.node} >= {"Pad", "Resize"}
+    assert not streamc.analyze(model, CASES["padded_convs"][1][2:]).stops
+
+
+def test_low_streamed_share_is_said() -> None:
+    """A network whose grid ends after the stem: compile says streaming buys little, and why."""
+
+    class StemOnly(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.body = torch.nn.Sequential(*[torch.nn.Conv2d(8, 8, 3, padding=1)
+                                              for _ in range(4)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.stem(x)[:, :, 1:, 1:]  # a Slice: not in the table, the grid ends here
+            return self.body(y).mean((2, 3))
+
+    model = export_torch(StemOnly().eval(), (1, 3, 32, 32))
+    program = compile_program(model, tile=24, image=(32, 32))
+    assert program.meta.flops.streamed_share < 0.5
+    assert any("streaming buys little" in n and "Slice" in n for n in program.meta.notes)
