@@ -151,6 +151,18 @@ def inspect(model: str, image: str | None, input_name: str | None, as_json: bool
     click.echo(f"alignment:    tile origins must be multiples of {_fmt_stride(analysis.alignment)}")
     for stop in analysis.stops[:3]:
         click.echo(f"prefix stops: {stop.sentence()}")
+    if len(analysis.split.stage_io) > 1 or analysis.split.global_nodes:
+        click.echo(f"stages:       {len(analysis.split.stage_io)} (each whole-image statistic "
+                   "is summed over the tiles before the next stage)")
+        for line in analysis.stage_lines():
+            click.echo(f"  {line}")
+    share = analysis.streamed_share()
+    if share is not None:
+        click.echo(f"streamed:     {share.sentence()}")
+        from streamc.compiler import share_notes
+
+        for note in share_notes(analysis, share):
+            click.echo(f"note:         {note}")
     click.echo("cut tensors:")
     for cut in analysis.cut_tensors:
         info = analysis.tensors[cut]
@@ -178,6 +190,16 @@ def _print_program_summary(program, out: Path | None) -> None:
     meta = program.meta
     click.echo(f"tiles:        {len(program.tiles)} ({' x '.join(map(str, meta.grid))} grid, "
                f"{len(program.classes)} shape classes), tile {_fmt_stride(meta.tile)} px")
+    if len(meta.stages) > 1:
+        heads = set(meta.head.inputs)
+        kept = [b for b in meta.buffers if b.kind == "grid" and b.name not in heads]
+        click.echo(f"stages:       {len(meta.stages)}, with {len(meta.globals)} global graphs "
+                   f"between them; {len(kept)} tensors kept whole between stages "
+                   f"({format_bytes(sum(b.nbytes for b in kept))}, and as much for their "
+                   "gradients)")
+    if meta.streamed is not None:
+        click.echo(f"streamed:     {meta.streamed['flops']:.0%} of the forward FLOPs, "
+                   f"{meta.streamed['activations']:.0%} of the activation memory")
     if meta.flops is not None:
         click.echo(f"recompute:    forward {meta.flops.forward_overhead:.3f}x, backward "
                    f"{meta.flops.backward_overhead:.3f}x the untiled FLOPs")
@@ -322,6 +344,13 @@ def plan(model: str, image: str | None, tile: str | None, memory_budget: str | N
         click.echo(json.dumps({"plans": [p.to_dict() for p in plans],
                                "chosen": chosen.tile if chosen else None}, indent=1))
     else:
+        share = search.analysis.streamed_share()
+        if share is not None:
+            from streamc.compiler import share_notes
+
+            click.echo(f"streamed: {share.sentence()}")
+            for note in share_notes(search.analysis, share):
+                click.echo(f"note: {note}")
         click.echo("\n".join(ts.plans_table(plans, chosen)))
         if chosen is not None:
             click.echo(f"memory budget {memory_budget}: tile {chosen.tile} "

@@ -19,7 +19,7 @@ import onnx
 
 from streamc._gc import paused_gc
 from streamc.analysis import Analysis
-from streamc.analysis.analyze import analyze_checked
+from streamc.analysis.analyze import StreamedShare, analyze_checked
 from streamc.errors import CompileError
 from streamc.graph import FLOAT_TYPES, load_model_serialized
 from streamc.meta import (
@@ -299,7 +299,6 @@ def _flops(s: Mapping[str, Any]) -> FlopCounts:
         untiled_forward=untiled_fwd, untiled_backward=untiled_bwd,
         tiled_forward=sum(per_class[k][0] for k in used),
         tiled_backward=sum(per_class[k][1] for k in used),
-        model_forward=count_flops(analysis.model),
     )
 
 
@@ -328,6 +327,7 @@ def _program(s: Mapping[str, Any]) -> Program:
                     for k, g in enumerate(s["globals"])]
     head = _graph_spec("head", s["head"], graphs, analysis.split.stages)
     graphs["graphs/model.onnx"] = _export_graph(analysis, params)
+    share = analysis.streamed_share()
     meta = ProgramMeta(
         source=s["source"],
         input=InputSpec(analysis.input_name, tuple(analysis.image_shape),
@@ -337,7 +337,7 @@ def _program(s: Mapping[str, Any]) -> Program:
         tile=tuple(schedule.tile),
         alignment=tuple(schedule.alignment),
         boundaries=tuple(tuple(b) for b in schedule.boundaries),
-        notes=list(schedule.notes) + _tied_notes(analysis, params) + _share_notes(s),
+        notes=list(schedule.notes) + _tied_notes(analysis, params) + share_notes(analysis, share),
         buffers=_buffers(analysis, len(tiles)),
         parameters=_parameter_specs(analysis, params),
         stages=_stage_specs(analysis, tiles),
@@ -348,6 +348,8 @@ def _program(s: Mapping[str, Any]) -> Program:
         outputs=list(analysis.graph.outputs),
         model="graphs/model.onnx",
         flops=s["flops"],
+        streamed=None if share is None else {"flops": round(share.flops, 4),
+                                             "activations": round(share.activations, 4)},
     )
     return Program(meta, graphs, parameter_values(analysis.graph.constants, params.names))
 
@@ -450,16 +452,13 @@ def _tied_notes(analysis: Analysis, params: Parameters) -> list[str]:
 LOW_STREAMED_SHARE = 0.5
 
 
-def _share_notes(s: Mapping[str, Any]) -> list[str]:
-    """A note when streaming buys little: the stages compute a small part of the model."""
-    flops: FlopCounts | None = s["flops"]
-    share = flops.streamed_share if flops is not None else None
-    if share is None or share >= LOW_STREAMED_SHARE:
+def share_notes(analysis: Analysis, share: StreamedShare | None) -> list[str]:
+    """A note when streaming buys little: the grid computes a small part of the model."""
+    if share is None or share.flops >= LOW_STREAMED_SHARE:
         return []
-    analysis: Analysis = s["analysis"]
-    stop = analysis.split.stops[0].sentence() if analysis.split.stops else "the head"
-    return [f"streaming buys little here: the tiles compute only {share:.0%} of the model's "
-            f"forward FLOPs, the rest runs on whole tensors in the head; the grid ends at "
+    stop = analysis.stops[0].sentence() if analysis.stops else "the head"
+    return [f"streaming buys little here: only {share.sentence()}; the rest runs on whole "
+            f"tensors in the head, whose memory tiling does not reduce. The grid ends at "
             f"{stop}."]
 
 

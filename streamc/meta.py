@@ -241,14 +241,12 @@ HeadSpec = GraphSpec
 
 @dataclass(frozen=True)
 class FlopCounts:
-    """FLOPs of one training step, tiled and untiled (the same table counts both), and of the
-    whole model (``model_forward``: what share of it the stages stream)."""
+    """FLOPs of one training step, tiled and untiled (the same table counts both)."""
 
     untiled_forward: int
     untiled_backward: int
     tiled_forward: int
     tiled_backward: int
-    model_forward: int = 0
 
     @property
     def forward_overhead(self) -> float:
@@ -264,18 +262,10 @@ class FlopCounts:
         untiled = self.untiled_forward + self.untiled_backward
         return round((self.tiled_forward + self.tiled_backward) / max(untiled, 1), 4)
 
-    @property
-    def streamed_share(self) -> float | None:
-        """The share of the model's forward FLOPs the stages compute tile by tile."""
-        if not self.model_forward:
-            return None
-        return min(1.0, round(self.untiled_forward / self.model_forward, 4))
-
     def to_json(self) -> dict[str, Any]:
         return {"untiled_forward": self.untiled_forward,
                 "untiled_backward": self.untiled_backward,
                 "tiled_forward": self.tiled_forward, "tiled_backward": self.tiled_backward,
-                "model_forward": self.model_forward,
                 "forward_overhead": self.forward_overhead,
                 "backward_overhead": self.backward_overhead}
 
@@ -313,6 +303,9 @@ class ProgramMeta:
     #: the stored memory plan (``MemoryPlan.to_dict()``), for the policy it names
     memory_plan: dict[str, Any] | None = None
     compile_seconds: float | None = None
+    #: the grid's share of the model's forward FLOPs and activation bytes
+    #: (:class:`~streamc.analysis.analyze.StreamedShare`): ``{"flops": f, "activations": a}``
+    streamed: dict[str, float] | None = None
 
     @property
     def grid(self) -> tuple[int, ...]:
@@ -405,6 +398,7 @@ class ProgramMeta:
             "flops": self.flops.to_json() if self.flops is not None else None,
             "memory_plan": self.memory_plan,
             "compile_seconds": self.compile_seconds,
+            "streamed": self.streamed,
         }
 
     @classmethod
@@ -457,10 +451,12 @@ class ProgramMeta:
             model=str(d["model"]),
             flops=None if not flops else FlopCounts(
                 int(flops["untiled_forward"]), int(flops["untiled_backward"]),
-                int(flops["tiled_forward"]), int(flops["tiled_backward"]),
-                int(flops.get("model_forward", 0))),
+                int(flops["tiled_forward"]), int(flops["tiled_backward"])),
             memory_plan=d.get("memory_plan"),
             compile_seconds=d.get("compile_seconds"),
+            streamed=None if d.get("streamed") is None else {
+                "flops": float(d["streamed"]["flops"]),
+                "activations": float(d["streamed"]["activations"])},
         )
 
 

@@ -124,5 +124,7 @@ def test_low_streamed_share_is_said() -> None:
 
     model = export_torch(StemOnly().eval(), (1, 3, 32, 32))
     program = compile_program(model, tile=24, image=(32, 32))
-    assert program.meta.flops.streamed_share < 0.5
+    assert program.meta.streamed["flops"] < 0.5
     assert any("streaming buys little" in n and "Slice" in n for n in program.meta.notes)
+    full = built("se_efficientnet")[2].meta.streamed
+    assert full["flops"] > 0.99 and full["activations"] > 0.95

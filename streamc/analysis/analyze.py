@@ -43,6 +43,20 @@ class PrefixTensor:
         }
 
 
+@dataclass(frozen=True)
+class StreamedShare:
+    """How much of the model the grid covers: its share of the forward FLOPs and of the
+    activation bytes (every tensor a node computes, the model's outputs included), at the
+    analysed size. What is not streamed runs on whole tensors in the head or global graphs."""
+
+    flops: float
+    activations: float
+
+    def sentence(self) -> str:
+        return (f"{self.flops:.0%} of the forward FLOPs and {self.activations:.0%} of the "
+                "activation memory stream tile by tile")
+
+
 @dataclass
 class Analysis:
     """Everything the compiler needs to know about a model before tiling it."""
@@ -107,7 +121,48 @@ class Analysis:
         return needed_regions(self.graph, self.split, cut_boxes, runnable=runnable,
                               stage=stage)
 
+    def streamed_share(self) -> StreamedShare | None:
+        """The grid's share of the model (None when the image size is symbolic)."""
+        from streamc.ops.flops import node_flops, numel
+
+        grid = set(self.prefix)
+        flops = [0, 0]
+        activations = [0, 0]
+        opset = self.graph.opset
+        for name, node in self.graph.nodes.items():
+            streamed = name in grid
+            flops[streamed] += node_flops(node, self.graph.shapes, opset)
+            for out in node.output:
+                shape = self.graph.shapes.get(out)
+                if out and shape is None:
+                    return None
+                activations[streamed] += numel(shape) if out else 0
+        if not sum(flops) or not sum(activations):
+            return None
+        return StreamedShare(flops[1] / sum(flops), activations[1] / sum(activations))
+
+    def stage_lines(self) -> list[str]:
+        """One line per stage: its nodes, the whole tensors it keeps and the reductions that
+        end it (``streamc inspect``)."""
+        split = self.split
+        lines = []
+        for k, stage in enumerate(split.stage_io):
+            line = f"stage {k}: {len(stage.nodes)} grid nodes"
+            if stage.reductions:
+                reduced = ", ".join(f"{self.graph.nodes[r.node].op_type} {r.node!r}"
+                                    for r in stage.reductions)
+                line += f"; whole-image reductions: {reduced}"
+            kept = [t for t in stage.outputs if t not in self.cut_tensors]
+            if kept:
+                line += f"; keeps {len(kept)} tensor{'s' if len(kept) > 1 else ''} whole"
+            lines.append(line)
+        if split.global_nodes:
+            lines.append(f"global graphs: {len(split.global_nodes)} nodes on per-sample "
+                         "statistics between the stages")
+        return lines
+
     def to_dict(self) -> dict:
+        share = self.streamed_share()
         head_ops: dict[str, int] = {}
         for name in self.head:
             op = self.graph.nodes[name].op_type
@@ -119,6 +174,12 @@ class Analysis:
             "head_nodes": len(self.head),
             "head_ops": head_ops,
             "cut_tensors": [self.tensors[t].to_dict() for t in self.cut_tensors],
+            "stages": len(self.split.stage_io),
+            "global_nodes": len(self.split.global_nodes),
+            "reductions": [{"node": r.node, "tensor": r.tensor, "output": r.output,
+                            "stage": r.stage} for r in self.split.reductions],
+            "streamed_share": None if share is None else {"flops": share.flops,
+                                                          "activations": share.activations},
             "alignment": list(self.alignment),
             "stopped_by": [
                 {"node": s.node, "op": s.op, "tensor": s.tensor, "reason": s.reason}
