@@ -170,28 +170,3 @@ class PaddedConvs(nn.Module):
         y = F.interpolate(F.pad(y, (0, 0, 0, 0), mode="replicate"), scale_factor=2,
                           mode="bilinear", align_corners=False)
         return self.out(y)
-
-
-def randomised(module: nn.Module, seed: int = 0) -> nn.Module:
-    """``module`` in eval mode with non-trivial, distinct normalisation parameters, BatchNorm
-    statistics, PReLU slopes and biases, so that the exporter does not merge equal initializers
-    (a fresh network's are all ones or zeros)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def uniform(t: torch.Tensor, lo: float, hi: float) -> None:
-        t.copy_(lo + (hi - lo) * torch.rand(t.shape, generator=g))
-
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                uniform(m.running_mean, -0.2, 0.2)
-                uniform(m.running_var, 0.5, 1.5)
-            norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-            if isinstance(m, norms) and getattr(m, "weight", None) is not None:
-                uniform(m.weight, 0.5, 1.5)
-            if isinstance(m, nn.PReLU):
-                uniform(m.weight, 0.1, 0.3)
-            bias = getattr(m, "bias", None)
-            if isinstance(bias, nn.Parameter):
-                uniform(bias, -0.2, 0.2)
-    return module.eval()

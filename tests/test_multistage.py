@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 
+import onnx
 import pytest
 import torch
 from torch.nn import functional as F
@@ -45,7 +46,7 @@ def built(name: str):
     if name not in _BUILT:
         factory, shape, tile, _ = CASES[name]
         torch.manual_seed(0)
-        module = blocks.randomised(factory())
+        module = zoo.randomize_parameters(factory())
         model = export_torch(module, shape)
         program = compile_program(model, tile=tile, image=shape[2:], with_flops=False)
         _BUILT[name] = module, model, program
@@ -128,3 +129,22 @@ def test_low_streamed_share_is_said() -> None:
     assert any("streaming buys little" in n and "Slice" in n for n in program.meta.notes)
     full = built("se_efficientnet")[2].meta.streamed
     assert full["flops"] > 0.99 and full["activations"] > 0.95
+
+
+def test_command_line_reports_stages_and_share(tmp_path) -> None:
+    """`inspect` lists the stages and reductions, `compile` the stages and what they keep,
+    both the streamed share."""
+    from tests.test_cli import run
+
+    _, model, _ = built("groupnorm_unet_2d")
+    path = tmp_path / "gn.onnx"
+    onnx.save(model, path)
+    code, out, err = run("inspect", str(path), "--image", "48x48")
+    assert code == 0, err
+    assert "stages:       5" in out and "whole-image reductions: ReduceMean" in out
+    assert "streamed:     100% of the forward FLOPs" in out
+    code, out, err = run("compile", str(path), "--image", "48x48", "--tile", "24",
+                         "-o", str(tmp_path / "gn.streamc"))
+    assert code == 0, err
+    assert "stages:       5, with 4 global graphs" in out and "kept whole between stages" in out
+    assert "streamed:     100% of the forward FLOPs" in out

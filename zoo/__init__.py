@@ -3,8 +3,8 @@
 Importable from the repository root (``import zoo``), as the tests and ``python -m
 benchmarks.<name>`` run. Export any of them with :func:`streamc.export.export_torch`.
 
-- :mod:`zoo.resnet`: ResNet-18/50 layouts (``BasicBlock``, ``Bottleneck``, ``ResNet``) and
-  :func:`~zoo.resnet.randomize_batchnorm`;
+- :mod:`zoo.resnet`: ResNet-18/50 layouts (``BasicBlock``, ``Bottleneck``, ``ResNet``),
+  :func:`~zoo.resnet.randomize_batchnorm` and :func:`~zoo.resnet.randomize_parameters`;
 - :mod:`zoo.volumes`: :class:`~zoo.volumes.VolumeNet`, a small 3-D CNN;
 - :mod:`zoo.models`: the tiny test models (VGG, MiniResNet, UNet, Dilated, ...) and the
   benchmark-sized ``VGGish`` and ``UNetish``;
@@ -24,7 +24,15 @@ from zoo.registry import (
     build,
     make_module,
 )
-from zoo.resnet import BasicBlock, Bottleneck, ResNet, randomize_batchnorm, resnet18, resnet50
+from zoo.resnet import (
+    BasicBlock,
+    Bottleneck,
+    ResNet,
+    randomize_batchnorm,
+    randomize_parameters,
+    resnet18,
+    resnet50,
+)
 from zoo.volumes import VolumeNet
 
 __all__ = [
@@ -43,6 +51,7 @@ __all__ = [
     "perturbation_field",
     "random_image",
     "randomize_batchnorm",
+    "randomize_parameters",
     "resnet18",
     "resnet50",
     "run_onnx",

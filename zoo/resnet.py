@@ -144,3 +144,34 @@ def randomize_batchnorm(module: nn.Module, seed: int = 0, *,
 
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "randomize_batchnorm", "resnet18", "resnet50"]
+
+
+def randomize_parameters(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every normalisation (BatchNorm, GroupNorm, InstanceNorm, LayerNorm) a distinct,
+    non-trivial affine part, every BatchNorm random running statistics, every PReLU a slope in
+    [0.1, 0.3] and every bias small random values (in place; returns ``module`` in eval mode).
+
+    A fresh network's norms are all ones and zeros, and so are timm's and MONAI's initial
+    biases: the exporter would merge them into one initializer (see
+    :func:`randomize_batchnorm`). Draws come from one generator seeded with ``seed``, in module
+    order.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def uniform(t: torch.Tensor, lo: float, hi: float) -> None:
+        t.copy_(lo + (hi - lo) * torch.rand(t.shape, generator=generator))
+
+    norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                uniform(m.running_mean, -0.2, 0.2)
+                uniform(m.running_var, 0.5, 1.5)
+            if isinstance(m, norms) and getattr(m, "weight", None) is not None:
+                uniform(m.weight, 0.5, 1.5)
+            if isinstance(m, nn.PReLU):
+                uniform(m.weight, 0.1, 0.3)
+            bias = getattr(m, "bias", None)
+            if isinstance(bias, nn.Parameter):
+                uniform(bias, -0.2, 0.2)
+    return module.eval()

@@ -134,8 +134,8 @@ class Analysis:
             flops[streamed] += node_flops(node, self.graph.shapes, opset)
             for out in node.output:
                 shape = self.graph.shapes.get(out)
-                if out and shape is None:
-                    return None
+                if out and (shape is None or None in shape):
+                    return None  # a symbolic size: no share to give
                 activations[streamed] += numel(shape) if out else 0
         if not sum(flops) or not sum(activations):
             return None

@@ -21,6 +21,7 @@ from streamc.ops.locality import (
     NotLocal,
     _check_grid_slots,
     _pointwise_axes,
+    reduce_axes,
 )
 
 
@@ -131,12 +132,7 @@ def layer_norm(node, ctx: LocalityContext) -> LocalOp:
 @LOCALITY.register("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin")
 def channel_reduce(node, ctx: LocalityContext) -> LocalOp:
     attrs = attributes(node)
-    axes = attrs.get("axes")
-    if axes is None and len(node.input) > 1 and node.input[1]:
-        value = ctx.constant(node.input[1])
-        if value is None:
-            raise NotLocal("its axes are not constant")
-        axes = [int(a) for a in value.ravel()]
+    axes = reduce_axes(node, ctx)
     if not axes:
         raise NotLocal("it reduces every axis, the spatial ones included")
     axes = _channel_axes(node, ctx, axes)

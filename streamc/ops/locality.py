@@ -385,6 +385,18 @@ def split(node, ctx: LocalityContext) -> LocalOp:
     return LocalOp(_pointwise_axes(ctx), (0,))
 
 
+def reduce_axes(node, ctx: LocalityContext) -> list[int] | None:
+    """The axes a Reduce* node names (its ``axes`` attribute, or its constant ``axes`` input
+    from opset 18); None when it names none."""
+    axes = attributes(node).get("axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        value = ctx.constant(node.input[1])
+        if value is None:
+            raise NotLocal("its axes are not constant")
+        axes = [int(a) for a in value.ravel()]
+    return None if axes is None else [int(a) for a in axes]
+
+
 #: Pad modes a tile reproduces: at the image border its crop starts (ends) where the image
 #: does, so repeating or mirroring the crop's border repeats or mirrors the image's.
 PAD_MODES = ("constant", "edge", "reflect")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import onnx
 
 from streamc.ops.attrs import attribute
-from streamc.ops.locality import LocalityContext, NotLocal
+from streamc.ops.locality import LocalityContext, NotLocal, reduce_axes
 from streamc.ops.registry import OpTable
 
 
@@ -56,12 +56,7 @@ def _covers_space(axes: tuple[int, ...], ctx: LocalityContext, tensor: str) -> N
 
 def _reduce_axes(node: onnx.NodeProto, ctx: LocalityContext) -> tuple[int, ...]:
     rank = len(ctx.graph.shape(node.input[0]) or ())
-    axes = attribute(node, "axes")
-    if axes is None and len(node.input) > 1 and node.input[1]:
-        value = ctx.constant(node.input[1])
-        if value is None:
-            raise NotLocal("its axes are not constant")
-        axes = [int(a) for a in value.ravel()]
+    axes = reduce_axes(node, ctx)
     if not axes:
         if attribute(node, "noop_with_empty_axes", 0):
             raise NotLocal("it reduces nothing")
