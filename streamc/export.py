@@ -79,18 +79,8 @@ def export_torch(
             f"{type(module).__name__} returns {len(outs)} outputs but {len(names)} output names "
             "were given.")
 
-    dynamic_axes: dict[str, dict[int, str]] | None = None
-    if dynamic or dynamic_batch:
-        spatial = _SPATIAL[-(len(shape) - 2):] if dynamic else ()
-        batch = {0: "N"} if dynamic_batch else {}
-        dynamic_axes = {input_name: {**batch, **{i + 2: s for i, s in enumerate(spatial)}}}
-        for name, out in zip(names, outs):
-            axes = dict(batch)
-            if out.dim() == len(shape):  # a spatial map: its spatial axes follow the input's
-                axes.update({i + 2: f"{name}_{s}" for i, s in enumerate(spatial)})
-            if axes:
-                dynamic_axes[name] = axes
-
+    dynamic_axes = _dynamic_axes(len(shape), input_name, names, [o.dim() for o in outs],
+                                 dynamic, dynamic_batch)
     f = io.BytesIO()
     try:
         with warnings.catch_warnings():
@@ -125,6 +115,25 @@ def export_torch(
         target.parent.mkdir(parents=True, exist_ok=True)
         onnx.save_model(model, target)
     return model
+
+
+def _dynamic_axes(rank: int, input_name: str, names: Sequence[str], ranks: Sequence[int],
+                  dynamic: bool, dynamic_batch: bool) -> dict[str, dict[int, str]] | None:
+    """torch's ``dynamic_axes`` for an input of ``rank`` and outputs of ``ranks``: the spatial
+    axes (``dynamic``) of the input and of every output that is a spatial map, the batch axis
+    (``dynamic_batch``) of all; None for a fully static export."""
+    if not dynamic and not dynamic_batch:
+        return None
+    spatial = _SPATIAL[-(rank - 2):] if dynamic else ()
+    batch = {0: "N"} if dynamic_batch else {}
+    axes_of = {input_name: {**batch, **{i + 2: s for i, s in enumerate(spatial)}}}
+    for name, out_rank in zip(names, ranks):
+        axes = dict(batch)
+        if out_rank == rank:  # a spatial map: its spatial axes follow the input's
+            axes.update({i + 2: f"{name}_{s}" for i, s in enumerate(spatial)})
+        if axes:
+            axes_of[name] = axes
+    return axes_of
 
 
 def _first_line(exc: BaseException) -> str:
