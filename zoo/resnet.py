@@ -147,31 +147,29 @@ __all__ = ["BasicBlock", "Bottleneck", "ResNet", "randomize_batchnorm", "resnet1
 
 
 def randomize_parameters(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every normalisation (BatchNorm, GroupNorm, InstanceNorm, LayerNorm) a distinct,
-    non-trivial affine part, every BatchNorm random running statistics, every PReLU a slope in
-    [0.1, 0.3] and every bias small random values (in place; returns ``module`` in eval mode).
+    """Give every parameter whose entries are all equal (norm weights and biases, biases, layer
+    scales, PReLU slopes: what networks initialise to constants) distinct random values, and
+    every BatchNorm random running statistics (in place; returns ``module`` in eval mode).
 
-    A fresh network's norms are all ones and zeros, and so are timm's and MONAI's initial
-    biases: the exporter would merge them into one initializer (see
-    :func:`randomize_batchnorm`). Draws come from one generator seeded with ``seed``, in module
-    order.
+    A fresh network's constant-initialised parameters would otherwise be merged by the
+    exporter into one initializer per value and shape (see :func:`randomize_batchnorm`). A
+    zero becomes U(−0.2, 0.2), any other value ``v`` becomes ``v·U(0.5, 1.5)``. Draws come
+    from one generator seeded with ``seed``, in parameter order.
     """
     generator = torch.Generator().manual_seed(seed)
 
-    def uniform(t: torch.Tensor, lo: float, hi: float) -> None:
-        t.copy_(lo + (hi - lo) * torch.rand(t.shape, generator=generator))
+    def uniform(shape: torch.Size, lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(shape, generator=generator)
 
-    norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
     with torch.no_grad():
         for m in module.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                uniform(m.running_mean, -0.2, 0.2)
-                uniform(m.running_var, 0.5, 1.5)
-            if isinstance(m, norms) and getattr(m, "weight", None) is not None:
-                uniform(m.weight, 0.5, 1.5)
-            if isinstance(m, nn.PReLU):
-                uniform(m.weight, 0.1, 0.3)
-            bias = getattr(m, "bias", None)
-            if isinstance(bias, nn.Parameter):
-                uniform(bias, -0.2, 0.2)
+                m.running_mean.copy_(uniform(m.running_mean.shape, -0.2, 0.2))
+                m.running_var.copy_(uniform(m.running_var.shape, 0.5, 1.5))
+        for p in module.parameters():
+            if p.numel() == 0 or p.min() != p.max():
+                continue
+            value = float(p.flatten()[0])
+            p.copy_(uniform(p.shape, -0.2, 0.2) if value == 0
+                    else value * uniform(p.shape, 0.5, 1.5))
     return module.eval()

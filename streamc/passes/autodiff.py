@@ -192,7 +192,7 @@ class _Differentiator:
                 if cot is None or not tensor or tensor not in needs_grad:
                     continue
                 if rules[index].unbroadcasts(slot) and out_type is not None:
-                    cot = ctx.unbroadcast(cot, out_type.shape, ctx.shape(tensor))
+                    cot = ctx.unbroadcast(cot, out_type.shape, ctx.shape(tensor), ctx.dtype(tensor))
                 self.contributions.setdefault(tensor, []).append(cot)
         ctx.node = None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -11,6 +12,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from streamc.errors import UnsupportedModelError
+
+#: Unbroadcasting sums of at least this many float32 terms run in float64.
+WIDE_SUM_MIN = 256
 
 
 @dataclass(frozen=True)
@@ -182,8 +186,11 @@ class VjpContext:
             return name
         return self.op("ReduceSum", name, self.ints(axes), keepdims=int(keepdims))
 
-    def unbroadcast(self, name: str, from_shape: Sequence[int], to_shape: Sequence[int]) -> str:
-        """Sum a cotangent of ``from_shape`` down to the broadcast operand's ``to_shape``."""
+    def unbroadcast(self, name: str, from_shape: Sequence[int], to_shape: Sequence[int],
+                    elem_type: int = onnx.TensorProto.FLOAT) -> str:
+        """Sum a cotangent of ``from_shape`` (element type ``elem_type``) down to the broadcast
+        operand's ``to_shape``; a float32 sum of at least :data:`WIDE_SUM_MIN` terms runs in
+        float64."""
         from_shape, to_shape = tuple(from_shape), tuple(to_shape)
         if from_shape == to_shape:
             return name
@@ -193,7 +200,15 @@ class VjpContext:
             for i, dim in enumerate(to_shape)
             if dim == 1 and from_shape[lead + i] != 1
         ]
-        summed = self.reduce_sum(name, axes, keepdims=True)
+        count = math.prod(from_shape[a] for a in axes)
+        if count >= WIDE_SUM_MIN and elem_type == onnx.TensorProto.FLOAT:
+            # A per-channel gradient (PReLU slope, an affine scale or shift, a gate) summed
+            # over the image: its terms cancel, and float32 sums lose up to 1e-3 of it.
+            wide = self.op("Cast", name, to=onnx.TensorProto.DOUBLE)
+            summed = self.op("Cast", self.reduce_sum(wide, axes, keepdims=True),
+                             to=onnx.TensorProto.FLOAT)
+        else:
+            summed = self.reduce_sum(name, axes, keepdims=True)
         return self.reshape(summed, to_shape)
 
     def add_all(self, names: Sequence[str]) -> str:
