@@ -15,17 +15,20 @@
 from streamc.data.sources import (
     ArraySource,
     ImageSource,
+    RegionSource,
     SlideError,
     SlideSource,
     SourceBatch,
     Transform,
     is_image_source,
     open_slide,
+    region,
 )
 
 __all__ = [
     "ArraySource",
     "ImageSource",
+    "RegionSource",
     "SlideDataset",
     "SlideError",
     "SlideRow",
@@ -35,6 +38,7 @@ __all__ = [
     "collate_slides",
     "is_image_source",
     "open_slide",
+    "region",
 ]
 
 

@@ -247,6 +247,36 @@ class SourceBatch:
         return len(self.sources)
 
 
+class RegionSource:
+    """A rectangle ``ys`` x ``xs`` of another source, read lazily (a region of interest)."""
+
+    def __init__(self, source: ImageSource, ys: slice, xs: slice) -> None:
+        height, width = source.shape[2:]
+        (y0, y1), (x0, x1) = ys.indices(height)[:2], xs.indices(width)[:2]
+        if not (y0 < y1 and x0 < x1):
+            raise InputError(f"the region {y0}:{y1} x {x0}:{x1} of an image of {height}x{width} "
+                             "is empty.")
+        self.source = source
+        self.origin = (y0, x0)
+        self._shape = (*source.shape[:2], y1 - y0, x1 - x0)
+        self.name = f"{getattr(source, 'name', type(source).__name__)} [{y0}:{y1}, {x0}:{x1}]"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    def read(self, index: Index) -> np.ndarray:
+        n, c, ys, xs = _normalise(index, self._shape)
+        y0, x0 = self.origin
+        return self.source.read((n, c, slice(ys.start + y0, ys.stop + y0),
+                                 slice(xs.start + x0, xs.stop + x0)))
+
+
+def region(source: ImageSource, ys: slice, xs: slice) -> RegionSource:
+    """The rectangle ``ys`` x ``xs`` of ``source`` as a lazy source of its own."""
+    return RegionSource(source, ys, xs)
+
+
 # -- slides ------------------------------------------------------------------------------------
 
 
@@ -546,6 +576,7 @@ __all__ = [
     "ImageSource",
     "LevelInfo",
     "OpenSlideLevel",
+    "RegionSource",
     "SlideError",
     "SlideSource",
     "SourceBatch",
@@ -553,4 +584,5 @@ __all__ = [
     "describe",
     "is_image_source",
     "open_slide",
+    "region",
 ]
