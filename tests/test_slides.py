@@ -270,6 +270,7 @@ def test_dataset_from_csv_with_dataloader_workers(tmp_path: Path) -> None:
     (tmp_path / "slides.csv").write_text("\n".join(rows) + "\n")
     dataset = SlideDataset.from_csv(tmp_path / "slides.csv", transform=Transform(scale=1.0))
     assert len(dataset) == 3
+    assert dataset.sizes() == {(96, 80): 2, (32, 36): 1}  # two programs for this dataset
     source, label = dataset[1]
     assert pickle.loads(pickle.dumps(source))._opened is None  # no file handle travels
     loader = DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=collate_slides)

@@ -88,10 +88,14 @@ class SyntheticSlide:
 
 
 def write_pyramid(path: str | Path, slide: SyntheticSlide, levels: int = 3, tile: int = 256,
-                  mpp: float = 0.5, compression: str | None = None) -> Path:
+                  mpp: float = 0.5, compression: str | None = None,
+                  quality: int | None = None) -> Path:
     """Write ``slide`` as a tiled pyramidal TIFF (level 0 at ``mpp`` µm/px, each next level
-    half the size), band by band; returns the path."""
+    half the size), band by band; returns the path. ``compression``: None, ``"zlib"``
+    (lossless) or ``"jpeg"`` (as in SVS files; needs imagecodecs; ``quality``)."""
     import tifffile
+
+    options = {"compressionargs": {"level": quality}} if quality is not None else {}
 
     path = Path(path)
     with tifffile.TiffWriter(path, bigtiff=True) as writer:
@@ -103,7 +107,7 @@ def write_pyramid(path: str | Path, slide: SyntheticSlide, levels: int = 3, tile
             writer.write(_tiles(slide, level, tile), shape=(height, width, 3), dtype=np.uint8,
                          tile=(tile, tile), photometric="rgb", compression=compression,
                          subfiletype=1 if level else 0, resolution=(resolution, resolution),
-                         resolutionunit="CENTIMETER", metadata=None)
+                         resolutionunit="CENTIMETER", metadata=None, **options)
     return path
 
 

@@ -89,6 +89,15 @@ class SlideDataset(Dataset):
             level, mpp = self.level, self.mpp
         return SlideSource(path, level, mpp, self.transform, self.backend)
 
+    def sizes(self) -> dict[tuple[int, ...], int]:
+        """How many slides have each image size (reads every file's header): a model compiles
+        one program per size."""
+        counts: dict[tuple[int, ...], int] = {}
+        for k in range(len(self)):
+            size = tuple(self.source(k).shape[2:])
+            counts[size] = counts.get(size, 0) + 1
+        return counts
+
     def __getitem__(self, index: int) -> tuple[SlideSource, Any]:
         return self.source(index), self.rows[index].label
 
