@@ -402,15 +402,15 @@ def grads_equal(a: Path, b: Path) -> dict:
     return {"parameters": len(ga.files), "identical": worst == 0.0, "max_abs_diff": worst}
 
 
-def save(section: str, key: str, record: dict) -> None:
-    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+def save(results: Path, section: str, key: str, record: dict) -> None:
+    data = json.loads(results.read_text()) if results.exists() else {}
     data.setdefault("machine", {"cpus": os.cpu_count(), "platform": platform.platform(),
                                 "python": platform.python_version()})
     data.setdefault(section, {})[key] = record
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".tmp")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    tmp = results.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(RESULTS)
+    tmp.replace(results)
 
 
 def main() -> None:
@@ -432,6 +432,7 @@ def main() -> None:
     parser.add_argument("--predict-width", type=int, default=8)
     parser.add_argument("--check", type=int, default=512)
     parser.add_argument("--plan-size", type=int, default=32768)
+    parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
 
@@ -455,29 +456,29 @@ def main() -> None:
                                           4)
             record["gradients"] = grads_equal(args.work / f"grads_{size}_disk.npz",
                                               args.work / f"grads_{size}_memory.npz")
-        save("step", str(size), record)
+        save(args.output, "step", str(size), record)
         log(f"step {size}²: {json.dumps({k: v for k, v in record.items() if k != 'disk'})}")
     if "crop" in parts:
         record = launch(dict(base, part="crop", crop=args.crop, crop_tile=args.crop_tile,
                              origin=(args.slide // 2) // 32 * 32), log)
-        save("crop", str(args.crop), record)
+        save(args.output, "crop", str(args.crop), record)
         log(f"crop: {json.dumps(record)}")
     if "dataset" in parts:
         record = launch(dict(base, part="dataset", slides=args.slides,
                              dataset_size=args.dataset_size, dataset_tile=args.dataset_tile),
                         log)
-        save("dataset", str(args.slides), record)
+        save(args.output, "dataset", str(args.slides), record)
         log(f"dataset: {json.dumps(record)}")
     if "predict" in parts:
         for size in map(int, args.predict_sizes.split(",")):
             level = (args.slide // size).bit_length() - 1
             record = launch(dict(base, part="predict", level=level, check=args.check,
                                  predict_width=args.predict_width), log)
-            save("predict", str(size), record)
+            save(args.output, "predict", str(size), record)
             log(f"predict {size}²: {json.dumps(record)}")
     if "plan" in parts:
         record = launch(dict(base, part="plan", plan_size=args.plan_size), log)
-        save("plan", str(args.plan_size), record)
+        save(args.output, "plan", str(args.plan_size), record)
         log(f"plan: {json.dumps(record)}")
 
 

@@ -175,7 +175,7 @@ def predict(program: ProgramLike, image: ImageSource, out: str | Path, *,
                        preview="last" if preview else None)
     try:
         interpreter.prefix_forward(image, weights, outputs={tensor: writer})
-        written = writer.finish()
+        written = writer.finish(progress)
     except BaseException:
         writer.discard()
         raise
@@ -238,7 +238,7 @@ def saliency(program: ProgramLike, image: ImageSource, out: str | Path, *,
         grads = [cotangent] + [None] * (len(outputs) - 1)
         cut_grads, _ = interpreter.head_backward(cuts, weights, grads)
         interpreter.prefix_backward(state, weights, cut_grads, image_grad=writer)
-        written = writer.finish()
+        written = writer.finish(progress)
     except BaseException:
         writer.discard()
         raise

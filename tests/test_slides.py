@@ -238,6 +238,12 @@ def test_eval_runs_inference_programs_and_a_list_of_sizes_joins(tmp_path: Path) 
     assert torch.allclose(joined, separate, rtol=1e-4, atol=1e-5)
     out = model(sources[1])  # eval() with autograd on: forward-only all the same
     assert not out.requires_grad
+    # an image that requires a gradient gets a saliency program, and its gradient
+    x = torch.from_numpy(sources[1].read(FULL)).requires_grad_()
+    model(x)[0, 1].backward()
+    assert model.program.meta.mode == "saliency"
+    exact, float32 = _input_gradients(twin(), x.detach().numpy(), lambda y: y[0, 1])
+    _assert_close_to(x.grad, exact, float32)
 
 
 def test_inference_program_has_no_backward_graphs(tmp_path: Path) -> None:

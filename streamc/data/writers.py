@@ -169,13 +169,18 @@ class MapWriter:
         self._store[ys, xs] = block
 
     # -- the end ----------------------------------------------------------------------------------
-    def finish(self, progress: Any = None) -> Written:
-        """Install the output (converting the store to a tiled TIFF) and write the preview."""
+    def finish(self, progress: bool | None = None) -> Written:
+        """Install the output (converting the store to a tiled TIFF, with a progress bar where
+        ``progress`` says: None, on a terminal) and write the preview."""
+        from streamc.progress import progress_bar
+
         preview_path = None
         try:
             preview = self._preview_array()
             if self.suffix in (".tif", ".tiff"):
-                self._write_tiff(progress)
+                bands = math.ceil(self.map_shape[0] / TIFF_TILE)
+                with progress_bar(bands, "TIFF", progress, unit="band") as tick:
+                    self._write_tiff(tick)
             else:
                 if isinstance(self._store, NpyStore):
                     self._store.close()
@@ -202,7 +207,7 @@ class MapWriter:
         for y0 in range(0, height, rows):
             yield y0, self._store[slice(y0, min(y0 + rows, height)), slice(None)]
 
-    def _write_tiff(self, progress: Any) -> None:
+    def _write_tiff(self, tick: Any) -> None:
         import tifffile
 
         height, width, channels = self.map_shape
@@ -212,8 +217,7 @@ class MapWriter:
             for _, band in self.bands():
                 for x0 in range(0, width, TIFF_TILE):
                     yield np.ascontiguousarray(band[:, x0:x0 + TIFF_TILE])
-                if progress is not None:
-                    progress()
+                tick()
 
         try:
             tifffile.imwrite(temp, tiles(), shape=self.map_shape, dtype=self.dtype,

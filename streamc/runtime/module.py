@@ -382,8 +382,8 @@ class StreamingModel(nn.Module):
             return image
         if not isinstance(image, (np.ndarray, torch.Tensor)):
             raise InputError(
-                f"the image must be a torch tensor, a numpy array or an image source "
-                f"(streamc.data.open_slide, ArraySource), not {type(image).__name__}."
+                f"the image must be a torch tensor or a numpy array (or an image source: "
+                f"streamc.data.open_slide, ArraySource), not {type(image).__name__}."
             )
         check_image(self.program, image.shape, image.dtype,
                     image.dtype in (np.float32, torch.float32))
