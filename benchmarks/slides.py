@@ -31,6 +31,8 @@ Parts, each configuration in its own child process (its peak resident memory is 
   (:class:`zoo.models.UNetish` + softmax, ``--predict-width``) at each of ``--predict-sizes``
   (levels of the slide) into a tiled TIFF: time, peak memory (bounded: about the same at every
   size) and the largest difference from an untiled torch run on a ``--check`` px crop.
+- ``compile``: ResNet-18 at ``--compile-size`` compiled for training and for inference
+  (``streamc compile --inference``): seconds and bytes on disk.
 - ``plan``: the memory plan of the ResNet-18 step at ``--plan-size`` (compile only): what a
   step at a size too slow to run here would need, without the image (which a lazy source never
   holds).
@@ -72,13 +74,14 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def _resnet():
+def _resnet(width: int = 64):
     import torch
 
     from zoo import randomize_batchnorm, resnet18
 
     torch.manual_seed(0)
-    return randomize_batchnorm(resnet18(classes=2, width=64), seed=1, weight="uniform").eval()
+    return randomize_batchnorm(resnet18(classes=2, width=width), seed=1,
+                               weight="uniform").eval()
 
 
 def _export(module, path: Path) -> Path:
@@ -119,9 +122,10 @@ def child_step(spec: dict) -> dict:
     from streamc.runtime.module import StreamingModel
 
     torch.set_num_threads(2)
-    out: dict = {}
-    module = _resnet()
-    model_path = _export(module, Path(spec["work"]) / "resnet18.onnx")
+    width = spec.get("width", 64)
+    out: dict = {"width": width}
+    module = _resnet(width)
+    model_path = _export(module, Path(spec["work"]) / f"resnet18_w{width}.onnx")
     source = open_slide(spec["slide"], level=spec["level"], transform=Transform(mean=MEAN,
                                                                                std=STD))
     size = tuple(source.shape[2:])
@@ -338,8 +342,31 @@ def child_plan(spec: dict) -> dict:
             "resident": plan["resident"], "peak_phase": plan["peak_phase"]}
 
 
-CHILDREN = {"step": child_step, "crop": child_crop, "dataset": child_dataset,
-            "predict": child_predict, "plan": child_plan}
+def child_compile(spec: dict) -> dict:
+    """Training vs inference program of ResNet-18 at ``--compile-size``: compile time (the same
+    passes but the memory plan, which inference programs do not have, and the FLOPs) and size
+    on disk."""
+    module = _resnet()
+    model_path = _export(module, Path(spec["work"]) / "resnet18.onnx")
+    size = spec["compile_size"]
+    out = {"image": [size, size], "tile": spec["tile"]}
+    from streamc.compiler import compile as compile_program
+
+    for mode in ("train", "inference"):
+        started = time.perf_counter()
+        program = compile_program(str(model_path), spec["tile"], image=(size, size),
+                                  with_flops=False, with_memory_plan=False, mode=mode)
+        seconds = time.perf_counter() - started
+        target = Path(spec["work"]) / f"resnet18_{size}_{mode}.streamc"
+        program.save(target, force=True)
+        out[mode] = {"compile_s": round(seconds, 2), "graphs": len(program.graphs),
+                     "bytes_on_disk": sum(f.stat().st_size for f in target.rglob("*")
+                                          if f.is_file())}
+    return out
+
+
+CHILDREN = {"step": child_step, "compile": child_compile, "crop": child_crop,
+            "dataset": child_dataset, "predict": child_predict, "plan": child_plan}
 
 
 def child_main(spec_path: str) -> None:
@@ -432,6 +459,12 @@ def main() -> None:
     parser.add_argument("--predict-width", type=int, default=8)
     parser.add_argument("--check", type=int, default=512)
     parser.add_argument("--plan-size", type=int, default=32768)
+    parser.add_argument("--compile-size", type=int, default=8192)
+    parser.add_argument("--configs", default="disk,memory",
+                        help="step configurations (memory: the level read whole first)")
+    parser.add_argument("--width", type=int, default=64, help="ResNet-18 width of the step")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the step configurations this many times, interleaved")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -444,24 +477,32 @@ def main() -> None:
     parts = args.parts.split(",")
     if "step" in parts:
         size = args.slide >> args.level
-        runs = {}
-        for config in ("disk", "memory"):
-            grads = args.work / f"grads_{size}_{config}.npz"
-            runs[config] = launch(dict(base, part="step", config=config, level=args.level,
-                                       grads=str(grads)), log)
-            log(f"step {size}² {config}: {json.dumps(runs[config])}")
-        record = {"level": args.level, "disk": runs["disk"], "memory": runs["memory"]}
-        if all(r.get("status") == "ok" for r in runs.values()):
-            record["io_overhead"] = round(runs["disk"]["step_s"] / runs["memory"]["step_s"] - 1,
-                                          4)
+        runs: dict[str, list] = {}
+        for _ in range(args.repeat):
+            for config in args.configs.split(","):
+                grads = args.work / f"grads_{size}_{config}.npz"
+                run = launch(dict(base, part="step", config=config, level=args.level,
+                                  grads=str(grads), width=args.width), log)
+                runs.setdefault(config, []).append(run)
+                log(f"step {size}² {config}: {json.dumps(run)}")
+        record = {"slide": args.slide, "level": args.level, "width": args.width,
+                  **{k: v[0] if len(v) == 1 else v for k, v in runs.items()}}
+        ok = {k: [r for r in v if r.get("status") == "ok"] for k, v in runs.items()}
+        if len(ok) == 2 and all(ok.values()):
+            for measure in ("step_s", "step_cpu_s"):  # the median over the repeats
+                disk = sorted(r[measure] for r in ok["disk"])[len(ok["disk"]) // 2]
+                memory = sorted(r[measure] for r in ok["memory"])[len(ok["memory"]) // 2]
+                record[f"io_overhead_{measure[:-2]}"] = round(disk / memory - 1, 4)
             record["gradients"] = grads_equal(args.work / f"grads_{size}_disk.npz",
                                               args.work / f"grads_{size}_memory.npz")
-        save(args.output, "step", str(size), record)
+        key = str(size) if args.width == 64 else f"{size} width {args.width}"
+        save(args.output, "step", key, record)
         log(f"step {size}²: {json.dumps({k: v for k, v in record.items() if k != 'disk'})}")
     if "crop" in parts:
         record = launch(dict(base, part="crop", crop=args.crop, crop_tile=args.crop_tile,
                              origin=(args.slide // 2) // 32 * 32), log)
-        save(args.output, "crop", str(args.crop), record)
+        record["slide"] = args.slide
+        save(args.output, "crop", f"{args.crop} of {args.slide}", record)
         log(f"crop: {json.dumps(record)}")
     if "dataset" in parts:
         record = launch(dict(base, part="dataset", slides=args.slides,
@@ -476,6 +517,10 @@ def main() -> None:
                                  predict_width=args.predict_width), log)
             save(args.output, "predict", str(size), record)
             log(f"predict {size}²: {json.dumps(record)}")
+    if "compile" in parts:
+        record = launch(dict(base, part="compile", compile_size=args.compile_size), log)
+        save(args.output, "compile", str(args.compile_size), record)
+        log(f"compile: {json.dumps(record)}")
     if "plan" in parts:
         record = launch(dict(base, part="plan", plan_size=args.plan_size), log)
         save(args.output, "plan", str(args.plan_size), record)
