@@ -13,6 +13,7 @@ from streamc.program import Program, load
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnySizeModel",
     "Analysis",
     "Program",
     "StreamcError",
@@ -31,6 +32,10 @@ def __getattr__(name: str):
         from streamc.runtime.module import StreamingModel
 
         return StreamingModel
+    if name == "AnySizeModel":
+        from streamc.runtime.any_size import AnySizeModel
+
+        return AnySizeModel
     if name == "export_torch":
         from streamc.export import export_torch
 

@@ -1,4 +1,5 @@
-"""The ``streamc`` command line: demo, inspect, compile, check, plan, example-model.
+"""The ``streamc`` command line: demo, inspect, compile, check, plan, predict, saliency,
+example-model.
 
 Exit status: 0 success; 1 ``check`` found a mismatch; 2 a usage error or a user error (a
 :class:`~streamc.errors.StreamcError`: bad input, a model streamc cannot stream, a file it cannot
@@ -226,16 +227,26 @@ def _print_program_summary(program, out: Path | None) -> None:
               help="Replace -o even when it is a directory that is not a streamc program.")
 @click.option("--max-tiles", type=click.IntRange(min=1), default=MAX_TILES, show_default=True,
               help="Refuse a tile so small that the grid needs more tiles than this.")
+@click.option("--inference", is_flag=True,
+              help="Forward graphs only (no training): smaller and faster to build.")
+@click.option("--saliency", is_flag=True,
+              help="Backward graphs that give the image's gradient instead of the weights'.")
 @_fail_cleanly
 def compile_command(model: str, tile: str | None, image: str | None, input_name: str | None,
                     output: str | None, memory_budget: str | None, force: bool,
-                    max_tiles: int) -> None:
-    """Compile MODEL into a tiled training program directory."""
+                    max_tiles: int, inference: bool, saliency: bool) -> None:
+    """Compile MODEL into a tiled training (or inference, or saliency) program directory."""
     from streamc.compiler import compile as compile_program
     from streamc.program import check_target
 
     if tile and memory_budget:
         raise StreamcError("give either --tile or --memory-budget, not both.")
+    if inference and saliency:
+        raise StreamcError("give either --inference or --saliency, not both.")
+    if memory_budget and (inference or saliency):
+        raise StreamcError("--memory-budget plans training steps: give a tile (--tile) with "
+                           "--inference or --saliency.")
+    mode = "inference" if inference else "saliency" if saliency else "train"
     if not tile and not memory_budget:
         raise StreamcError("give a tile size (--tile 2048) or a memory budget (--memory-budget).")
     target = Path(output) if output else _default_output(model)
@@ -251,7 +262,7 @@ def compile_command(model: str, tile: str | None, image: str | None, input_name:
                    f"each once)")
     else:
         program = compile_program(model, tile, image=parse_image(image), input=input_name,
-                                  max_tiles=max_tiles)
+                                  max_tiles=max_tiles, mode=mode)
     out = program.save(target, force=force)
     _print_program_summary(program, out)
 
@@ -358,6 +369,125 @@ def plan(model: str, image: str | None, tile: str | None, memory_budget: str | N
     if plot:
         ts.plot_plans(plans, search.conventional.total, budget, plot)
         click.echo(f"plot written to {plot}")
+
+
+def _image_options(func: Callable) -> Callable:
+    """The options that say how to read IMAGE and which program runs it."""
+    options = [
+        click.option("--out", "-o", "out", required=True, type=click.Path(),
+                     help="Output: .tif (tiled TIFF), .zarr or .npy, (H, W, C) float32."),
+        click.option("--level", type=click.IntRange(min=0),
+                     help="Pyramid level of IMAGE (0: full resolution; default 0)."),
+        click.option("--mpp", type=float, help="Read the level at this many µm per pixel."),
+        click.option("--tile", help="Tile size, when PROGRAM is an ONNX model (or to compile "
+                                    "for the image's size with another tile)."),
+        click.option("--scale", type=float,
+                     help="Multiply pixels by this first (default 1/255 for 8-bit images)."),
+        click.option("--mean", help="Subtract this, per channel: 0.485,0.456,0.406."),
+        click.option("--std", help="Then divide by this, per channel: 0.229,0.224,0.225."),
+        click.option("--cache", type=click.Path(file_okay=False),
+                     help="Directory that keeps compiled programs between runs."),
+        click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime threads."),
+        click.option("--compression", type=click.Choice(["none", "zlib"]), default="none",
+                     show_default=True, help="Compression of a TIFF output."),
+        click.option("--no-preview", is_flag=True, help="Do not write OUT.preview.png."),
+        click.option("--force", is_flag=True, help="Replace OUT (and its preview) if present."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _numbers(text: str | None, what: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise StreamcError(f"--{what} {text!r}: give numbers separated by commas, e.g. "
+                           "0.485,0.456,0.406.") from None
+
+
+def _open_image(image: str, level: int | None, mpp: float | None, scale: float | None,
+                mean: str | None, std: str | None):
+    from streamc.data.sources import Transform, open_slide
+
+    transform = Transform(scale=scale, mean=_numbers(mean, "mean"), std=_numbers(std, "std"))
+    source = open_slide(image, level=level, mpp=mpp, transform=transform)
+    where = f"level {source.level}" + (f", {source.mpp:.3g} µm/px" if source.mpp else "")
+    click.echo(f"image:        {image} ({where}): {_fmt_stride(source.shape[1:])}")
+    return source
+
+
+def _report_map(result, program: str) -> None:
+    meta = result.program.meta
+    size = _fmt_stride(meta.image_size)
+    how = f"compiled for {size}" if result.compiled else f"{program} ({size})"
+    click.echo(f"program:      {how}, {meta.mode}, {result.tiles} tiles of at most "
+               f"{_fmt_stride(meta.tile)} px")
+    if result.objective is not None:
+        click.echo(f"gradient of:  {result.objective} ({result.score:.6g})")
+    written = result.written
+    click.echo(f"written:      {written.path} ({_fmt_stride(written.shape)} {written.dtype}) in "
+               f"{result.seconds:.1f} s")
+    if written.preview is not None:
+        click.echo(f"preview:      {written.preview}")
+
+
+@main.command()
+@click.argument("program", type=str)
+@click.argument("image", type=str)
+@_image_options
+@click.option("--features", is_flag=True,
+              help="Write the prefix's feature map (for a network that is not fully local).")
+@click.option("--tensor", help="Write this grid tensor (a model output or a cut tensor).")
+@_fail_cleanly
+def predict(program: str, image: str, out: str, level: int | None, mpp: float | None,
+            tile: str | None, scale: float | None, mean: str | None, std: str | None,
+            cache: str | None, threads: int | None, compression: str, no_preview: bool,
+            force: bool, features: bool, tensor: str | None) -> None:
+    """Run PROGRAM (a program directory, or an ONNX model with --tile) on IMAGE (a slide, TIFF,
+    .zarr or .npy) and write its output map tile by tile, never holding it whole."""
+    from streamc.data.writers import check_map_output
+    from streamc.predict import predict as run_predict
+
+    check_map_output(Path(out), force, not no_preview)  # before any work
+    source = _open_image(image, level, mpp, scale, mean, std)
+    result = run_predict(program, source, out, tensor=tensor, features=features, force=force,
+                         tile=tile, cache_dir=cache, threads=threads,
+                         compression=None if compression == "none" else compression,
+                         preview=not no_preview)
+    click.echo(f"map:          {result.tensor}")
+    _report_map(result, program)
+
+
+@main.command()
+@click.argument("program", type=str)
+@click.argument("image", type=str)
+@_image_options
+@click.option("--class", "target", type=click.IntRange(min=0),
+              help="Differentiate this class's score (default: the top class).")
+@click.option("--label", type=click.IntRange(min=0),
+              help="Differentiate the cross-entropy loss of this label instead.")
+@_fail_cleanly
+def saliency(program: str, image: str, out: str, level: int | None, mpp: float | None,
+             tile: str | None, scale: float | None, mean: str | None, std: str | None,
+             cache: str | None, threads: int | None, compression: str, no_preview: bool,
+             force: bool, target: int | None, label: int | None) -> None:
+    """Write the gradient of a class score (or of the loss for a label) with respect to IMAGE,
+    tile by tile: a saliency map as large as the image."""
+    from streamc.data.writers import check_map_output
+    from streamc.predict import saliency as run_saliency
+
+    if target is not None and label is not None:
+        raise StreamcError("give either --class or --label, not both.")
+    check_map_output(Path(out), force, not no_preview)
+    source = _open_image(image, level, mpp, scale, mean, std)
+    result = run_saliency(program, source, out, target=target, label=label, force=force,
+                          tile=tile, cache_dir=cache, threads=threads,
+                          compression=None if compression == "none" else compression,
+                          preview=not no_preview)
+    _report_map(result, program)
 
 
 @main.command()

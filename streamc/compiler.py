@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import onnx
 
@@ -66,6 +66,7 @@ def compile(
     with_memory_plan: bool = True,
     policy: RuntimePolicy = DEFAULT_POLICY,
     max_tiles: int = MAX_TILES,
+    mode: ProgramMode = "train",
 ) -> Program:
     """Compile ``model`` into a tiled program for images of size ``image`` ((H, W) or (D, H, W)).
 
@@ -74,7 +75,9 @@ def compile(
     are dynamic. ``with_flops`` also counts the untiled FLOPs to report recompute overhead;
     ``with_memory_plan`` stores the predicted peak memory under ``policy``
     (``program.memory_plan``). A tile so small that the grid would exceed ``max_tiles`` tiles
-    is refused at once.
+    is refused at once. ``mode``: ``"train"`` (backward graphs give the weight gradients),
+    ``"inference"`` (no backward graphs: smaller and faster to build; no memory plan) or
+    ``"saliency"`` (backward graphs give the gradient of the image, not of the weights).
     """
     with paused_gc():
         started = time.perf_counter()
@@ -82,7 +85,7 @@ def compile(
         analysis = analyze_checked(proto, image, input)
         return compile_analysis(analysis, tile, source_of(model, serialized),
                                 with_flops=with_flops, with_memory_plan=with_memory_plan,
-                                policy=policy, max_tiles=max_tiles, started=started)
+                                policy=policy, max_tiles=max_tiles, started=started, mode=mode)
 
 
 def source_of(model: str | Path | onnx.ModelProto, serialized: bytes) -> SourceSpec:
@@ -97,12 +100,12 @@ def compile_analysis(analysis: Analysis, tile: int | str | Sequence[int], source
                      *, with_flops: bool = True, with_memory_plan: bool = True,
                      conventional: ConventionalPlan | None = None,
                      policy: RuntimePolicy = DEFAULT_POLICY, max_tiles: int = MAX_TILES,
-                     started: float | None = None) -> Program:
+                     started: float | None = None, mode: ProgramMode = "train") -> Program:
     """Compile an analysed model (see :func:`compile`)."""
     started = time.perf_counter() if started is None else started
     state = compile_state(analysis, tile, source, with_flops=with_flops,
                           with_memory_plan=with_memory_plan, conventional=conventional,
-                          policy=policy, max_tiles=max_tiles)
+                          policy=policy, max_tiles=max_tiles, mode=mode)
     program: Program = state["program"]
     program.meta.compile_seconds = round(time.perf_counter() - started, 3)
     return program
@@ -112,9 +115,14 @@ def compile_state(analysis: Analysis, tile: int | str | Sequence[int], source: S
                   with_flops: bool = True, with_memory_plan: bool = True,
                   conventional: ConventionalPlan | None = None,
                   policy: RuntimePolicy = DEFAULT_POLICY, exact: bool = False,
-                  optimizer_copies: int = 2, max_tiles: int = MAX_TILES) -> dict[str, Any]:
+                  optimizer_copies: int = 2, max_tiles: int = MAX_TILES,
+                  mode: ProgramMode = "train") -> dict[str, Any]:
     """Run the compiler's passes on ``analysis`` and return their results by name
-    (``"program"``, ``"memory_plan"`` ...); the program's description holds the memory plan."""
+    (``"program"``, ``"memory_plan"`` ...); the program's description holds the memory plan.
+    An inference program has no memory plan (the planner plans training steps)."""
+    if mode not in PROGRAM_MODES:
+        raise CompileError(f"mode={mode!r}: choose one of {', '.join(map(repr, PROGRAM_MODES))}.")
+    with_memory_plan = with_memory_plan and mode != "inference"
     if any(s is None for s in analysis.image_size):
         raise CompileError(
             "the model's spatial size is dynamic: pass the image size (--image HxW, or "
@@ -130,7 +138,7 @@ def compile_state(analysis: Analysis, tile: int | str | Sequence[int], source: S
         state: dict[str, Any] = {"analysis": analysis, "tile": tile, "source": source,
                                  "policy": policy, "conventional": conventional,
                                  "exact": exact, "optimizer_copies": optimizer_copies,
-                                 "max_tiles": max_tiles}
+                                 "max_tiles": max_tiles, "mode": mode}
         PassManager(compile_passes(with_flops, with_memory_plan)).run(state)
     plan = state.get("memory_plan")
     state["program"].meta.memory_plan = plan.to_dict() if plan is not None else None
@@ -138,6 +146,11 @@ def compile_state(analysis: Analysis, tile: int | str | Sequence[int], source: S
 
 
 # -- the passes -------------------------------------------------------------------------------
+
+#: What a program's backward graphs differentiate: ``"train"`` the weights, ``"saliency"`` the
+#: image, ``"inference"``: there are no backward graphs.
+ProgramMode = Literal["train", "inference", "saliency"]
+PROGRAM_MODES = ("train", "inference", "saliency")
 
 
 @dataclass
@@ -156,7 +169,7 @@ class GraphAndBackward:
     inputs: list[str]
     outputs: dict[str, str]  # buffer or model output -> graph output
     model: onnx.ModelProto
-    backward: BackwardGraph
+    backward: BackwardGraph | None  # None in an inference program
 
 
 def _schedule(s: Mapping[str, Any]) -> Schedule:
@@ -219,18 +232,21 @@ def _check_tile_graphs(s: Mapping[str, Any], graphs: list[onnx.ModelProto]) -> N
                                f"outputs for {expected} kept regions and partials.")
 
 
-def _differentiated(s: Mapping[str, Any], graph: onnx.ModelProto, image: bool = True
-                    ) -> list[str]:
-    """The inputs of ``graph`` a backward graph gives gradients of: trainable parameters and
-    every buffer but the image (whose gradient nobody needs)."""
-    trainable = set(s["parameters"].trainable)
+def _differentiated(s: Mapping[str, Any], graph: onnx.ModelProto) -> list[str]:
+    """The inputs of ``graph`` a backward graph gives gradients of: every buffer between graphs,
+    and the trainable parameters (``"train"``) or the image (``"saliency"``)."""
+    saliency = s["mode"] == "saliency"
+    trainable = set() if saliency else set(s["parameters"].trainable)
     params = s["parameters"].names
     image_name = s["analysis"].input_name
     return [i.name for i in graph.graph.input
-            if i.name in trainable or (i.name not in params and i.name != image_name)]
+            if i.name in trainable or (i.name not in params
+                                       and (saliency or i.name != image_name))]
 
 
 def _backward_graphs(s: Mapping[str, Any]) -> list[BackwardGraph]:
+    if s["mode"] == "inference":
+        return []
     result = []
     with progress_bar(len(s["tile_graphs"]), "autodiff", unit="class") as tick:
         for k, forward in enumerate(s["tile_graphs"]):
@@ -242,6 +258,8 @@ def _backward_graphs(s: Mapping[str, Any]) -> list[BackwardGraph]:
 
 
 def _check_backward(s: Mapping[str, Any], graphs: list[BackwardGraph]) -> None:
+    if s["mode"] == "inference":
+        return
     for k, (forward, backward) in enumerate(zip(s["tile_graphs"], graphs)):
         wanted = set(_differentiated(s, forward))
         outputs = {o.name for o in forward.graph.output}
@@ -252,6 +270,8 @@ def _check_backward(s: Mapping[str, Any], graphs: list[BackwardGraph]) -> None:
 
 def _with_backward(s: Mapping[str, Any], model: onnx.ModelProto, inputs: list[str],
                    outputs: dict[str, str], name: str) -> GraphAndBackward:
+    if s["mode"] == "inference":
+        return GraphAndBackward(list(inputs), outputs, model, None)
     floats = [o.name for o in model.graph.output if o.type.tensor_type.elem_type in FLOAT_TYPES]
     wrt = [i for i in _differentiated(s, model) if i in inputs or i in s["parameters"].names]
     backward = build_backward(model, wrt=wrt, outputs=floats, name=f"{name}_backward")
@@ -315,9 +335,10 @@ def _program(s: Mapping[str, Any]) -> Program:
     layouts: Layouts = s["layouts"]
     params: Parameters = s["parameters"]
     graphs: dict[str, onnx.ModelProto] = {}
+    backward_graphs = s["backward_graphs"] or [None] * len(s["tile_graphs"])
     classes = [_class_spec(k, layout, forward, backward, params, graphs)
                for k, (layout, forward, backward) in enumerate(
-                   zip(layouts.classes, s["tile_graphs"], s["backward_graphs"]))]
+                   zip(layouts.classes, s["tile_graphs"], backward_graphs))]
     tiles = [TileSpec(tuple(t.index), tuple(
         None if layout is None else TilePart(
             layouts.class_of[i][k], dict(t.crops[k]),
@@ -350,14 +371,20 @@ def _program(s: Mapping[str, Any]) -> Program:
         flops=s["flops"],
         streamed=None if share is None else {"flops": round(share.flops, 4),
                                              "activations": round(share.activations, 4)},
+        mode=s["mode"],
     )
     return Program(meta, graphs, parameter_values(analysis.graph.constants, params.names))
 
 
-def _class_spec(k: int, layout: TileLayout, forward: onnx.ModelProto, backward: BackwardGraph,
-                params: Parameters, graphs: dict[str, onnx.ModelProto]) -> ClassSpec:
+def _class_spec(k: int, layout: TileLayout, forward: onnx.ModelProto,
+                backward: BackwardGraph | None, params: Parameters,
+                graphs: dict[str, onnx.ModelProto]) -> ClassSpec:
     fwd_name, bwd_name = f"graphs/tile{k}_forward.onnx", f"graphs/tile{k}_backward.onnx"
-    graphs[fwd_name], graphs[bwd_name] = forward, backward.model
+    graphs[fwd_name] = forward
+    if backward is None:
+        bwd_name = ""
+    else:
+        graphs[bwd_name] = backward.model
     outputs = [o.name for o in forward.graph.output]
     kept = dict(zip(outputs, [t for t, _ in layout.outputs]))
     partial = dict(zip(outputs[len(layout.outputs):],
@@ -370,17 +397,23 @@ def _class_spec(k: int, layout: TileLayout, forward: onnx.ModelProto, backward: 
         side_inputs=tuple(n for n in inputs if n not in params.names
                           and n not in dict(layout.inputs)),
         outputs={kept[o]: o for o in kept}, partials={partial[o]: o for o in partial},
-        cotangents={source[o]: c for o, c in backward.cotangents.items()},
-        gradients=dict(backward.gradients),
+        cotangents={} if backward is None else
+        {source[o]: c for o, c in backward.cotangents.items()},
+        gradients={} if backward is None else dict(backward.gradients),
         parameters=tuple(n for n in inputs if n in params.names))
 
 
 def _graph_spec(name: str, graph: GraphAndBackward, graphs: dict[str, onnx.ModelProto],
                 ready: int) -> GraphSpec:
     fwd_name, bwd_name = f"graphs/{name}_forward.onnx", f"graphs/{name}_backward.onnx"
-    graphs[fwd_name], graphs[bwd_name] = graph.model, graph.backward.model
+    graphs[fwd_name] = graph.model
+    backward = graph.backward
+    if backward is None:
+        return GraphSpec(name, fwd_name, "", tuple(graph.inputs), dict(graph.outputs), {}, {},
+                         ready)
+    graphs[bwd_name] = backward.model
     return GraphSpec(name, fwd_name, bwd_name, tuple(graph.inputs), dict(graph.outputs),
-                     dict(graph.backward.cotangents), dict(graph.backward.gradients), ready)
+                     dict(backward.cotangents), dict(backward.gradients), ready)
 
 
 def _buffers(analysis: Analysis, tiles: int) -> list[BufferSpec]:
@@ -481,17 +514,18 @@ def compile_passes(with_flops: bool = True, with_memory_plan: bool = True) -> li
              doc="each tile's cone per stage in tile-local numbers, checked exact; classes"),
         Pass("tile graphs", ("analysis", "layouts", "parameters"), "tile_graphs", _tile_graphs,
              _check_tile_graphs, doc="one forward ONNX graph per shape class"),
-        Pass("autodiff", ("tile_graphs", "parameters", "analysis"), "backward_graphs",
+        Pass("autodiff", ("tile_graphs", "parameters", "analysis", "mode"), "backward_graphs",
              _backward_graphs, _check_backward, doc="the backward graph of each tile graph"),
-        Pass("globals", ("analysis", "parameters", "schedule"), "globals", _globals,
+        Pass("globals", ("analysis", "parameters", "schedule", "mode"), "globals", _globals,
              doc="the graphs on per-sample values between stages, and their backward"),
-        Pass("head", ("analysis", "parameters"), "head", _head,
+        Pass("head", ("analysis", "parameters", "mode"), "head", _head,
              doc="the graph after the grid, and its backward graph"),
-        Pass("flops", ("analysis", "layouts", "tile_graphs", "parameters"), "flops",
+        Pass("flops", ("analysis", "layouts", "tile_graphs", "parameters", "mode"), "flops",
              _flops if with_flops else (lambda s: None),
              doc="tiled, untiled and whole-model FLOPs: the recompute overhead"),
         Pass("program", ("analysis", "schedule", "layouts", "parameters", "tile_graphs",
-                         "backward_graphs", "globals", "head", "flops", "source"), "program",
+                         "backward_graphs", "globals", "head", "flops", "source", "mode"),
+             "program",
              _program, doc="the program: graphs, parameters and its typed description"),
     ]
     if with_memory_plan:

@@ -306,6 +306,9 @@ class ProgramMeta:
     #: the grid's share of the model's forward FLOPs and activation bytes
     #: (:class:`~streamc.analysis.analyze.StreamedShare`): ``{"flops": f, "activations": a}``
     streamed: dict[str, float] | None = None
+    #: what the backward graphs differentiate: ``"train"`` (the weights), ``"saliency"`` (the
+    #: image) or ``"inference"`` (no backward graphs; their file names are empty)
+    mode: str = "train"
 
     @property
     def grid(self) -> tuple[int, ...]:
@@ -344,7 +347,7 @@ class ProgramMeta:
             files += [g.forward, g.backward]
         for c in self.classes:
             files += [c.forward, c.backward]
-        return files
+        return [f for f in files if f]  # an inference program has no backward graphs
 
     def tiles_per_class(self) -> dict[int, int]:
         counts: dict[int, int] = {}
@@ -399,6 +402,7 @@ class ProgramMeta:
             "memory_plan": self.memory_plan,
             "compile_seconds": self.compile_seconds,
             "streamed": self.streamed,
+            "mode": self.mode,
         }
 
     @classmethod
@@ -457,6 +461,7 @@ class ProgramMeta:
             streamed=None if d.get("streamed") is None else {
                 "flops": float(d["streamed"]["flops"]),
                 "activations": float(d["streamed"]["activations"])},
+            mode=str(d.get("mode", "train")),
         )
 
 

@@ -94,7 +94,7 @@ def program_steps(meta: ProgramMeta, policy: RuntimePolicy, chunks: int = 1
         backward += [Step(StepKind.RELEASE, g, None, True) for g in dict.fromkeys(forward_graphs)]
     for stage in reversed(meta.stages):
         backward += _stage_backward(meta, stage.index, per_class, policy, chunks)
-        if stage.index > 0:
+        if stage.index > 0 and meta.globals[stage.index - 1].gradients:
             spec = meta.globals[stage.index - 1]
             baked = policy.bakes("backward", runs=chunks)
             backward.append(Step(StepKind.GLOBAL_BACKWARD, spec.backward, None, baked, None,

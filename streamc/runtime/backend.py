@@ -47,6 +47,9 @@ class Backend(Protocol):
     def read(self, tensor: Any, index: Index) -> Any:
         """``tensor[index]`` (a region of a gradient buffer) as a graph input."""
 
+    def from_numpy(self, array: np.ndarray) -> Any:
+        """A numpy array (a crop read from a lazy image) as this backend's array."""
+
     def full(self, shape: Sequence[int], value: float, dtype: np.dtype) -> Any:
         """A new tensor of ``shape`` filled with ``value``."""
 

@@ -20,16 +20,27 @@ It holds the program's *buffers* (:class:`~streamc.meta.BufferSpec`) per batch c
 
 A program compiled for batch ``n`` runs a batch of ``k·n`` images as ``k`` chunks: every step
 runs once per chunk, outputs are joined along the batch axis, weight gradients summed.
+
+The image may be a lazy :class:`~streamc.data.sources.ImageSource` instead of a tensor: each
+tile's crop is then read from it on demand, a crop ahead on a thread
+(:class:`~streamc.data.prefetch.CropReader`), in forward and again in backward (the image is
+never held whole, so backward reads its crops again rather than keeping them). Grid buffers may
+be written into array-likes the caller gives (``outputs``: a map larger than memory, written
+tile by tile), and a saliency program's image gradient added into one (``image_grad``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from onnx import helper
 
+from streamc.data.prefetch import CropReader
+from streamc.data.sources import is_image_source
 from streamc.errors import InputError
 from streamc.meta import BufferSpec, ClassSpec, GraphSpec
 from streamc.program import Program
@@ -84,6 +95,8 @@ class ForwardState:
     image: Tensor
     chunks: list[slice]
     buffers: list[dict[str, Tensor]] = field(default_factory=list)
+    #: reads a lazy image's crops during a pass (None: the image is a tensor)
+    reader: CropReader | None = None
 
 
 def index(box: Sequence[Sequence[int]], layout: Sequence[int], rank: int) -> Index:
@@ -153,21 +166,71 @@ class Interpreter:
     def _buffer(self, store: dict[str, Tensor], name: str) -> Tensor:
         """``store[name]``, created as the buffer's identity (zeros) on first use."""
         if name not in store:
-            spec = self.buffers[name]
-            store[name] = self.backend.full(spec.shape, spec.identity,
-                                            helper.tensor_dtype_to_np_dtype(spec.elem_type))
+            spec = self.buffers.get(name)
+            if spec is None:  # the image's gradient (a saliency program)
+                store[name] = self.backend.full(self.meta.input.shape, 0.0, np.float32)
+            else:
+                store[name] = self.backend.full(spec.shape, spec.identity,
+                                                helper.tensor_dtype_to_np_dtype(spec.elem_type))
         return store[name]
 
+    # -- lazy images -----------------------------------------------------------------------------
+    def image_reads(self, phase: str, chunks: Sequence[slice]) -> list[Index]:
+        """The image crops ``phase`` (``"prefix_forward"`` or ``"prefix_backward"``) reads, in
+        the order it reads them: what a prefetching reader reads ahead."""
+        kind = StepKind.TILE_FORWARD if phase == "prefix_forward" else StepKind.TILE_BACKWARD
+        reads = []
+        for step in self.steps(phase, len(chunks)):
+            if step.kind is kind:
+                part = self.meta.tiles[step.tile].parts[step.stage]
+                if self.image_name in part.crops:
+                    reads += [self._image_index(chunk, part.crops[self.image_name])
+                              for chunk in chunks]
+        return reads
+
+    def _image_index(self, chunk: slice, box) -> Index:
+        return (chunk, *self._index(self.image_name, box)[1:])
+
+    @contextmanager
+    def _reading(self, state: ForwardState, phase: str) -> Iterator[None]:
+        """Within: the image's crops of ``phase`` are read ahead, when the image is lazy."""
+        if not is_image_source(state.image):
+            yield
+            return
+        with CropReader(state.image, self.image_reads(phase, state.chunks)) as reader:
+            state.reader = reader
+            try:
+                yield
+            finally:
+                state.reader = None
+
+    def _crop(self, state: ForwardState, c: int, name: str, box) -> Tensor:
+        if name == self.image_name and state.reader is not None:
+            crop = state.reader.read(self._image_index(state.chunks[c], box))
+            return self.backend.from_numpy(crop)
+        return self.backend.crop(self._source(state, c, name), self._index(name, box))
+
     # -- forward -----------------------------------------------------------------------------
-    def prefix_forward(self, image: Tensor, weights: WeightSet
+    def prefix_forward(self, image: Tensor, weights: WeightSet,
+                       outputs: Mapping[str, Any] | None = None
                        ) -> tuple[list[Tensor], ForwardState]:
         """Every stage and global graph: the head's inputs (in ``cut_names`` order, whole
-        batch) and the state the backward pass needs."""
+        batch) and the state the backward pass needs.
+
+        ``outputs``: array-likes (``__setitem__``) that grid buffers are written into, tile by
+        tile, instead of buffers in memory (one batch chunk only)."""
         chunks = self.chunks(image.shape[0])
         state = ForwardState(image, chunks, [{} for _ in chunks])
+        if outputs:
+            self._single_chunk(chunks, "outputs")
+            unknown = [n for n in outputs if n not in self.buffers]
+            if unknown:
+                raise InputError(f"{unknown[0]!r} is not a buffer of this program.")
+            state.buffers[0].update(outputs)
         steps = self.steps("prefix_forward", len(chunks))
         tiles = sum(1 for s in steps if s.kind is StepKind.TILE_FORWARD)
-        with progress_bar(len(chunks) * tiles, "forward", self.progress) as tick:
+        with progress_bar(len(chunks) * tiles, "forward", self.progress) as tick, \
+                self._reading(state, "prefix_forward"):
             for step in steps:
                 for c in range(len(chunks)):
                     if step.kind is StepKind.TILE_FORWARD:
@@ -195,9 +258,13 @@ class Interpreter:
             else:
                 backend.write(target, (step.tile,), value)
 
+    def _single_chunk(self, chunks: Sequence[slice], what: str) -> None:
+        if len(chunks) != 1:
+            raise InputError(f"{what} can be given for one batch of {self.batch} image(s), "
+                             f"not {len(chunks)}: run the images one batch at a time.")
+
     def _tile_feeds(self, cls: ClassSpec, part, state: ForwardState, c: int) -> dict[str, Tensor]:
-        feeds = {t: self.backend.crop(self._source(state, c, t), self._index(t, part.crops[t]))
-                 for t in cls.inputs}
+        feeds = {t: self._crop(state, c, t, part.crops[t]) for t in cls.inputs}
         feeds.update({g: state.buffers[c][g] for g in cls.side_inputs})
         return feeds
 
@@ -257,9 +324,14 @@ class Interpreter:
         return grads, param_grads
 
     def prefix_backward(self, state: ForwardState, weights: WeightSet,
-                        cut_grads: Sequence[Tensor | None]) -> dict[str, Tensor]:
+                        cut_grads: Sequence[Tensor | None], image_grad: Any = None
+                        ) -> dict[str, Tensor]:
         """Weight gradients of every stage and global graph, summed over tiles and chunks,
-        given the gradients of the head's inputs."""
+        given the gradients of the head's inputs.
+
+        A saliency program also gives the image's gradient: added into ``image_grad`` (an
+        array-like with ``__getitem__`` and ``__setitem__``, one batch chunk) when given, else
+        returned under the image's name."""
         backend = self.backend
         params: dict[str, Tensor] = {}
         if all(g is None for g in cut_grads):
@@ -268,9 +340,13 @@ class Interpreter:
         grads: list[dict[str, Tensor]] = [
             {n: backend.batch(g, chunk) for n, g in zip(self.cut_names, cut_grads)
              if g is not None} for chunk in chunks]
+        if image_grad is not None:
+            self._single_chunk(chunks, "image_grad")
+            grads[0][self.image_name] = image_grad
         steps = self.steps("prefix_backward", len(chunks))
         tiles = sum(1 for s in steps if s.kind is StepKind.TILE_BACKWARD)
-        with progress_bar(len(chunks) * tiles, "backward", self.progress) as tick:
+        with progress_bar(len(chunks) * tiles, "backward", self.progress) as tick, \
+                self._reading(state, "prefix_backward"):
             for step in steps:
                 if step.kind is StepKind.RELEASE:
                     backend.release(step)
@@ -281,6 +357,9 @@ class Interpreter:
                         tick()
                     else:
                         self._global_backward(step, state, c, grads[c], params, weights)
+        if image_grad is None and any(self.image_name in g for g in grads):
+            params[self.image_name] = backend.concat([self._buffer(g, self.image_name)
+                                                      for g in grads])
         return params
 
     def _tile_backward(self, step: Step, state: ForwardState, c: int, grads: dict[str, Tensor],

@@ -39,6 +39,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from streamc.data.sources import ImageSource, is_image_source
 from streamc.errors import InputError, StreamcError
 from streamc.policy import RuntimePolicy, WeightMode
 from streamc.program import Program, load
@@ -114,6 +115,7 @@ class _Prefix(torch.autograd.Function):
                 image: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cuts, state = interpreter.prefix_forward(image, weights)
         ctx.interpreter, ctx.weights, ctx.names, ctx.state = interpreter, weights, names, state
+        ctx.image = (image.shape, image.dtype) if isinstance(image, torch.Tensor) else None
         ctx.save_for_backward(*tensors)  # lets autograd catch in-place weight changes
         return tuple(cuts)
 
@@ -124,7 +126,12 @@ class _Prefix(torch.autograd.Function):
         state, ctx.state = ctx.state, None
         grads = ctx.interpreter.prefix_backward(state, ctx.weights, cut_grads)
         out = [_grad_for(grads.get(name), t) for name, t in zip(ctx.names, tensors)]
-        return (None, None, None, None, *out)
+        image_grad = grads.get(ctx.interpreter.image_name)  # a saliency program's
+        if image_grad is not None and ctx.needs_input_grad[3] and ctx.image is not None:
+            image_grad = image_grad.to(dtype=ctx.image[1]).reshape(ctx.image[0])
+        else:
+            image_grad = None
+        return (None, None, None, image_grad, *out)
 
 
 class _Head(torch.autograd.Function):
@@ -176,9 +183,13 @@ class StreamingModel(nn.Module):
     arena off and pins glibc's mmap threshold at 64 KiB, so every freed tensor goes back to the
     system and a step stays within the plan (1.00-1.16x measured), for steps 1.3-2.4x as long.
 
-    Images are ``(N, C, *size)`` float32 tensors or arrays with the compiled channels and size;
-    ``N`` may be any multiple of the compiled batch (chunks run one after another). The image
-    itself gets no gradient (the program's backward graphs compute weight gradients only).
+    Images are ``(N, C, *size)`` float32 tensors or arrays with the compiled channels and size,
+    or lazy :class:`~streamc.data.sources.ImageSource` s of that shape (each tile's crop read on
+    demand: the image is never held whole); ``N`` may be any multiple of the compiled batch
+    (chunks run one after another). The image gets a gradient only from a saliency program
+    (``compile(..., mode="saliency")``: then ``image.grad``, and no weight gradients); an
+    inference program (``mode="inference"``) runs forward only and its outputs carry no
+    gradient.
     """
 
     def __init__(self, program: Program | str | Path, device: str | torch.device = "cpu",
@@ -359,14 +370,20 @@ class StreamingModel(nn.Module):
         x = self._check_image(image, device)
         interpreter = self._runtime.interpreter(device)
         weights = self._runtime.snapshot(tensors)
-        track = torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values())
+        wanted = any(t.requires_grad for t in tensors.values()) or \
+            (isinstance(x, torch.Tensor) and x.requires_grad)
+        track = torch.is_grad_enabled() and wanted and self.program.meta.mode != "inference"
         return interpreter, weights, tensors, x, track
 
-    def _check_image(self, image: torch.Tensor | np.ndarray, device: torch.device
-                     ) -> torch.Tensor:
+    def _check_image(self, image: torch.Tensor | np.ndarray | ImageSource, device: torch.device
+                     ) -> torch.Tensor | ImageSource:
+        if is_image_source(image):
+            check_image(self.program, image.shape, np.float32, True)
+            return image
         if not isinstance(image, (np.ndarray, torch.Tensor)):
             raise InputError(
-                f"the image must be a torch tensor or a numpy array, not {type(image).__name__}."
+                f"the image must be a torch tensor or a numpy array (or an image source: "
+                f"streamc.data.open_slide, ArraySource), not {type(image).__name__}."
             )
         check_image(self.program, image.shape, image.dtype,
                     image.dtype in (np.float32, torch.float32))
