@@ -109,19 +109,21 @@ def _grid(rank: int, world: int, spec: dict[str, Any], record: dict[str, Any]) -
 
 
 def _tile_parallel(rank: int, world: int, spec: dict[str, Any], record: dict[str, Any]) -> None:
-    """Every rank a tile worker of one batch; one step of SGD, then the outputs again."""
-    program = streamc.load(spec["program"])
-    model = StreamingModel(program, threads=1)
-    run = setup(model, tile_workers=world, timeout=60)
-    record["tiles"] = [sorted(t) for t in run.assignment.tiles_of(run.tile_rank)]
-    x, y = images(0, 2, program.image_size), labels(0, 2, spec["classes"])
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    record["grads"] = grads_of(model)
-    opt.step()
-    with torch.no_grad():
-        record["after_step"] = model(x)
+    """Every rank a tile worker of one batch, for each program; one step of SGD, then the
+    outputs again."""
+    for key, path, classes in spec["programs"]:
+        program = streamc.load(path)
+        model = StreamingModel(program, threads=1)
+        run = setup(model, tile_workers=world, timeout=60)
+        x, y = images(0, 2, program.image_size), labels(0, 2, classes)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            after = model(x)
+        record[key] = {"tiles": [sorted(t) for t in run.assignment.tiles_of(run.tile_rank)],
+                       "grads": grads_of(model), "after_step": after}
 
 
 def _mismatch(rank: int, world: int, spec: dict[str, Any], record: dict[str, Any]) -> None:

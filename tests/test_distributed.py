@@ -165,41 +165,70 @@ def test_data_parallel_and_grid_equal_single_process(resnet, tmp_path) -> None:
         assert "\n" not in message and "were given different images" in message, message
 
 
+class CutAlsoRead(torch.nn.Module):
+    """Two stages, and the head reads a buffer that the second stage reads too (through a
+    Slice, which ends the grid): its gradient is the head's plus the second stage's tiles'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.gate = torch.nn.Conv2d(4, 4, 1)
+        self.conv2 = torch.nn.Conv2d(4, 5, 3, stride=2, padding=1)
+        self.fc = torch.nn.Linear(9, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x))
+        z = torch.relu(self.conv2(y * torch.sigmoid(self.gate(y.mean((2, 3), keepdim=True)))))
+        return self.fc(torch.cat([z.mean((2, 3)), y[:, :, :2, :2].mean((2, 3))], 1))
+
+
 @pytest.fixture(scope="module")
-def senet(tmp_path_factory):
-    shape, tile = SENET
-    torch.manual_seed(0)
-    module = blocks.randomised(blocks.SENet("efficientnet"))
-    program = compile_program(export_torch(module, shape), tile=tile, image=shape[2:],
-                              with_flops=False)
-    return program, program.save(tmp_path_factory.mktemp("programs") / "senet"), module
+def multistage(tmp_path_factory):
+    """(name, module, program, path) of the multi-stage cases."""
+    root = tmp_path_factory.mktemp("programs")
+    cases = []
+    for name, factory, shape, tile in (
+            ("senet", lambda: blocks.randomised(blocks.SENet("efficientnet")), SENET[0],
+             SENET[1]),
+            ("cut_also_read", lambda: CutAlsoRead().eval(), (1, 3, 32, 32), 16)):
+        torch.manual_seed(0)
+        module = factory()
+        program = compile_program(export_torch(module, shape), tile=tile, image=shape[2:],
+                                  with_flops=False)
+        cases.append((name, module, program, program.save(root / name)))
+    return cases
 
 
-def test_multistage_tile_parallel_equals_single_process_and_torch(senet, tmp_path) -> None:
-    """Squeeze-and-excitation (four stages, global graphs between them) on 3 tile workers:
-    partials, side inputs and buffers read across stages are combined correctly."""
-    program, path, module = senet
-    assert len(program.meta.stages) == 4 and len(program.tiles) == 9
-    records = run_workers(3, {"scenario": "tile_parallel", "program": str(path), "classes": 3},
-                          tmp_path / "out")
-    x, y = images(0, 2, program.image_size), labels(0, 2, 3)
-    reference = streamc_grads(program, x, y)
-    twin = torch_grads(module, x, y)
-    single = StreamingModel(program, threads=1)
-    opt = torch.optim.SGD(single.parameters(), lr=0.1)
-    F.cross_entropy(single(x), y).backward()
-    opt.step()
-    with torch.no_grad():
-        after = single(x)
-    for stage in range(4):
-        runs = [records[r]["tiles"][stage] for r in range(3)]
-        assert sorted(t for run in runs for t in run) == list(range(9))
-        assert all(runs)
-    for r, record in records.items():
-        assert_grads_match(record["grads"], reference, 2e-5, f"rank {r} vs streamc")
-        assert_grads_match(record["grads"], {n: twin[n] for n in reference}, 1e-4,
-                           f"rank {r} vs torch")
-        assert rel(record["after_step"], after) <= 1e-5, r
+def test_multistage_tile_parallel_equals_single_process_and_torch(multistage, tmp_path) -> None:
+    """3 tile workers on squeeze-and-excitation (four stages, global graphs between them) and
+    on a net whose head reads a buffer a later stage reads too: partials, side inputs, buffers
+    read across stages and the head's share of their gradients are combined correctly."""
+    senet, cut = multistage[0][2], multistage[1][2]
+    assert len(senet.meta.stages) == 4 and len(senet.tiles) == 9
+    read_later = set(cut.meta.stages[1].inputs)
+    assert read_later & set(cut.meta.head.inputs) and len(cut.tiles) == 9
+    records = run_workers(3, {"scenario": "tile_parallel", "programs": [
+        (name, str(path), 3) for name, _, _, path in multistage]}, tmp_path / "out")
+    for name, module, program, _ in multistage:
+        x, y = images(0, 2, program.image_size), labels(0, 2, 3)
+        reference = streamc_grads(program, x, y)
+        twin = torch_grads(module, x, y)
+        single = StreamingModel(program, threads=1)
+        opt = torch.optim.SGD(single.parameters(), lr=0.1)
+        F.cross_entropy(single(x), y).backward()
+        opt.step()
+        with torch.no_grad():
+            after = single(x)
+        for stage in range(len(program.meta.stages)):
+            runs = [records[r][name]["tiles"][stage] for r in range(3)]
+            assert sorted(t for run in runs for t in run) == list(range(9))
+            assert all(runs)
+        for r in range(3):
+            record = records[r][name]
+            assert_grads_match(record["grads"], reference, 2e-5, f"{name} rank {r} vs streamc")
+            assert_grads_match(record["grads"], {n: twin[n] for n in reference}, 1e-4,
+                               f"{name} rank {r} vs torch")
+            assert rel(record["after_step"], after) <= 1e-5, (name, r)
 
 
 def test_program_mismatch_is_one_error_on_every_worker(resnet, tmp_path) -> None:
@@ -239,10 +268,11 @@ def test_hung_worker_times_out_with_one_error(resnet, tmp_path) -> None:
 # The schedule, the steps and the plans (no processes)
 
 
-def test_worker_steps_split_the_tiles_and_meet_at_the_same_combine_steps(senet) -> None:
-    meta = senet[0].meta
+def test_worker_steps_split_the_tiles_and_meet_at_the_same_combine_steps(multistage) -> None:
+    program = multistage[0][2]
+    meta = program.meta
     single = program_steps(meta, DEFAULT_POLICY)
-    assignment = assign_tiles(senet[0], 3)
+    assignment = assign_tiles(program, 3)
     workers = [program_steps(meta, DEFAULT_POLICY, tiles=assignment.tiles_of(w))
                for w in range(3)]
     for phase in PHASES:
