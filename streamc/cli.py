@@ -182,6 +182,11 @@ def inspect(model: str, image: str | None, input_name: str | None, as_json: bool
         click.echo("  ".join(cell[:48].ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
+_WORKERS = click.option(
+    "--workers", type=click.IntRange(min=1), default=1, show_default=True,
+    help="Tile-parallel workers per image: show each one's tiles, FLOPs and peak memory.")
+
+
 def _default_output(model: str) -> Path:
     path = Path(model)
     return path.with_name(path.stem + ".streamc")
@@ -231,10 +236,11 @@ def _print_program_summary(program, out: Path | None) -> None:
               help="Forward graphs only (no training): smaller and faster to build.")
 @click.option("--saliency", is_flag=True,
               help="Backward graphs that give the image's gradient instead of the weights'.")
+@_WORKERS
 @_fail_cleanly
 def compile_command(model: str, tile: str | None, image: str | None, input_name: str | None,
                     output: str | None, memory_budget: str | None, force: bool,
-                    max_tiles: int, inference: bool, saliency: bool) -> None:
+                    max_tiles: int, inference: bool, saliency: bool, workers: int) -> None:
     """Compile MODEL into a tiled training (or inference, or saliency) program directory."""
     from streamc.compiler import compile as compile_program
     from streamc.program import check_target
@@ -265,6 +271,14 @@ def compile_command(model: str, tile: str | None, image: str | None, input_name:
                                   max_tiles=max_tiles, mode=mode)
     out = program.save(target, force=force)
     _print_program_summary(program, out)
+    _print_worker_shares(program, workers)
+
+
+def _print_worker_shares(program, workers: int) -> None:
+    if workers > 1:
+        from streamc.passes.partition import share_lines
+
+        click.echo("\n".join(share_lines(program, workers)))
 
 
 @main.command()
@@ -331,14 +345,18 @@ def _print_check(report, as_json: bool) -> None:
               help="Plan the graphs ONNX Runtime actually runs (slower: builds sessions).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--plot", type=click.Path(), help="Write memory and recompute vs tile size (PNG).")
+@_WORKERS
 @_fail_cleanly
 def plan(model: str, image: str | None, tile: str | None, memory_budget: str | None,
-         input_name: str | None, exact: bool, as_json: bool, plot: str | None) -> None:
+         input_name: str | None, exact: bool, as_json: bool, plot: str | None,
+         workers: int) -> None:
     """Predict peak memory per training step for tile sizes of MODEL, before running anything."""
     from streamc import tile_search as ts
 
     if tile and memory_budget:
         raise StreamcError("give either --tile or --memory-budget, not both.")
+    if workers > 1 and not (tile or memory_budget):
+        raise StreamcError("--workers plans one tile: give --tile or --memory-budget too.")
     if plot:  # before any work: a missing dependency or a bad path is known now
         ts.require_matplotlib()
         _check_writable(Path(plot))
@@ -349,11 +367,19 @@ def plan(model: str, image: str | None, tile: str | None, memory_budget: str | N
     plans, chosen = search.plans, search.chosen
     if tile:
         plan_ = plans[0].plan
-        click.echo(json.dumps(plan_.to_dict(), indent=1) if as_json
-                   else "\n".join(plan_.summary()))
+        if as_json and workers > 1:
+            click.echo(json.dumps({**plan_.to_dict(),
+                                   "workers": _worker_json(plans[0].program, workers)}, indent=1))
+        elif as_json:
+            click.echo(json.dumps(plan_.to_dict(), indent=1))
+        else:
+            click.echo("\n".join(plan_.summary()))
+            _print_worker_shares(plans[0].program, workers)
     elif as_json:
+        extra = ({"workers": _worker_json(chosen.program, workers)}
+                 if chosen is not None and workers > 1 else {})
         click.echo(json.dumps({"plans": [p.to_dict() for p in plans],
-                               "chosen": chosen.tile if chosen else None}, indent=1))
+                               "chosen": chosen.tile if chosen else None, **extra}, indent=1))
     else:
         share = search.analysis.streamed_share()
         if share is not None:
@@ -366,9 +392,18 @@ def plan(model: str, image: str | None, tile: str | None, memory_budget: str | N
         if chosen is not None:
             click.echo(f"memory budget {memory_budget}: tile {chosen.tile} "
                        f"(peak {format_bytes(chosen.peak)})")
+            _print_worker_shares(chosen.program, workers)
     if plot:
         ts.plot_plans(plans, search.conventional.total, budget, plot)
         click.echo(f"plot written to {plot}")
+
+
+def _worker_json(program, workers: int) -> dict:
+    from streamc.passes.partition import assign_tiles, worker_plans
+
+    assignment = assign_tiles(program, workers)
+    plans = worker_plans(program, assignment)
+    return {**assignment.to_json(), "peaks": [p.peak for p in plans]}
 
 
 def _image_options(func: Callable) -> Callable:

@@ -29,3 +29,8 @@ class ProgramError(StreamcError):
 
 class InputError(StreamcError):
     """An image handed to the runtime does not match what the program was compiled for."""
+
+
+class DistributedError(StreamcError):
+    """Workers of a distributed run disagree (programs, settings) or a collective failed (a
+    worker died, stopped or timed out); every worker raises it."""

@@ -14,11 +14,21 @@ A training step is four phases (:data:`PHASES`), the boundaries autograd sees:
 A :data:`StepKind.RELEASE` step frees a baked session once its pass is over. Tiles of a stage run
 in the stage's ``run_order``; whether a step's session has its weights baked in follows the
 :class:`~streamc.policy.RuntimePolicy`.
+
+A *worker* of a tile-parallel run (``tiles``: the tiles it runs, per stage) has the tile steps
+of its own tiles only, and *combine* steps where its results meet the other workers'
+(docs/architecture.md, "Distributed"): after each stage's tiles, every output buffer and
+partials buffer of the stage (:data:`StepKind.COMBINE`: the workers wrote disjoint parts);
+in backward, before a stage's tiles, the gradient of every stage output that later stages'
+tiles read, and before a global graph, the gradient of every global buffer tiles read
+(:data:`StepKind.COMBINE_GRADIENT`: partial sums); last, the weight gradients
+(:data:`StepKind.COMBINE_WEIGHT_GRADIENTS`). The step's ``name`` is the buffer's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, replace
 from enum import Enum
 
 from streamc.meta import ProgramMeta
@@ -33,10 +43,18 @@ class StepKind(str, Enum):
     GLOBAL_BACKWARD = "global backward"
     TILE_BACKWARD = "tile backward"
     RELEASE = "release"
+    COMBINE = "combine"
+    COMBINE_GRADIENT = "combine gradient"
+    COMBINE_WEIGHT_GRADIENTS = "combine weight gradients"
 
 
 PHASES = ("prefix_forward", "head_forward", "head_backward", "prefix_backward")
-_BACKWARD = (StepKind.TILE_BACKWARD, StepKind.GLOBAL_BACKWARD, StepKind.HEAD_BACKWARD)
+_BACKWARD = (StepKind.TILE_BACKWARD, StepKind.GLOBAL_BACKWARD, StepKind.HEAD_BACKWARD,
+             StepKind.COMBINE_GRADIENT, StepKind.COMBINE_WEIGHT_GRADIENTS)
+#: The steps that exchange data between workers (none in a single-process run).
+COMBINE_KINDS = (StepKind.COMBINE, StepKind.COMBINE_GRADIENT, StepKind.COMBINE_WEIGHT_GRADIENTS)
+#: Tiles per stage a worker runs (None: every tile, a single-process run).
+TileSubset = Sequence[Collection[int]] | None
 
 
 @dataclass(frozen=True)
@@ -62,15 +80,21 @@ def phase_label(meta: ProgramMeta, step: Step) -> str:
     ``"global1 backward"``, ``"head backward"``..."""
     if step.tile is not None:
         return f"tile class {meta.tiles[step.tile].parts[step.stage].class_id} {step.role}"
+    if step.kind in COMBINE_KINDS:
+        return step.kind.value
     if step.name is not None:
         return f"{step.name} {step.role}"
     return step.kind.value
 
 
-def program_steps(meta: ProgramMeta, policy: RuntimePolicy, chunks: int = 1
-                  ) -> dict[str, list[Step]]:
+def program_steps(meta: ProgramMeta, policy: RuntimePolicy, chunks: int = 1,
+                  tiles: TileSubset = None) -> dict[str, list[Step]]:
     """The steps of each phase of one training step over ``chunks`` batch chunks (a batch of
-    ``chunks`` times the compiled batch runs each step once per chunk)."""
+    ``chunks`` times the compiled batch runs each step once per chunk); with ``tiles`` (per
+    stage, the tiles one worker runs), that worker's steps, combine steps included."""
+    workers = tiles is not None
+    if tiles is not None:
+        meta = _worker_view(meta, tiles)
     per_class = meta.tiles_per_class()
     classes = meta.classes
     bake_forward = policy.bakes("forward")
@@ -88,19 +112,32 @@ def program_steps(meta: ProgramMeta, policy: RuntimePolicy, chunks: int = 1
             forward.append(Step(StepKind.TILE_FORWARD, cls.forward, i, bake_forward,
                                 stage.index))
             forward_graphs.append(cls.forward)
+        if workers:
+            forward += [Step(StepKind.COMBINE, "", None, False, stage.index, name)
+                        for name in (*stage.outputs, *stage.partials)]
     if policy.release_sessions and bake_forward:
         # The baked forward sessions hold this step's weights, which the optimizer step after
         # the backward pass replaces: free them (and their weight copies) now.
         backward += [Step(StepKind.RELEASE, g, None, True) for g in dict.fromkeys(forward_graphs)]
     for stage in reversed(meta.stages):
+        if workers:
+            read_later = {n for s in meta.stages[stage.index + 1:] for n in s.inputs}
+            backward += [Step(StepKind.COMBINE_GRADIENT, "", None, False, stage.index, name)
+                         for name in stage.outputs if name in read_later]
         backward += _stage_backward(meta, stage.index, per_class, policy, chunks)
         if stage.index > 0 and meta.globals[stage.index - 1].gradients:
             spec = meta.globals[stage.index - 1]
+            if workers:
+                side = {n for s in meta.stages for n in s.side_inputs}
+                backward += [Step(StepKind.COMBINE_GRADIENT, "", None, False, None, name)
+                             for name in spec.outputs if name in side]
             baked = policy.bakes("backward", runs=chunks)
             backward.append(Step(StepKind.GLOBAL_BACKWARD, spec.backward, None, baked, None,
                                  spec.name))
             if baked and policy.release_sessions:
                 backward.append(Step(StepKind.RELEASE, spec.backward, None, True))
+    if workers:
+        backward.append(Step(StepKind.COMBINE_WEIGHT_GRADIENTS, ""))
     head = meta.head
     head_backward = []
     if head.gradients:
@@ -129,3 +166,16 @@ def _stage_backward(meta: ProgramMeta, stage: int, per_class: dict[int, int],
         if baked and policy.release_sessions and last[cls.id] == k:
             steps.append(Step(StepKind.RELEASE, cls.backward, None, True))
     return steps
+
+
+def _worker_view(meta: ProgramMeta, tiles: Sequence[Collection[int]]) -> ProgramMeta:
+    """``meta`` with each stage's run order (and each tile's parts) cut down to ``tiles``."""
+    if len(tiles) != len(meta.stages):
+        raise ValueError(f"a tile subset per stage is needed: {len(meta.stages)} stages, "
+                         f"{len(tiles)} subsets given")
+    mine = [set(t) for t in tiles]
+    stages = [replace(s, run_order=tuple(i for i in s.run_order if i in mine[s.index]))
+              for s in meta.stages]
+    parts = [replace(t, parts=tuple(p if i in mine[k] else None for k, p in enumerate(t.parts)))
+             for i, t in enumerate(meta.tiles)]
+    return replace(meta, stages=stages, tiles=parts)

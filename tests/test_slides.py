@@ -428,7 +428,7 @@ def test_saliency_through_whole_image_statistics() -> None:
     """A multi-stage program (squeeze-and-excitation): the image gradient flows back through
     the global graphs between stages."""
     torch.manual_seed(0)
-    module = blocks.randomised(blocks.SENet("mobilenet")).eval()
+    module = zoo.randomize_parameters(blocks.SENet("mobilenet")).eval()
     model = export_torch(module, (1, 3, 48, 40))
     program = compile_program(model, tile=32, image=(48, 40), with_flops=False,
                               mode="saliency")

@@ -27,6 +27,12 @@ tile's crop is then read from it on demand, a crop ahead on a thread
 never held whole, so backward reads its crops again rather than keeping them). Grid buffers may
 be written into array-likes the caller gives (``outputs``: a map larger than memory, written
 tile by tile), and a saliency program's image gradient added into one (``image_grad``).
+
+With ``workers`` (:class:`~streamc.runtime.workers.Workers`: one worker of a tile-parallel
+run), it runs that worker's tiles only and hands each combine step's buffer to
+``workers.combine`` (:mod:`streamc.steps`). The graphs on whole buffers (global graphs, head)
+run on every worker; what they add into sums that are combined later (weight gradients,
+combined gradient buffers) only the root worker adds, so that each is counted once.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from streamc.program import Program
 from streamc.progress import progress_bar
 from streamc.runtime.backend import Backend, Index
 from streamc.runtime.weights import WeightSet
+from streamc.runtime.workers import Workers, reduce_op
 from streamc.steps import Step, StepKind, program_steps
 
 Tensor = Any
@@ -111,12 +118,14 @@ class Interpreter:
     """Runs a program's steps over a backend (see the module docstring).
 
     ``progress``: tqdm bars over tile steps (None: only when stderr is a terminal).
+    ``workers``: run as one worker of a tile-parallel run (None: every tile, one process).
     """
 
-    def __init__(self, program: Program, backend: Backend, progress: bool | None = None
-                 ) -> None:
+    def __init__(self, program: Program, backend: Backend, progress: bool | None = None,
+                 workers: Workers | None = None) -> None:
         self.program = program
         self.backend = backend
+        self.workers = workers
         self.policy = backend.pool.policy
         self.progress = progress
         meta = program.meta
@@ -128,11 +137,13 @@ class Interpreter:
         self.cut_names = list(meta.head.inputs)
         self.output_names = list(meta.outputs)
         self._steps: dict[int, dict[str, list[Step]]] = {}
+        self._weight_names: list[str] | None = None
 
     def steps(self, phase: str, chunks: int = 1) -> list[Step]:
         """The steps of ``phase`` for a batch of ``chunks`` compiled batches."""
         if chunks not in self._steps:
-            self._steps[chunks] = program_steps(self.meta, self.policy, chunks)
+            tiles = None if self.workers is None else self.workers.tiles
+            self._steps[chunks] = program_steps(self.meta, self.policy, chunks, tiles)
         return self._steps[chunks][phase]
 
     def chunks(self, total: int) -> list[slice]:
@@ -220,6 +231,8 @@ class Interpreter:
         ``outputs``: array-likes (``__setitem__``) that grid buffers are written into, tile by
         tile, instead of buffers in memory (one batch chunk only)."""
         chunks = self.chunks(image.shape[0])
+        if self.workers is not None:
+            self.workers.check_input(image)
         state = ForwardState(image, chunks, [{} for _ in chunks])
         if outputs:
             self._single_chunk(chunks, "outputs")
@@ -236,6 +249,8 @@ class Interpreter:
                     if step.kind is StepKind.TILE_FORWARD:
                         self._tile_forward(step, state, c, weights)
                         tick()
+                    elif step.kind is StepKind.COMBINE:
+                        self._combine(state.buffers[c], step.name, forward=True)
                     else:
                         self._global_forward(step, state, c, weights)
         return [self.backend.concat([self._source(state, c, n) for c in range(len(chunks))])
@@ -337,13 +352,16 @@ class Interpreter:
         if all(g is None for g in cut_grads):
             return params
         chunks = state.chunks
+        steps = self.steps("prefix_backward", len(chunks))
+        if self._drops_replicated():  # the root adds the head's share of combined gradients
+            combined = {s.name for s in steps if s.kind is StepKind.COMBINE_GRADIENT}
+            cut_grads = [None if n in combined else g for n, g in zip(self.cut_names, cut_grads)]
         grads: list[dict[str, Tensor]] = [
             {n: backend.batch(g, chunk) for n, g in zip(self.cut_names, cut_grads)
              if g is not None} for chunk in chunks]
         if image_grad is not None:
             self._single_chunk(chunks, "image_grad")
             grads[0][self.image_name] = image_grad
-        steps = self.steps("prefix_backward", len(chunks))
         tiles = sum(1 for s in steps if s.kind is StepKind.TILE_BACKWARD)
         with progress_bar(len(chunks) * tiles, "backward", self.progress) as tick, \
                 self._reading(state, "prefix_backward"):
@@ -351,10 +369,15 @@ class Interpreter:
                 if step.kind is StepKind.RELEASE:
                     backend.release(step)
                     continue
+                if step.kind is StepKind.COMBINE_WEIGHT_GRADIENTS:
+                    self._combine_weight_gradients(params)
+                    continue
                 for c in range(len(chunks)):
                     if step.kind is StepKind.TILE_BACKWARD:
                         self._tile_backward(step, state, c, grads[c], params, weights)
                         tick()
+                    elif step.kind is StepKind.COMBINE_GRADIENT:
+                        self._combine(grads[c], step.name, forward=False)
                     else:
                         self._global_backward(step, state, c, grads[c], params, weights)
         if image_grad is None and any(self.image_name in g for g in grads):
@@ -402,8 +425,49 @@ class Interpreter:
                     else given
         pairs = list(spec.gradients.items())
         values = backend.run(step, weights, feeds, [n for _, n in pairs])
+        combined = self._combined_gradients(len(state.chunks))
         for (wrt, _), value in zip(pairs, values):
+            if self._drops_replicated() and (wrt not in self.buffers or wrt in combined):
+                continue  # the root adds it; the combine step sums it into every worker's
             backend.accumulate(grads if wrt in self.buffers else params, wrt, value)
+
+    # -- workers ---------------------------------------------------------------------------------
+    def _drops_replicated(self) -> bool:
+        return self.workers is not None and not self.workers.root
+
+    def _combined_gradients(self, chunks: int) -> set[str]:
+        return {s.name for s in self.steps("prefix_backward", chunks)
+                if s.kind is StepKind.COMBINE_GRADIENT}
+
+    def _combine(self, store: dict[str, Tensor], name: str, forward: bool) -> None:
+        """Combine a buffer (``forward``) or a gradient buffer with the other workers'."""
+        if forward:
+            store[name] = self.workers.combine(self._buffer(store, name),
+                                               reduce_op(self.buffers[name].identity),
+                                               f"buffer {name}")
+            return
+        if name not in store:
+            spec = self.buffers[name]
+            store[name] = self.backend.full(spec.shape, 0.0,
+                                            helper.tensor_dtype_to_np_dtype(spec.elem_type))
+        store[name] = self.workers.combine(store[name], "sum", f"the gradient of {name}")
+
+    def _combine_weight_gradients(self, params: dict[str, Tensor]) -> None:
+        """Sum every weight gradient of the prefix over the workers (zeros where a worker has
+        none, so that every worker hands the same tensors to the collective)."""
+        if self._weight_names is None:
+            graphs = [*self.meta.classes, *self.meta.globals]
+            self._weight_names = sorted({w for g in graphs for w in g.gradients
+                                         if w not in self.buffers and w != self.image_name})
+        shapes = {p.name: p for p in self.meta.parameters}
+        for name in self._weight_names:
+            if name not in params:
+                spec = shapes[name]
+                params[name] = self.backend.full(
+                    spec.shape, 0.0, helper.tensor_dtype_to_np_dtype(spec.elem_type))
+        names = self._weight_names
+        values = self.workers.combine_all([params[n] for n in names], "the weight gradients")
+        params.update(zip(names, values))
 
     def _zeros_like_input(self, graph: str, name: str) -> Tensor:
         for vi in self.program.graph(graph).graph.input:

@@ -48,6 +48,7 @@ from streamc.runtime.options import RuntimeOptions
 from streamc.runtime.providers import check_cuda
 from streamc.runtime.torch_backend import TorchCpuBackend, TorchCudaBackend, torch_dtype_of_onnx
 from streamc.runtime.weights import WeightSet, snapshot_weights
+from streamc.runtime.workers import Workers
 
 ESCAPED = "onnx_escaped"
 MODEL_GRAPH = "graphs/model.onnx"
@@ -76,6 +77,7 @@ class _Runtime:
         self._interpreter: Interpreter | None = None
         self._device: torch.device | None = None
         self.weights: WeightSet | None = None
+        self.workers: Workers | None = None  # one worker of a tile-parallel run
 
     def interpreter(self, device: torch.device) -> Interpreter:
         if self._interpreter is None or self._device != device:
@@ -83,7 +85,7 @@ class _Runtime:
             self.weights = None
             backend_type = TorchCudaBackend if device.type == "cuda" else TorchCpuBackend
             backend = backend_type(self.program, self.options, device)
-            self._interpreter = Interpreter(self.program, backend, self.progress)
+            self._interpreter = Interpreter(self.program, backend, self.progress, self.workers)
             self._device = device
         return self._interpreter
 
@@ -97,7 +99,9 @@ class _Runtime:
         return self.weights
 
     def __deepcopy__(self, memo: dict) -> _Runtime:
-        return _Runtime(self.program, self.options, self.progress)
+        clone = _Runtime(self.program, self.options, self.progress)
+        clone.workers = self.workers
+        return clone
 
     def __getstate__(self) -> dict:
         return {"program": self.program, "options": self.options, "progress": self.progress}
@@ -406,13 +410,21 @@ class StreamingModel(nn.Module):
             check_cuda(device)
         return result
 
+    def run_as_worker(self, workers: Workers | None) -> None:
+        """Run only ``workers``' tiles and combine with the other workers of a tile-parallel
+        run (:func:`streamc.runtime.distributed.setup` calls it); None: every tile."""
+        self._runtime.workers = workers
+        self._runtime._interpreter = None
+
     def invalidate(self) -> None:
         """Forget the built sessions and weight snapshot (they are rebuilt on the next call).
 
         Never needed for correctness: changed weights are detected by value before each call.
         """
+        workers = self._runtime.workers
         self._runtime = _Runtime(self._runtime.program, self._runtime.options,
                                  self._runtime.progress)
+        self._runtime.workers = workers
 
     def extra_repr(self) -> str:
         size = "x".join(map(str, self.program.image_size))

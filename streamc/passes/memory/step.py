@@ -8,6 +8,10 @@ how well the plan matches a real process). It walks the program's steps
 stays resident (image, weights and buffers, gradients, optimizer state, full cut tensors and
 their gradients, the head's outputs, session constants, ORT's own state), the step's graph run
 (:func:`~streamc.passes.memory.allocator.plan_graph`) and the baked sessions alive at that point.
+
+With ``tiles`` (one worker of a tile-parallel run) it plans that worker's steps: its tiles,
+the sessions of its shape classes, and the combine steps, each with the scratch memory of its
+collective (:meth:`_StepPlanner.combine_bytes`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,15 @@ from streamc.passes.memory.allocator import (
 )
 from streamc.passes.memory.conventional import ConventionalPlan
 from streamc.policy import DEFAULT_POLICY, RuntimePolicy
-from streamc.steps import PHASES, Step, StepKind, phase_label, program_steps
+from streamc.steps import (
+    COMBINE_KINDS,
+    PHASES,
+    Step,
+    StepKind,
+    TileSubset,
+    phase_label,
+    program_steps,
+)
 from streamc.units import format_bytes
 
 
@@ -190,7 +202,9 @@ def _allocator_note(policy: RuntimePolicy) -> str:
 
 def plan_program(program, conventional: ConventionalPlan | None = None,
                  policy: RuntimePolicy = DEFAULT_POLICY, order: str = "worst",
-                 optimizer_copies: int = 2, exact: bool = False) -> MemoryPlan:
+                 optimizer_copies: int = 2, exact: bool = False,
+                 tiles: TileSubset = None, graph_plans: dict[str, GraphPlan] | None = None
+                 ) -> MemoryPlan:
     """The memory plan of one training step of ``program`` under ``policy``.
 
     ``conventional`` (from :func:`~streamc.passes.memory.conventional.plan_conventional`) is
@@ -201,21 +215,32 @@ def plan_program(program, conventional: ConventionalPlan | None = None,
     (:func:`ort_optimized`): one session build per optimised graph, a second or so each. A graph
     the policy leaves unoptimised runs as written, in ORT's default order: it is planned in that
     order alone, and folded only where the policy lets ORT fold constants.
+    ``tiles``: per stage, the tiles of one worker of a tile-parallel run (its plan).
+    ``graph_plans``: graph plans to reuse and fill, shared between calls with the same
+    program, policy, order and ``exact`` (the plans of several workers).
     """
     with paused_gc():
-        return _StepPlanner(program, policy, order, exact).plan(conventional, optimizer_copies)
+        planner = _StepPlanner(program, policy, order, exact, tiles, graph_plans)
+        return planner.plan(conventional, optimizer_copies)
 
 
 class _StepPlanner:
-    def __init__(self, program, policy: RuntimePolicy, order: str, exact: bool) -> None:
+    def __init__(self, program, policy: RuntimePolicy, order: str, exact: bool,
+                 tiles: TileSubset = None, graph_plans: dict[str, GraphPlan] | None = None
+                 ) -> None:
         self.program = program
         self.meta = program.meta
         self.policy = policy
         self.order = order
         self.exact = exact
         self.param_bytes = {p.name: p.nbytes for p in self.meta.parameters}
-        self.steps = program_steps(self.meta, policy)
-        self._graphs: dict[str, GraphPlan] = {}
+        self.steps = program_steps(self.meta, policy, tiles=tiles)
+        self._graphs: dict[str, GraphPlan] = {} if graph_plans is None else graph_plans
+        self.runs: dict[int, int] = {}  # tile runs per shape class (this worker's)
+        for step in self.steps["prefix_forward"]:
+            if step.kind is StepKind.TILE_FORWARD:
+                class_id = self.meta.tiles[step.tile].parts[step.stage].class_id
+                self.runs[class_id] = self.runs.get(class_id, 0) + 1
 
     def graph_plan(self, relative: str, role: str) -> GraphPlan:
         if relative not in self._graphs:
@@ -239,9 +264,10 @@ class _StepPlanner:
 
     def plan(self, conventional: ConventionalPlan | None, optimizer_copies: int) -> MemoryPlan:
         meta = self.meta
-        classes = [ClassPlan(c.id, meta.tiles_per_class().get(c.id, 0), list(c.input_size),
+        classes = [ClassPlan(c.id, self.runs[c.id], list(c.input_size),
                              self.graph_plan(c.forward, "forward"),
-                             self.graph_plan(c.backward, "backward")) for c in meta.classes]
+                             self.graph_plan(c.backward, "backward")) for c in meta.classes
+                   if c.id in self.runs]
         head_fwd = self.graph_plan(meta.head.forward, "forward")
         head_bwd = self.graph_plan(meta.head.backward, "backward")
         globals_ = [(self.graph_plan(g.forward, "forward"), self.graph_plan(g.backward,
@@ -273,6 +299,14 @@ class _StepPlanner:
             policy=self.policy, sessions=sessions, globals=globals_,
         )
 
+    def combine_bytes(self, step: Step) -> int:
+        """The scratch of a combine step: one copy of the buffer it reduces in place (the
+        collective's), or two of the weight gradients (joined into one flat tensor, then
+        reduced)."""
+        if step.kind is StepKind.COMBINE_WEIGHT_GRADIENTS:
+            return 2 * sum(p.nbytes for p in self.meta.parameters if p.trainable)
+        return self.meta.buffer(step.name).nbytes
+
     def _released(self) -> set[str]:
         return {s.graph for phase in PHASES for s in self.steps[phase]
                 if s.kind is StepKind.RELEASE}
@@ -282,15 +316,16 @@ class _StepPlanner:
         baked sessions that are not released (the head's: rebuilt at the next step)."""
         released = self._released()
         meta = self.meta
-        graphs = {c.forward: Step(StepKind.TILE_FORWARD, c.forward) for c in meta.classes}
-        graphs.update({c.backward: Step(StepKind.TILE_BACKWARD, c.backward)
-                       for c in meta.classes})
+        mine = [c for c in meta.classes if c.id in self.runs]
+        graphs = {c.forward: Step(StepKind.TILE_FORWARD, c.forward) for c in mine}
+        graphs.update({c.backward: Step(StepKind.TILE_BACKWARD, c.backward) for c in mine})
         for g in meta.globals:
             graphs[g.forward] = Step(StepKind.GLOBAL_FORWARD, g.forward)
             graphs[g.backward] = Step(StepKind.GLOBAL_BACKWARD, g.backward)
         graphs[meta.head.forward] = Step(StepKind.HEAD_FORWARD, meta.head.forward)
         graphs[meta.head.backward] = Step(StepKind.HEAD_BACKWARD, meta.head.backward)
-        graphs.update({s.graph: s for s in steps if s.kind is not StepKind.RELEASE})
+        graphs.update({s.graph: s for s in steps
+                       if s.kind is not StepKind.RELEASE and s.kind not in COMBINE_KINDS})
         return sum(self.graph_plan(g, s.role).nodes for g, s in graphs.items()
                    if not (s.baked and g in released))
 
@@ -308,6 +343,13 @@ class _StepPlanner:
                 baked_sessions = sum(held.values())
             if step.kind is StepKind.RELEASE:
                 held.pop(step.graph, None)
+                continue
+            if step.kind in COMBINE_KINDS:
+                value = base + live.at(position) + self.combine_bytes(step) + sum(held.values())
+                label = phase_label(self.meta, step)
+                if value > phases.get(label, -1):
+                    phases[label] = value
+                    sessions[label] = sorted(held)
                 continue
             plan = self.graph_plan(step.graph, step.role)
             if step.baked and step.graph not in held:
@@ -357,8 +399,12 @@ def _access(meta, step: Step) -> tuple[list[str], list[str], bool]:
     """(buffers read, buffers written, whether the writes are whole graph outputs) of a step;
     gradient buffers are named ``<buffer>:grad``."""
     kind = step.kind
-    if kind is StepKind.RELEASE:
+    if kind is StepKind.RELEASE or kind is StepKind.COMBINE_WEIGHT_GRADIENTS:
         return [], [], False
+    if kind is StepKind.COMBINE:  # a worker that wrote no part of it creates it here
+        return [], [step.name], False
+    if kind is StepKind.COMBINE_GRADIENT:
+        return [], [f"{step.name}:grad"], False
     if step.tile is not None:
         cls = meta.classes[meta.tiles[step.tile].parts[step.stage].class_id]
         inputs = list(cls.inputs) + list(cls.side_inputs)
