@@ -179,3 +179,41 @@ def _worker_view(meta: ProgramMeta, tiles: Sequence[Collection[int]]) -> Program
     parts = [replace(t, parts=tuple(p if i in mine[k] else None for k, p in enumerate(t.parts)))
              for i, t in enumerate(meta.tiles)]
     return replace(meta, stages=stages, tiles=parts)
+
+
+def buffer_access(meta: ProgramMeta, step: Step) -> tuple[list[str], list[str], bool]:
+    """(buffers read, buffers written, whether the writes are whole graph outputs) of a step;
+    gradient buffers are named ``<buffer>:grad`` (the image's crops count as reads of the
+    image's name, which is not a buffer)."""
+    kind = step.kind
+    if kind is StepKind.RELEASE or kind is StepKind.COMBINE_WEIGHT_GRADIENTS:
+        return [], [], False
+    if kind is StepKind.COMBINE:  # a worker that wrote no part of it creates it here
+        return [], [step.name], False
+    if kind is StepKind.COMBINE_GRADIENT:
+        return [], [f"{step.name}:grad"], False
+    if step.tile is not None:
+        cls = meta.classes[meta.tiles[step.tile].parts[step.stage].class_id]
+        inputs = list(cls.inputs) + list(cls.side_inputs)
+        if kind is StepKind.TILE_FORWARD:
+            return inputs, list(cls.outputs) + list(cls.partials), False
+        grads_in = [f"{n}:grad" for n in list(cls.outputs) + list(cls.partials)]
+        grads_out = [f"{n}:grad" for n in inputs]
+        return inputs + grads_in, grads_out, False
+    spec = meta.head if step.name is None else next(g for g in meta.globals
+                                                    if g.name == step.name)
+    if kind in (StepKind.HEAD_FORWARD, StepKind.GLOBAL_FORWARD):
+        return list(spec.inputs), list(spec.outputs), True
+    grads_in = [f"{n}:grad" for n in spec.outputs]
+    return list(spec.inputs) + grads_in, [f"{n}:grad" for n in spec.inputs], True
+
+
+def last_uses(meta: ProgramMeta, steps: Sequence[Step]) -> dict[str, int]:
+    """The position in ``steps`` of the last step that reads or writes each buffer (gradient
+    buffers: ``<buffer>:grad``): after it, the buffer can be freed."""
+    last: dict[str, int] = {}
+    for position, step in enumerate(steps):
+        reads, writes, _whole = buffer_access(meta, step)
+        for name in (*reads, *writes):
+            last[name] = position
+    return last

@@ -148,3 +148,43 @@ def test_command_line_reports_stages_and_share(tmp_path) -> None:
     assert code == 0, err
     assert "stages:       5, with 4 global graphs" in out and "kept whole between stages" in out
     assert "streamed:     100% of the forward FLOPs" in out
+
+
+@pytest.mark.parametrize("name", ["instancenorm_unet_2d", "groupnorm_unet_3d"])
+def test_stages_keep_float32_activations(name: str) -> None:
+    """A normalisation's float64 path casts its input in the stage that reads it: what stays
+    whole between the stages is the float32 activation, never a float64 copy of it."""
+    _, _, program = built(name)
+    kept = [b for b in program.meta.buffers if b.kind == "grid"]
+    assert kept
+    assert {b.elem_type for b in kept} == {onnx.TensorProto.FLOAT}
+
+
+def test_buffers_are_freed_after_their_last_use(monkeypatch) -> None:
+    """Backward frees each whole buffer and gradient buffer after the last step that uses it,
+    and the memory plan counts the same lives: what the interpreter holds at each tile's
+    backward never exceeds the plan's buffer peak, which is below keeping every buffer and
+    its gradient to the end; nothing is left when backward returns."""
+    from streamc.runtime.interpreter import Interpreter
+
+    module, _, program = built("instancenorm_unet_2d")
+    held: list[int] = []
+    states = []
+    original = Interpreter._tile_backward
+
+    def spy(self, step, state, c, grads, params, weights):
+        held.append(sum(t.nbytes for store in (state.buffers[c], grads)
+                        for t in store.values()))
+        if not states or states[-1] is not state:
+            states.append(state)
+        return original(self, step, state, c, grads, params, weights)
+
+    monkeypatch.setattr(Interpreter, "_tile_backward", spy)
+    model = StreamingModel(program, progress=False)
+    model.load_state_dict(module.state_dict(), strict=False)
+    shape = CASES["instancenorm_unet_2d"][1]
+    model(zoo.random_image(shape, seed=1)).square().sum().backward()
+    planned = program.memory_plan["buffers"]
+    everything = 2 * sum(b.nbytes for b in program.meta.buffers)
+    assert held and max(held) <= planned < everything
+    assert states and not any(states[0].buffers)

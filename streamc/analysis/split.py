@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from onnx import helper
+
 from streamc.errors import UnsupportedModelError
 from streamc.graph import Graph
 from streamc.ops.locality import (
@@ -246,6 +248,7 @@ def split_graph(graph: Graph, input_name: str) -> Split:
         split = _Walk(graph, input_name, n_spatial, reductions_allowed=False).run()
     else:
         _demote_dead_ends(graph, split)
+        _defer_widening_casts(graph, split)
     if not split.prefix:
         stop = split.stops[0] if split.stops else None
         detail = f": {stop.sentence()}" if stop else ""
@@ -291,6 +294,39 @@ def _stage_io(graph: Graph, split: Split) -> list[StageIO]:
     for reduction in split.reductions:
         stages[reduction.stage].reductions.append(reduction)
     return stages
+
+
+def _defer_widening_casts(graph: Graph, split: Split) -> None:
+    """Run a Cast to a wider type in the first stage that reads its result, when every reader
+    is in a later stage than its input: that input, not the wider copy, is then what is kept
+    whole between the stages (a normalisation's float64 path reads a float32 activation;
+    keeping the float64 copy would double that boundary and its gradient buffer)."""
+    readers: dict[str, list[int]] = {}
+    for name in split.prefix:
+        node = graph.nodes[name]
+        k = split.phase[next(o for o in node.output if o)]
+        for tensor in node.input:
+            readers.setdefault(tensor, []).append(k)
+    reduced = {r.tensor for r in split.reductions}
+    head_inputs = {i for n in split.head for i in graph.nodes[n].input if i}
+    for name in reversed(split.prefix):
+        node = graph.nodes[name]
+        if node.op_type != "Cast" or len(node.input) != 1:
+            continue
+        source, out = node.input[0], node.output[0]
+        later = readers.get(out, [])
+        if (not later or out in reduced or out in head_inputs or out in graph.outputs
+                or min(later) <= split.phase[out]
+                or _itemsize(graph, out) <= _itemsize(graph, source)):
+            continue
+        readers[source].remove(split.phase[out])
+        readers[source].append(min(later))
+        split.phase[out] = min(later)
+
+
+def _itemsize(graph: Graph, tensor: str) -> int:
+    dtype = graph.dtypes.get(tensor)
+    return helper.tensor_dtype_to_np_dtype(dtype).itemsize if dtype else 0
 
 
 def _returns_to_grid(graph: Graph, split: Split) -> bool:

@@ -37,7 +37,7 @@ combined gradient buffers) only the root worker adds, so that each is counted on
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +54,7 @@ from streamc.progress import progress_bar
 from streamc.runtime.backend import Backend, Index
 from streamc.runtime.weights import WeightSet
 from streamc.runtime.workers import Workers, reduce_op
-from streamc.steps import Step, StepKind, program_steps
+from streamc.steps import Step, StepKind, last_uses, program_steps
 
 Tensor = Any
 
@@ -363,9 +363,10 @@ class Interpreter:
             self._single_chunk(chunks, "image_grad")
             grads[0][self.image_name] = image_grad
         tiles = sum(1 for s in steps if s.kind is StepKind.TILE_BACKWARD)
+        free_after = self._free_after(state, grads, steps)
         with progress_bar(len(chunks) * tiles, "backward", self.progress) as tick, \
                 self._reading(state, "prefix_backward"):
-            for step in steps:
+            for position, step in enumerate(steps):
                 if step.kind is StepKind.RELEASE:
                     backend.release(step)
                     continue
@@ -380,10 +381,34 @@ class Interpreter:
                         self._combine(grads[c], step.name, forward=False)
                     else:
                         self._global_backward(step, state, c, grads[c], params, weights)
+                self._free(state, grads, free_after.get(position, ()))
         if image_grad is None and any(self.image_name in g for g in grads):
             params[self.image_name] = backend.concat([self._buffer(g, self.image_name)
                                                       for g in grads])
         return params
+
+    def _free_after(self, state: ForwardState, grads: list[dict[str, Tensor]],
+                    steps: Sequence[Step]) -> dict[int, list[str]]:
+        """Buffers (``<buffer>:grad``: gradient buffers) to free after each position of
+        ``steps``, the last that uses them; those that no step uses are freed now. The memory
+        plan counts the same lives (``passes/memory/step.py``)."""
+        last = last_uses(self.meta, steps)
+        unused = {n for store in state.buffers for n in store if n not in last}
+        unused |= {f"{n}:grad" for store in grads for n in store if f"{n}:grad" not in last}
+        self._free(state, grads, unused)
+        free_after: dict[int, list[str]] = {}
+        for name, position in last.items():
+            free_after.setdefault(position, []).append(name)
+        return free_after
+
+    def _free(self, state: ForwardState, grads: list[dict[str, Tensor]],
+              names: Iterable[str]) -> None:
+        for name in names:
+            buffer = name.removesuffix(":grad")
+            if buffer not in self.buffers:  # the image, or its gradient (saliency)
+                continue
+            for store in grads if name.endswith(":grad") else state.buffers:
+                store.pop(buffer, None)
 
     def _tile_backward(self, step: Step, state: ForwardState, c: int, grads: dict[str, Tensor],
                        params: dict[str, Tensor], weights: WeightSet) -> None:

@@ -36,6 +36,8 @@ from streamc.steps import (
     Step,
     StepKind,
     TileSubset,
+    buffer_access,
+    last_uses,
     phase_label,
     program_steps,
 )
@@ -365,26 +367,36 @@ class _StepPlanner:
         return phases, sessions, baked_sessions
 
 
+#: The steps of the backward pass over the stages (after the head's).
+_PREFIX_BACKWARD = (StepKind.TILE_BACKWARD, StepKind.GLOBAL_BACKWARD, StepKind.COMBINE_GRADIENT)
+
+
 class _BufferLives:
     """How many bytes of whole buffers and gradient buffers are alive at each step.
 
     A buffer (gradient buffers are named ``<buffer>:grad``) lives from the first step that
-    writes it (the step after, when the whole buffer is a graph's output) to the end of the
-    training step: the interpreter keeps the forward state and the gradient buffers until its
-    backward pass returns. The image is resident, not a buffer.
+    writes it (the step after, when the whole buffer is a graph's output) to the last step
+    that reads or writes it, as the interpreter frees it (``Interpreter.prefix_backward``):
+    forward buffers no earlier than the start of the backward pass over the stages, since the
+    forward state is kept whole until then. The image is resident, not a buffer.
     """
 
     def __init__(self, meta, steps: list[Step]) -> None:
         sizes = {b.name: b.nbytes for b in meta.buffers}
         births: dict[str, int] = {}
         for position, step in enumerate(steps):
-            _reads, writes, whole = _access(meta, step)
+            _reads, writes, whole = buffer_access(meta, step)
             for name in writes:
                 if name.removesuffix(":grad") in sizes and name not in births:
                     births[name] = position + 1 if whole else position
-        delta = [0] * (len(steps) + 1)
+        backward_start = next((p for p, s in enumerate(steps) if s.kind in _PREFIX_BACKWARD),
+                              len(steps))
+        last = last_uses(meta, steps)
+        delta = [0] * (len(steps) + 2)
         for name, birth in births.items():
-            delta[birth] += sizes[name.removesuffix(":grad")]
+            size = sizes[name.removesuffix(":grad")]
+            delta[birth] += size
+            delta[max(last.get(name, birth), backward_start - 1, birth) + 1] -= size
         self.live, running = [], 0
         for position in range(len(steps) + 1):
             running += delta[position]
@@ -393,29 +405,3 @@ class _BufferLives:
 
     def at(self, position: int) -> int:
         return self.live[position]
-
-
-def _access(meta, step: Step) -> tuple[list[str], list[str], bool]:
-    """(buffers read, buffers written, whether the writes are whole graph outputs) of a step;
-    gradient buffers are named ``<buffer>:grad``."""
-    kind = step.kind
-    if kind is StepKind.RELEASE or kind is StepKind.COMBINE_WEIGHT_GRADIENTS:
-        return [], [], False
-    if kind is StepKind.COMBINE:  # a worker that wrote no part of it creates it here
-        return [], [step.name], False
-    if kind is StepKind.COMBINE_GRADIENT:
-        return [], [f"{step.name}:grad"], False
-    if step.tile is not None:
-        cls = meta.classes[meta.tiles[step.tile].parts[step.stage].class_id]
-        inputs = list(cls.inputs) + list(cls.side_inputs)
-        if kind is StepKind.TILE_FORWARD:
-            return inputs, list(cls.outputs) + list(cls.partials), False
-        grads_in = [f"{n}:grad" for n in list(cls.outputs) + list(cls.partials)]
-        grads_out = [f"{n}:grad" for n in inputs]
-        return inputs + grads_in, grads_out, False
-    spec = meta.head if step.name is None else next(g for g in meta.globals
-                                                    if g.name == step.name)
-    if kind in (StepKind.HEAD_FORWARD, StepKind.GLOBAL_FORWARD):
-        return list(spec.inputs), list(spec.outputs), True
-    grads_in = [f"{n}:grad" for n in spec.outputs]
-    return list(spec.inputs) + grads_in, [f"{n}:grad" for n in spec.inputs], True
