@@ -42,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.proc_status import reset_peak, status_kb
+
 RESULTS = Path(__file__).parent / "results"
 LINKS = {"10 Gb/s": 1.25e9, "100 Gb/s": 12.5e9}  # bytes per second, each direction
 
@@ -49,23 +51,6 @@ LINKS = {"10 Gb/s": 1.25e9, "100 Gb/s": 12.5e9}  # bytes per second, each direct
 # ============================================================================================
 # child side
 # ============================================================================================
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
 
 class _Timers:
     """Wall time of every graph run (by step kind and shape class) and combine step."""
@@ -146,7 +131,7 @@ def run_child(spec: dict) -> dict:
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), label).backward()
 
-    peak_reset = _reset_peak()
+    peak_reset = reset_peak()
     times, cpu, breakdown = [], [], {}
     load = os.getloadavg()[0]
     for i in range(1 + spec["steps"]):
@@ -172,7 +157,7 @@ def run_child(spec: dict) -> dict:
         "warmup_s": round(times[0], 3),
         "times_s": [round(t, 3) for t in times[1:]],
         "cpu_s": [round(t, 3) for t in cpu[1:]],
-        "peak_bytes": _status_kb("VmHWM") * 1024 if peak_reset else None,
+        "peak_bytes": status_kb("VmHWM") * 1024 if peak_reset else None,
         "last_step": breakdown,
         "loadavg": [round(load, 2), round(os.getloadavg()[0], 2)],
     }

@@ -53,6 +53,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.proc_status import reset_peak, status_kb
+
 RESULTS = Path(__file__).parent / "results" / "slides.json"
 GIB = 1024 ** 3
 #: Normalisation of the synthetic slides (background mean, noise), as the models see them.
@@ -60,19 +62,6 @@ MEAN, STD = (0.80, 0.59, 0.75), (0.1, 0.1, 0.1)
 
 
 # -- child side -------------------------------------------------------------------------------
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
 
 def _resnet(width: int = 64):
     import torch
@@ -145,13 +134,13 @@ def child_step(spec: dict) -> dict:
     else:
         image = TimedSource(source)
     label = torch.tensor([1])
-    _reset_peak()
+    reset_peak()
     start, start_cpu = time.perf_counter(), time.process_time()
     loss = torch.nn.functional.cross_entropy(model(image), label)
     loss.backward()
     out["step_s"] = round(time.perf_counter() - start, 2)
     out["step_cpu_s"] = round(time.process_time() - start_cpu, 2)
-    out["peak_rss_bytes"] = _status_kb("VmHWM") * 1024
+    out["peak_rss_bytes"] = status_kb("VmHWM") * 1024
     out["loss"] = float(loss.item())
     out["loadavg"] = round(os.getloadavg()[0], 2)
     if isinstance(image, TimedSource):
@@ -312,10 +301,10 @@ def child_predict(spec: dict) -> dict:
     program = compile_program(model, spec["tile"], image=size, with_flops=False,
                               mode="inference")
     out_path = Path(spec["work"]) / f"heatmap_{size[0]}.tif"
-    _reset_peak()
+    reset_peak()
     result = predict(program, source, out_path, force=True, threads=2, progress=False)
     out = {"image": list(size), "tile": spec["tile"], "tiles": result.tiles,
-           "seconds": round(result.seconds, 1), "peak_rss_bytes": _status_kb("VmHWM") * 1024,
+           "seconds": round(result.seconds, 1), "peak_rss_bytes": status_kb("VmHWM") * 1024,
            "map_bytes": int(np.prod(result.written.shape)) * 4,
            "image_float32_bytes": int(np.prod(source.shape)) * 4,
            "output": str(out_path), "tiff_bytes": out_path.stat().st_size}

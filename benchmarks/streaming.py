@@ -46,6 +46,8 @@ import time
 import warnings
 from pathlib import Path
 
+from benchmarks.proc_status import reset_peak, status_kb
+
 RESULTS = Path(__file__).parent / "results"
 GIB = 1024 ** 3
 MACHINE_GIB = 24.0
@@ -58,23 +60,6 @@ CONFIG_NAMES = {"a": "(a) torch", "b": "(b) torch + checkpoint", "c": "(c) strea
 # ============================================================================================
 # child side: one configuration, one size
 # ============================================================================================
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
 
 def make_model(kind: str, width: int):
     """The torch model with deterministic weights and random frozen BatchNorm statistics."""
@@ -145,7 +130,7 @@ def run_child(spec: dict) -> dict:
     if spec.get("profile"):
         return _profile(spec, step, opt, out)
 
-    peak_reset = _reset_peak()
+    peak_reset = reset_peak()
     times, cpu = [], []
     first_grads = None
     load_before = os.getloadavg()[0]
@@ -159,7 +144,7 @@ def run_child(spec: dict) -> dict:
         cpu.append(time.process_time() - start_cpu)
     out["cpu_s"] = [round(t, 3) for t in cpu[1:]]
     out["loadavg"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]
-    out["peak_bytes"] = _status_kb("VmHWM") * 1024 if peak_reset else None
+    out["peak_bytes"] = status_kb("VmHWM") * 1024 if peak_reset else None
     out["peak_total_bytes"] = None  # filled by the parent from ru_maxrss
     out["warmup_s"] = round(times[0], 3)
     out["times_s"] = [round(t, 3) for t in times[1:]]

@@ -67,8 +67,10 @@ class SlideDataset(Dataset):
                     raise SlideError(f"{path} has no 'path' column (its header is "
                                      f"{', '.join(fields) or 'empty'}): a slide list needs "
                                      "path and label columns.")
-                rows = [SlideRow(r["path"], _label(r.get("label")), _int(r, "level", path, k),
-                                 _float(r, "mpp", path, k)) for k, r in enumerate(reader, 2)]
+                rows = [SlideRow(r["path"], _label(r.get("label")),
+                                 _number(r, "level", path, k, int),
+                                 _number(r, "mpp", path, k, float))
+                        for k, r in enumerate(reader, 2)]
         except OSError as exc:
             raise SlideError(f"cannot read the slide list {path}: "
                              f"{exc.strerror or type(exc).__name__}.") from None
@@ -127,24 +129,16 @@ def _label(text: str | None) -> Any:
             return text
 
 
-def _int(row: dict, key: str, path: Path, line: int) -> int | None:
+def _number(row: dict, key: str, path: Path, line: int, kind: type) -> int | float | None:
+    """Column ``key`` of a CSV row as ``kind`` (int or float); None when empty."""
     text = (row.get(key) or "").strip()
     if not text:
         return None
     try:
-        return int(text)
+        return kind(text)
     except ValueError:
-        raise SlideError(f"{path} line {line}: {key} {text!r} is not a whole number.") from None
-
-
-def _float(row: dict, key: str, path: Path, line: int) -> float | None:
-    text = (row.get(key) or "").strip()
-    if not text:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise SlideError(f"{path} line {line}: {key} {text!r} is not a number.") from None
+        what = "a whole number" if kind is int else "a number"
+        raise SlideError(f"{path} line {line}: {key} {text!r} is not {what}.") from None
 
 
 __all__ = ["SlideDataset", "SlideRow", "collate_slides"]
