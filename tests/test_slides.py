@@ -453,6 +453,28 @@ def test_map_writer_adds_overlapping_blocks(tmp_path: Path) -> None:
     np.testing.assert_array_equal(read_map(tmp_path / "sum.npy"), expected[0].transpose(1, 2, 0))
 
 
+def test_map_writer_holds_one_band_at_a_time(tmp_path: Path) -> None:
+    """Finishing a map (its preview and its TIFF) reads it band by band: what it allocates
+    does not grow with the map (the preview is at most 1024 px a side)."""
+    import tracemalloc
+
+    def finish_peak(side: int) -> int:
+        writer = MapWriter(tmp_path / f"map{side}.tif", (1, 2, side, side))
+        writer[(slice(None), slice(None), slice(0, side), slice(0, 64))] = np.ones(
+            (1, 2, side, 64), np.float32)
+        tracemalloc.start()
+        try:
+            writer.finish(progress=False)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, large = finish_peak(2048), finish_peak(4096)
+    map_growth = (4096**2 - 2048**2) * 2 * 4
+    assert large - small < map_growth / 8, f"{small} -> {large} bytes"
+    assert read_map(tmp_path / "map4096.tif")[:, :64].min() == 1.0
+
+
 # --------------------------------------------------------------------------------------------
 # Command line
 

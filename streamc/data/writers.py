@@ -239,12 +239,11 @@ class MapWriter:
         band_rows = step * max(1, TIFF_TILE // step)
         for y0, band in self.bands(band_rows):
             first = (-y0) % step
-            rows.append(band[first::step, ::step])
+            pixels = band[first::step, ::step]
+            # each row is a new array: a view would keep its whole band alive
+            rows.append(np.abs(pixels).max(axis=2) if self.preview_mode == "absmax" else
+                        pixels[:, :, -1 if self.preview_mode == "last" else 0].copy())
         small = np.concatenate(rows).astype(np.float64)
-        if self.preview_mode == "absmax":
-            small = np.abs(small).max(axis=2)
-        else:
-            small = small[:, :, -1 if self.preview_mode == "last" else 0]
         lo, hi = float(np.min(small)), float(np.max(small))
         if self.preview_mode != "absmax" and lo >= 0 and hi <= 1:
             lo, hi = 0.0, 1.0  # probabilities: keep their scale
