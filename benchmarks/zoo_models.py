@@ -135,29 +135,42 @@ def _loss(out, cotangent):
 # Parts
 
 
-def part_exact(name: str) -> dict:
-    """One StreamingModel training step against torch autograd (float64 reference)."""
+def _streamed_step(program, image, seed: int) -> tuple[dict, object, float]:
+    """(output and weight gradients by name, the cotangent, seconds) of one StreamingModel
+    step of ``program``."""
+    import numpy as np
+    import torch
+
+    from streamc.runtime.module import StreamingModel
+
+    model = StreamingModel(program, threads=2, progress=False)
+    started = time.perf_counter()
+    out = model(image)
+    cotangent = torch.from_numpy(np.random.default_rng(seed + 1).uniform(
+        0.5, 1.5, tuple(out.shape)).astype(np.float32))
+    _loss(out, cotangent).backward()
+    seconds = time.perf_counter() - started
+    values = {"output": out.detach().double()}
+    values.update({k: p.grad.double() for k, p in model.onnx_parameters.items()})
+    return values, cotangent, seconds
+
+
+def part_exact(name: str, seed: int = 0, one_tile: bool = False) -> dict:
+    """One StreamingModel training step against torch autograd (float64 reference); with
+    ``one_tile``, also against the same model compiled as one tile (what tiling adds)."""
     import numpy as np
     import torch
 
     from streamc.compiler import compile as compile_program
-    from streamc.runtime.module import StreamingModel
 
     size, tile = MODELS[name][3]
     module = build_module(name)
-    program = compile_program(export(name, module), tile=tile, image=shape_of(name, size)[2:],
+    model_proto = export(name, module)
+    program = compile_program(model_proto, tile=tile, image=shape_of(name, size)[2:],
                               with_memory_plan=False)
-    image = torch.from_numpy(np.random.default_rng(0).standard_normal(
+    image = torch.from_numpy(np.random.default_rng(seed).standard_normal(
         shape_of(name, size)).astype(np.float32))
-    model = StreamingModel(program, threads=2, progress=False)
-    started = time.perf_counter()
-    out = model(image)
-    cotangent = torch.from_numpy(np.random.default_rng(1).uniform(
-        0.5, 1.5, tuple(out.shape)).astype(np.float32))
-    _loss(out, cotangent).backward()
-    seconds = time.perf_counter() - started
-    streamed = {"output": out.detach().double()}
-    streamed.update({k: p.grad.double() for k, p in model.onnx_parameters.items()})
+    streamed, cotangent, seconds = _streamed_step(program, image, seed)
 
     def reference(dtype):
         m = copy.deepcopy(module).to(dtype)
@@ -185,7 +198,18 @@ def part_exact(name: str) -> dict:
         rows[key] = (error, floor)
     worst_key = max(rows, key=lambda k: rows[k][0] / max(rows[k][1], 1e-12))
     failures = [k for k, (e, f) in rows.items() if e > max(1e-5, FLOAT32_FACTOR * f)]
+    extra = {}
+    if one_tile:
+        whole = compile_program(model_proto, tile=size, image=shape_of(name, size)[2:],
+                                with_memory_plan=False)
+        untiled, _, _ = _streamed_step(whole, image, seed)
+        errors = {k: rel(untiled[k], exact[k]) for k in rows}
+        extra = {"one_tile": {
+            "worst_error": max(errors.values()),
+            "error_of_worst_tensor": errors[worst_key],
+            "tiled_vs_one_tile": max(rel(streamed[k], untiled[k]) for k in rows)}}
     return {
+        "seed": seed, **extra,
         "image": size, "tile": tile, "tiles": len(program.tiles),
         "stages": len(program.meta.stages), "classes": len(program.classes),
         "parameters": len(rows), "missing_parameters": missing,
@@ -333,13 +357,22 @@ def markdown(report: dict) -> str:
     exact = report.get("exact", {})
     if exact:
         lines += ["### One training step through StreamingModel vs torch autograd", "",
-                  "| model | image | tile | tiles | stages | parameters | worst tensor | error "
-                  "| torch float32 error | ok |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "Error: max |g − g₆₄| / max |g₆₄| against torch in float64, per tensor; the "
+                  "worst tensor is the one furthest over torch float32's own error. One tile: "
+                  "the same model compiled as a single tile (what tiling adds is the last "
+                  "column).", "",
+                  "| model | seed | image | tile | tiles | stages | parameters | worst tensor "
+                  "| error | torch float32 error | ok | one tile: error | tiled vs one tile |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in exact.items():
-            w = r["worst"]
-            lines.append(f"| {name} | {r['image']} | {r['tile']} | {r['tiles']} | {r['stages']} "
+            w, one = r["worst"], r.get("one_tile")
+            tail = (f"| {one['error_of_worst_tensor']:.1e} | {one['tiled_vs_one_tile']:.1e} |"
+                    if one else "| | |")
+            lines.append(f"| {name.split(' seed ')[0]} | {r.get('seed', 0)} | {r['image']} "
+                         f"| {r['tile']} | {r['tiles']} | {r['stages']} "
                          f"| {r['parameters']} | {w['tensor']} | {w['error']:.1e} "
-                         f"| {w['torch_float32_error']:.1e} | {'yes' if r['ok'] else 'NO'} |")
+                         f"| {w['torch_float32_error']:.1e} | {'yes' if r['ok'] else 'NO'} "
+                         + tail)
         lines.append("")
     plans = report.get("plan", {})
     if plans:
@@ -393,6 +426,10 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--parts", default="exact,plan,measure,speed")
     parser.add_argument("--steps", type=int, default=1, help="timed steps in the speed part")
+    parser.add_argument("--seeds", default="0",
+                        help="exact part: image and cotangent seeds, e.g. 0,1,2,3")
+    parser.add_argument("--one-tile", action="store_true",
+                        help="exact part: also run the model compiled as one tile")
     parser.add_argument("--out", default=str(RESULTS / "zoo_models.json"))
     args = parser.parse_args()
     out = Path(args.out)
@@ -409,9 +446,14 @@ def main() -> None:
             if name not in MODELS:
                 raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
             if "exact" in parts:
-                r = report.setdefault("exact", {})[name] = part_exact(name)
-                print(f"{name}: exact {'OK' if r['ok'] else 'FAILED'}: worst {r['worst']}, "
-                      f"{r['tiles']} tiles, {r['stages']} stages, {r['step_s']} s", flush=True)
+                for seed in map(int, args.seeds.split(",")):
+                    r = part_exact(name, seed, args.one_tile)
+                    key = name if seed == 0 else f"{name} seed {seed}"
+                    report.setdefault("exact", {})[key] = r
+                    print(f"{key}: exact {'OK' if r['ok'] else 'FAILED'}: worst {r['worst']}, "
+                          f"{r['tiles']} tiles, {r['stages']} stages, {r['step_s']} s"
+                          + (f", one tile {r['one_tile']}" if "one_tile" in r else ""),
+                          flush=True)
             if "plan" in parts or "measure" in parts:
                 program, seconds = compile_at_plan_size(name, Path(tmp))
                 r = report.setdefault("plan", {})[name] = part_plan(name, program, seconds)
