@@ -362,18 +362,23 @@ def part_speed(name: str, steps: int) -> dict:
 # Report
 
 
+def _table_head(title: str, columns: list[str], text: str | None = None) -> list[str]:
+    """The lines that open a report section: its title, ``text`` if any, the table header."""
+    return ([f"### {title}", ""] + ([text, ""] if text else [])
+            + ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)])
+
+
 def markdown(report: dict) -> str:
     lines = []
     exact = report.get("exact", {})
     if exact:
-        lines += ["### One training step through StreamingModel vs torch autograd", "",
-                  "Error: max |g − g₆₄| / max |g₆₄| against torch in float64, per tensor; the "
-                  "worst tensor is the one furthest over torch float32's own error. One tile: "
-                  "the same model compiled as a single tile (what tiling adds is the last "
-                  "column).", "",
-                  "| model | seed | image | tile | tiles | stages | parameters | worst tensor "
-                  "| error | torch float32 error | ok | one tile: error | tiled vs one tile |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += _table_head(
+            "One training step through StreamingModel vs torch autograd",
+            ["model", "seed", "image", "tile", "tiles", "stages", "parameters", "worst tensor",
+             "error", "torch float32 error", "ok", "one tile: error", "tiled vs one tile"],
+            "Error: max |g − g₆₄| / max |g₆₄| against torch in float64, per tensor; the worst "
+            "tensor is the one furthest over torch float32's own error. One tile: the same "
+            "model compiled as a single tile (what tiling adds is the last column).")
         for name, r in exact.items():
             w, one = r["worst"], r.get("one_tile")
             tail = (f"| {one['error_of_worst_tensor']:.1e} | {one['tiled_vs_one_tile']:.1e} |"
@@ -386,10 +391,10 @@ def markdown(report: dict) -> str:
         lines.append("")
     plans = report.get("plan", {})
     if plans:
-        lines += ["### Predicted peak of a training step at 4096² (256³), Adam", "",
-                  "| model | tile | tiles | stages | streamed FLOPs | FLOP overhead | kept between "
-                  "stages | predicted peak | conventional | ratio |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += _table_head(
+            "Predicted peak of a training step at 4096² (256³), Adam",
+            ["model", "tile", "tiles", "stages", "streamed FLOPs", "FLOP overhead",
+             "kept between stages", "predicted peak", "conventional", "ratio"])
         for name, r in plans.items():
             share = r["streamed"]["flops"] if r["streamed"] else float("nan")
             lines.append(f"| {name} | {r['tile']} | {r['tiles']} | {r['stages']} | {share:.0%} "
@@ -399,9 +404,10 @@ def markdown(report: dict) -> str:
         lines.append("")
     measured = report.get("measure", {})
     if measured:
-        lines += ["### Measured peak of one training step vs the plan (SGD)", "",
-                  "| model | predicted | lean measured | lean ratio | default measured "
-                  "| default ratio | lean step s |", "|---|---|---|---|---|---|---|"]
+        lines += _table_head(
+            "Measured peak of one training step vs the plan (SGD)",
+            ["model", "predicted", "lean measured", "lean ratio", "default measured",
+             "default ratio", "lean step s"])
         for name, r in measured.items():
             lean, default = r["measured"].get("lean", {}), r["measured"].get("default", {})
 
@@ -414,10 +420,10 @@ def markdown(report: dict) -> str:
         lines.append("")
     speed = report.get("speed", {})
     if speed:
-        lines += ["### Time and peak vs torch where torch fits (one run, side by side)", "",
-                  "| model | image | tile | tiles | stages | FLOP overhead | torch s | streamc s "
-                  "| time ratio | torch peak | streamc peak | peak ratio |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += _table_head(
+            "Time and peak vs torch where torch fits (one run, side by side)",
+            ["model", "image", "tile", "tiles", "stages", "FLOP overhead", "torch s",
+             "streamc s", "time ratio", "torch peak", "streamc peak", "peak ratio"])
         for name, r in speed.items():
             t, s = r["torch"], r["streamc"]
             if "times_s" not in t or "times_s" not in s:
