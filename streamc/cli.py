@@ -164,13 +164,16 @@ def inspect(model: str, image: str | None, input_name: str | None, as_json: bool
 
         for note in share_notes(analysis, share):
             click.echo(f"note:         {note}")
-    click.echo("cut tensors:")
-    for cut in analysis.cut_tensors:
+    reduced = {r.tensor: r for r in analysis.split.final_reductions}
+    click.echo("cut tensors: (the head reads them whole, or reduces them tile by tile)")
+    for cut in analysis.ends:
         info = analysis.tensors[cut]
+        how = (f"  reduced tile by tile ({analysis.graph.nodes[reduced[cut].node].op_type})"
+               if cut in reduced else "")
         click.echo(
             f"  {cut}  shape {_fmt_shape(info.shape)}  stride {_fmt_stride(info.stride)}  "
             f"receptive field {_fmt_stride(info.receptive_field)}  "
-            f"offset {_fmt_stride(info.offset)}"
+            f"offset {_fmt_stride(info.offset)}{how}"
         )
     click.echo("")
     rows = [("tensor", "op", "shape", "stride", "field", "offset")]
@@ -210,6 +213,10 @@ def _print_program_summary(program, out: Path | None) -> None:
         click.echo(f"recompute:    forward {meta.flops.forward_overhead:.3f}x, backward "
                    f"{meta.flops.backward_overhead:.3f}x the untiled FLOPs")
     for cut in meta.cut_tensors:
+        if cut.kind == "global":
+            click.echo(f"head reads:   {cut.name} {_fmt_shape(cut.shape)}, a whole-image "
+                       "reduction summed from each tile's part")
+            continue
         click.echo(f"cut tensor:   {cut.name} {_fmt_shape(cut.shape)} stride "
                    f"{_fmt_stride(cut.stride)}")
     plan = meta.memory_plan
@@ -548,7 +555,7 @@ def demo(output: str, image: str, tile: str, channels: int) -> None:
     size = parse_image(image)
     click.echo(f"demo model:   {model_path} (ResNet-style, {channels} channels)")
     analysis = analyze(str(model_path), size)
-    cut = analysis.cut_tensors[0]
+    cut = analysis.ends[0]
     click.echo(f"analysis:     {len(analysis.prefix)} local nodes, cut at {cut} "
                f"(stride {_fmt_stride(analysis.tensors[cut].stride)}, receptive field "
                f"{_fmt_stride(analysis.tensors[cut].receptive_field)})")

@@ -67,6 +67,7 @@ def compile(
     policy: RuntimePolicy = DEFAULT_POLICY,
     max_tiles: int = MAX_TILES,
     mode: ProgramMode = "train",
+    reduce_final: bool = True,
 ) -> Program:
     """Compile ``model`` into a tiled program for images of size ``image`` ((H, W) or (D, H, W)).
 
@@ -78,11 +79,14 @@ def compile(
     is refused at once. ``mode``: ``"train"`` (backward graphs give the weight gradients),
     ``"inference"`` (no backward graphs: smaller and faster to build; no memory plan) or
     ``"saliency"`` (backward graphs give the gradient of the image, not of the weights).
+    ``reduce_final``: the head's whole-image reductions (a classifier's global pool) run tile by
+    tile, so the map they reduce is never whole; off, the head reads that map whole (to write
+    the feature map, :func:`streamc.predict.predict` with ``features``).
     """
     with paused_gc():
         started = time.perf_counter()
         proto, serialized = load_model_serialized(model)
-        analysis = analyze_checked(proto, image, input)
+        analysis = analyze_checked(proto, image, input, reduce_final=reduce_final)
         return compile_analysis(analysis, tile, source_of(model, serialized),
                                 with_flops=with_flops, with_memory_plan=with_memory_plan,
                                 policy=policy, max_tiles=max_tiles, started=started, mode=mode)
@@ -283,7 +287,8 @@ def _globals(s: Mapping[str, Any]) -> list[GraphAndBackward]:
     names = s["parameters"].names
     tiles = len(s["schedule"].tiles)
     result = []
-    for ready in range(1, analysis.split.stages):
+    final = 1 if analysis.split.final_reductions else 0  # a global graph before the head
+    for ready in range(1, analysis.split.stages + final):
         graph = extract_global(analysis, ready, names, tiles)
         result.append(_with_backward(s, graph.model, graph.inputs,
                                      {t: t for t in graph.outputs}, f"global{ready}"))

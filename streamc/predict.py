@@ -117,6 +117,17 @@ def program_for(program: ProgramLike, size: tuple[int, ...], mode: ProgramMode, 
             "this size.") from None
 
 
+def _features_program(program: Program, tile: int | str | None) -> Program:
+    """``program`` compiled for inference with the head's reductions in the head, so that the
+    map they reduce is a whole buffer (:func:`~streamc.compiler.compile`, ``reduce_final``)."""
+    from streamc.compiler import compile as compile_program
+
+    meta = program.meta
+    return compile_program(program_model(program), tile or meta.requested_tile,
+                           image=tuple(meta.image_size), with_flops=False, mode="inference",
+                           reduce_final=False)
+
+
 def _interpreter(program: Program, threads: int | None, progress: bool | None
                  ) -> tuple[Interpreter, WeightSet]:
     backend = NumpyBackend(program, RuntimeOptions(policy=DEFAULT_POLICY, threads=threads))
@@ -158,6 +169,13 @@ def predict(program: ProgramLike, image: ImageSource, out: str | Path, *,
                              f"{', '.join(sorted(set(local) | set(grid)))}.")
     elif features:
         cuts = [n for n in meta.head.inputs if n in grid]
+        if not cuts:
+            # The head reduces the feature map tile by tile (a global pool): compile the
+            # model again with the head reading the map whole.
+            program = _features_program(program, tile)
+            meta = program.meta
+            grid = {b.name: b for b in meta.buffers if b.kind == "grid"}
+            cuts = [n for n in meta.head.inputs if n in grid]
         if not cuts:
             raise InputError("this program's head reads no grid tensor: there is no feature map "
                              "to write.")

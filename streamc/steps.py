@@ -5,11 +5,12 @@ A training step is four phases (:data:`PHASES`), the boundaries autograd sees:
 
 - ``prefix_forward``: stage 0's tiles (each writes its kept regions into whole buffers and its
   partials into one row of each partials buffer), then the global graph that combines them, then
-  stage 1's tiles, ... up to the last stage;
+  stage 1's tiles, ... up to the last stage, and the global graph that combines the last stage's
+  partials when the head reduces a grid tensor (a classifier's global pool);
 - ``head_forward``: the head on whole buffers;
 - ``head_backward``: the head's backward graph (gradients of the buffers it reads);
-- ``prefix_backward``: the same units in reverse: the last stage's tile backward graphs, the
-  global graph before it backward, ... stage 0's.
+- ``prefix_backward``: the same units in reverse: the final global graph's backward, the last
+  stage's tile backward graphs, the global graph before it backward, ... stage 0's.
 
 A :data:`StepKind.RELEASE` step frees a baked session once its pass is over. Tiles of a stage run
 in the stage's ``run_order``; whether a step's session has its weights baked in follows the
@@ -31,7 +32,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
 
-from streamc.meta import ProgramMeta
+from streamc.meta import GraphSpec, ProgramMeta
 from streamc.policy import RuntimePolicy
 
 
@@ -101,12 +102,16 @@ def program_steps(meta: ProgramMeta, policy: RuntimePolicy, chunks: int = 1,
     forward: list[Step] = []
     backward: list[Step] = []
     forward_graphs: list[str] = []
-    for stage in meta.stages:
-        if stage.index > 0:
-            spec = meta.globals[stage.index - 1]
+    before = {g.ready: g for g in meta.globals}  # stage index (or len(stages)) -> graph
+    final = before.get(len(meta.stages))
+    for stage in [*meta.stages, None]:
+        spec = before.get(len(meta.stages) if stage is None else stage.index)
+        if spec is not None:
             forward.append(Step(StepKind.GLOBAL_FORWARD, spec.forward, None, bake_forward,
                                 None, spec.name))
             forward_graphs.append(spec.forward)
+        if stage is None:
+            break
         for i in stage.run_order:
             cls = classes[meta.tiles[i].parts[stage.index].class_id]
             forward.append(Step(StepKind.TILE_FORWARD, cls.forward, i, bake_forward,
@@ -119,23 +124,21 @@ def program_steps(meta: ProgramMeta, policy: RuntimePolicy, chunks: int = 1,
         # The baked forward sessions hold this step's weights, which the optimizer step after
         # the backward pass replaces: free them (and their weight copies) now.
         backward += [Step(StepKind.RELEASE, g, None, True) for g in dict.fromkeys(forward_graphs)]
+    if final is not None and final.gradients:
+        backward += _global_backward(final, policy, chunks)
     for stage in reversed(meta.stages):
         if workers:
             read_later = {n for s in meta.stages[stage.index + 1:] for n in s.inputs}
             backward += [Step(StepKind.COMBINE_GRADIENT, "", None, False, stage.index, name)
                          for name in stage.outputs if name in read_later]
         backward += _stage_backward(meta, stage.index, per_class, policy, chunks)
-        if stage.index > 0 and meta.globals[stage.index - 1].gradients:
-            spec = meta.globals[stage.index - 1]
+        spec = before.get(stage.index) if stage.index > 0 else None
+        if spec is not None and spec.gradients:
             if workers:
                 side = {n for s in meta.stages for n in s.side_inputs}
                 backward += [Step(StepKind.COMBINE_GRADIENT, "", None, False, None, name)
                              for name in spec.outputs if name in side]
-            baked = policy.bakes("backward", runs=chunks)
-            backward.append(Step(StepKind.GLOBAL_BACKWARD, spec.backward, None, baked, None,
-                                 spec.name))
-            if baked and policy.release_sessions:
-                backward.append(Step(StepKind.RELEASE, spec.backward, None, True))
+            backward += _global_backward(spec, policy, chunks)
     if workers:
         backward.append(Step(StepKind.COMBINE_WEIGHT_GRADIENTS, ""))
     head = meta.head
@@ -149,6 +152,14 @@ def program_steps(meta: ProgramMeta, policy: RuntimePolicy, chunks: int = 1,
         "head_backward": head_backward,
         "prefix_backward": backward,
     }
+
+
+def _global_backward(spec: GraphSpec, policy: RuntimePolicy, chunks: int) -> list[Step]:
+    baked = policy.bakes("backward", runs=chunks)
+    steps = [Step(StepKind.GLOBAL_BACKWARD, spec.backward, None, baked, None, spec.name)]
+    if baked and policy.release_sessions:
+        steps.append(Step(StepKind.RELEASE, spec.backward, None, True))
+    return steps
 
 
 def _stage_backward(meta: ProgramMeta, stage: int, per_class: dict[int, int],

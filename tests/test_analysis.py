@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import streamc
 import zoo
+from streamc.check import check as run_check
 from streamc.errors import ModelLoadError, StreamcError, UnsupportedModelError
 
 F = Fraction
@@ -58,27 +59,35 @@ ZOO_ALIGNMENT = {
 }
 
 
+def _end_ops(a) -> set[str]:
+    """Ops that end the grid: non-local readers, and the head's reductions streamed as
+    per-tile partials."""
+    return ({s.op for s in a.stops}
+            | {a.graph.nodes[r.node].op_type for r in a.split.final_reductions})
+
+
 @pytest.mark.parametrize("name", zoo.LOCAL_NAMES)
 def test_zoo_split(name: str) -> None:
     zm = zoo.build(name)
     a = streamc.analyze(zm.onnx_model)
     strides, producers, stop_ops = ZOO_EXPECTED[name]
-    assert len(a.cut_tensors) == len(strides)
-    assert [a.tensors[c].stride for c in a.cut_tensors] == [
+    assert len(a.ends) == len(strides)
+    assert [a.tensors[c].stride for c in a.ends] == [
         tuple(F(s) for s in st) for st in strides
     ]
-    assert [a.tensors[c].op for c in a.cut_tensors] == producers
-    assert {s.op for s in a.stops} == stop_ops
+    assert [a.tensors[c].op for c in a.ends] == producers
+    assert _end_ops(a) == stop_ops
     for stop in a.stops:  # every stop names the node, the tensor it reads and a reason
-        assert stop.tensor in a.cut_tensors
+        assert stop.tensor in a.ends
         assert stop.reason and stop.node in stop.sentence()
     # Cut sizes are what ONNX Runtime computes.
-    values = zoo.run_onnx(zoo.expose_tensor(zm.onnx_model, a.cut_tensors), {"image": zm.image()})
-    for cut in a.cut_tensors:
+    values = zoo.run_onnx(zoo.expose_tensor(zm.onnx_model, a.ends), {"image": zm.image()})
+    for cut in a.ends:
         assert a.extent(cut) == values[cut].shape[2:]
     # Every node is in the prefix, the head or the image-independent constants.
     all_nodes = {n.name for n in a.model.graph.node}
-    assert set(a.prefix) | set(a.head) | set(a.split.constant_nodes) == all_nodes
+    reductions = {r.node for r in a.split.reductions}
+    assert set(a.prefix) | set(a.head) | set(a.split.constant_nodes) | reductions == all_nodes
     assert not set(a.prefix) & set(a.head)
     # Alignment: lcm of the strides inside the prefix (unet pools by 2 and upsamples back).
     assert a.alignment == ZOO_ALIGNMENT[name]
@@ -87,9 +96,9 @@ def test_zoo_split(name: str) -> None:
 def test_zoo_specific_cuts() -> None:
     vgg = zoo.build("vgg")
     a = streamc.analyze(vgg.onnx_model)
-    assert a.cut_tensors == [_gap_input(vgg.onnx_model)]
-    assert a.tensors[a.cut_tensors[0]].receptive_field == (24, 24)
-    assert a.tensors[a.cut_tensors[0]].offset == (10, 10)
+    assert a.ends == [_gap_input(vgg.onnx_model)]
+    assert a.tensors[a.ends[0]].receptive_field == (24, 24)
+    assert a.tensors[a.ends[0]].offset == (10, 10)
 
     unet = streamc.analyze(zoo.build("unet").onnx_model)
     assert unet.cut_tensors == ["logits"] and unet.head == [] and unet.stops == []
@@ -99,18 +108,20 @@ def test_zoo_specific_cuts() -> None:
     resnet = streamc.analyze(zoo.build("resnet").onnx_model)
     ops = {resnet.graph.nodes[n].op_type for n in resnet.prefix}
     assert {"Conv", "BatchNormalization", "Relu", "MaxPool", "Add"} <= ops
-    assert resnet.tensors[resnet.cut_tensors[0]].receptive_field == (51, 51)
-    assert {resnet.graph.nodes[n].op_type for n in resnet.head} == {
-        "GlobalAveragePool", "Flatten", "Gemm"}
+    assert resnet.tensors[resnet.ends[0]].receptive_field == (51, 51)
+    assert {resnet.graph.nodes[n].op_type for n in resnet.head} == {"Flatten", "Gemm"}
+    (pool,) = resnet.split.final_reductions  # streamed: the feature map is never whole
+    assert resnet.graph.nodes[pool.node].op_type == "GlobalAveragePool"
+    assert resnet.cut_tensors == [] and pool.tensor == resnet.ends[0]
 
     zeropad = streamc.analyze(zoo.build("zeropad").onnx_model)
     assert "Pad" in {zeropad.graph.nodes[n].op_type for n in zeropad.prefix}
     # ZeroPad2d((left=1, right=2, top=0, bottom=3)): begin padding 0 rows, 1 column.
-    assert zeropad.tensors[zeropad.cut_tensors[0]].offset == (0, 1)
+    assert zeropad.tensors[zeropad.ends[0]].offset == (0, 1)
 
     twocut = zoo.build("twocut")
     a = streamc.analyze(twocut.onnx_model)
-    f4, f8 = a.cut_tensors
+    f4, f8 = a.ends
     # The stride-4 map is a cut (read by the head) and also feeds the next conv.
     consumers = {n.op_type for n in twocut.onnx_model.graph.node if f4 in n.input}
     assert consumers == {"Conv", "ReduceMean"}
@@ -130,12 +141,12 @@ def test_analysis_to_dict_and_dynamic_sizes() -> None:
     dyn = zoo.build("resnet", dynamic=True)
     a = streamc.analyze(dyn.onnx_model)
     assert a.image_size == (None, None)
-    assert a.tensors[a.cut_tensors[0]].stride == (8, 8)  # strides need no sizes
+    assert a.tensors[a.ends[0]].stride == (8, 8)  # strides need no sizes
     fixed = streamc.analyze(dyn.onnx_model, image=(80, 72))
-    assert fixed.image_size == (80, 72) and fixed.extent(fixed.cut_tensors[0]) == (10, 9)
+    assert fixed.image_size == (80, 72) and fixed.extent(fixed.ends[0]) == (10, 9)
     d = fixed.to_dict()
     assert d["cut_tensors"][0]["stride"] == [8, 8]
-    assert d["stopped_by"][0]["op"] == "GlobalAveragePool"
+    assert d["cut_tensors"][0]["reduced"] == "GlobalAveragePool" and not d["stopped_by"]
     unet = streamc.analyze(zoo.build("unet").onnx_model).to_dict()
     strides = {tuple(t["stride"]) for t in unet["tensors"]}
     assert (2, 2) in strides and (1, 1) in strides
@@ -144,7 +155,7 @@ def test_analysis_to_dict_and_dynamic_sizes() -> None:
 def test_analyze_from_path(onnx_file) -> None:
     path = onnx_file(zoo.build("vgg"))
     a = streamc.analyze(str(path))
-    assert len(a.cut_tensors) == 1
+    assert len(a.ends) == 1
     with pytest.raises(ModelLoadError, match="no such file"):
         streamc.analyze(path.parent / "missing.onnx")
     bad = path.parent / "bad.onnx"
@@ -400,8 +411,8 @@ HANDBUILT: dict[str, Callable[[], Built]] = {
 def test_handbuilt_split(name: str) -> None:
     built = (HANDBUILT[name] if name in HANDBUILT else globals()[name])()
     a = streamc.analyze(built.model)
-    assert [a.tensors[c].stride for c in a.cut_tensors] == built.cut_strides
-    assert {s.op for s in a.stops} == built.stop_ops
+    assert [a.tensors[c].stride for c in a.ends] == built.cut_strides
+    assert _end_ops(a) == built.stop_ops
     if built.stop_reason:
         assert any(re.search(built.stop_reason, s.reason) for s in a.stops), [
             s.reason for s in a.stops]
@@ -538,7 +549,7 @@ def test_spatial_concat() -> None:
     a = streamc.analyze(make_model(nodes, {"w1": _w(3, 2, 3, 3)}, (1, 2, 8, 8)))
     (stop,) = a.stops
     assert stop.op == "Concat" and "axis 3" in stop.reason
-    assert a.cut_tensors == ["c1"]
+    assert a.ends == ["c1"]
 
 
 @pytest.mark.parametrize("mode, transform, expected", [
@@ -559,7 +570,7 @@ def test_resize_linear_half_pixel_is_local() -> None:
     scales = {"scales": np.array([1, 1, 2, 2], dtype=np.float32)}
     first = _first_op(_node("Resize", ["image", "", "scales"], "y", mode="linear"), scales)
     a = streamc.analyze(first)
-    assert not a.stops and a.cut_tensors == ["y"]
+    assert not a.stops and a.ends == ["y"]
 
 
 @pytest.mark.parametrize(
@@ -582,7 +593,7 @@ def test_resize_nearest_coordinate_modes(attrs: dict, reason: str | None) -> Non
     inits = {"w1": _w(3, 2, 3, 3), "scales": np.array([1, 1, 2, 2], dtype=np.float32)}
     a = streamc.analyze(make_model(nodes, inits, (1, 2, 8, 8)))
     if reason is None:
-        assert a.stops == [] and a.cut_tensors == ["y"]
+        assert a.stops == [] and a.ends == ["y"]
         assert a.tensors["y"].stride == (F(1, 2), F(1, 2))
     else:
         (stop,) = a.stops
@@ -657,3 +668,26 @@ def test_pooling_over_the_whole_map_starts_the_head() -> None:
     analysis = streamc.analyze(make_model(nodes, {"w": w}, (1, 3, 16, 12)))
     assert analysis.cut_tensors == ["c"]
     assert "global pooling" in analysis.stops[0].reason
+
+
+def test_head_reductions_stream_unless_the_head_reads_their_map_otherwise() -> None:
+    """A head that reads the map only through global pools (average and max, concatenated)
+    gets them tile by tile, exactly; one that also reads the map itself keeps it whole."""
+    w = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    conv = _node("Conv", ["image", "w"], "c", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                 strides=[2, 2])
+    pools = [_node("GlobalAveragePool", ["c"], "avg"), _node("GlobalMaxPool", ["c"], "max")]
+    pooled = make_model([conv, *pools, _node("Concat", ["avg", "max"], "y", axis=1)],
+                        {"w": w}, (1, 3, 40, 36))
+    a = streamc.analyze(pooled)
+    assert a.cut_tensors == [] and a.ends == ["c"] and a.head == ["y"]
+    assert {r.node for r in a.split.final_reductions} == {"avg", "max"}
+    report = run_check(pooled, (40, 36), 24)
+    assert report.ok and len(report.program.tiles) > 1, report.to_dict()
+    classic = streamc.analyze(pooled, reduce_final=False)
+    assert classic.cut_tensors == ["c"] and not classic.split.reductions
+    # The head also flattens the map: it is whole anyway, and the pool goes with it.
+    also = make_model([conv, pools[0], _node("Flatten", ["c"], "flat")], {"w": w},
+                      (1, 3, 40, 36), outputs=["avg", "flat"])
+    b = streamc.analyze(also)
+    assert b.cut_tensors == ["c"] and not b.split.reductions and "avg" in b.head

@@ -210,7 +210,8 @@ def _choose(vgg, budget, tiles=(24, 36, 64)):
 
 
 def test_program_plan_adds_up(vgg):
-    program = compile(vgg, tile=36, image=(64, 64), with_flops=False)
+    # The head reads the feature map whole (its pool not streamed): the classic cut.
+    program = compile(vgg, tile=36, image=(64, 64), with_flops=False, reduce_final=False)
     plan = plan_program(program, plan_conventional(streamc.analyze(vgg, (64, 64))))
     assert isinstance(plan, MemoryPlan)
     r = plan.resident
@@ -233,6 +234,15 @@ def test_program_plan_adds_up(vgg):
     json.dumps(plan.to_dict())  # serialisable as is
     assert any("predicted peak" in line for line in plan.summary())
     assert plan.to_dict()["policy"] == RuntimePolicy().to_json()
+    # By default the pool runs tile by tile: the map and its gradient are never whole, only
+    # one row of partials per tile, the pooled vector and their gradients.
+    pooled = compile(vgg, tile=36, image=(64, 64), with_flops=False)
+    pooled_plan = plan_program(pooled)
+    kinds = {b.kind: b.nbytes for b in pooled.meta.buffers}
+    assert set(kinds) == {"partials", "global"}
+    rows, vector = kinds["partials"], kinds["global"]
+    assert rows == len(pooled.tiles) * vector
+    assert rows + vector <= pooled_plan.buffers <= 2 * (rows + vector) < plan.buffers
 
 
 POLICIES = {
@@ -285,8 +295,9 @@ def test_baked_sessions_cost_their_weights_and_state(vgg):
     head_inputs = {i.name for i in program.graph(program.meta.head.forward).graph.input}
     head = sum(b for n, b in sizes.items() if n in head_inputs)
     assert fed.baked_sessions == 0
-    assert auto.baked_sessions == sum(copies) + head
-    forward_nodes = sum(f for f, _ in nodes.values())
+    pools = sum(RUNTIME_PER_NODE * f.nodes for f, _ in auto.globals)  # the pool's combine
+    assert auto.baked_sessions == sum(copies) + head + pools
+    forward_nodes = sum(f for f, _ in nodes.values()) + sum(f.nodes for f, _ in auto.globals)
     assert fed.resident.runtime - auto.resident.runtime == RUNTIME_PER_NODE * forward_nodes
     assert auto.resident.runtime >= RUNTIME_ONCE + RUNTIME_PER_NODE * sum(
         b for _, b in nodes.values())

@@ -234,7 +234,7 @@ def _zoo_cut_cases() -> list[tuple[str, int]]:
     cases = []
     for name in zoo.LOCAL_NAMES:
         a = streamc.analyze(zoo.build(name).onnx_model)
-        cases += [(name, k) for k in range(len(a.cut_tensors))]
+        cases += [(name, k) for k in range(len(a.ends))]
     return cases
 
 
@@ -247,7 +247,7 @@ def test_zoo_perturbation_inside_field(name: str, cut_index: int) -> None:
     and it does change some (the field is not empty or misplaced)."""
     zm = zoo.build(name)
     a = streamc.analyze(zm.onnx_model)
-    cut = a.cut_tensors[cut_index]
+    cut = a.ends[cut_index]
     for pixel in _pixels(zm.image_shape[2:]):
         mask = zoo.perturbation_field(zm.onnx_model, "image", cut, zm.image_shape, pixel)
         predicted = predicted_by_pixel(a, cut, pixel)
@@ -261,7 +261,7 @@ def test_zoo_regions_for_is_exact(name: str, cut_index: int) -> None:
     pixels it depends on: nothing outside matters, every face matters."""
     zm = zoo.build(name)
     a = streamc.analyze(zm.onnx_model)
-    cut = a.cut_tensors[cut_index]
+    cut = a.ends[cut_index]
     probe = Probe(zm.module, zm.onnx_model, cut, zm.image_shape)
     check_regions(probe, a, cut, _positions(a.extent(cut)))
 
@@ -272,7 +272,7 @@ def test_zoo_field_float64(name: str, cut_index: int) -> None:
     predicted field (its bounding box equals that of the prediction) for interior pixels."""
     zm = zoo.build(name)
     a = streamc.analyze(zm.onnx_model)
-    cut = a.cut_tensors[cut_index]
+    cut = a.ends[cut_index]
     probe = Probe(zm.module, zm.onnx_model, cut, zm.image_shape)
     pixels = _pixels(zm.image_shape[2:])
     for pixel, mask in zip(pixels, changed_by_pixels(probe, zm.image_shape, pixels)):
@@ -284,9 +284,9 @@ def test_zoo_field_float64(name: str, cut_index: int) -> None:
 def test_vgg_closed_form() -> None:
     """vgg by hand: r = 1 + 2 + 2 + 1 + 4 + 4 + 2 + 8 = 24, P = 10, S = 4 (see test_zoo)."""
     a = streamc.analyze(zoo.build("vgg").onnx_model)
-    info = a.tensors[a.cut_tensors[0]]
+    info = a.tensors[a.ends[0]]
     assert (info.stride, info.receptive_field, info.offset) == ((4, 4), (24, 24), (10, 10))
-    box = a.regions_for({a.cut_tensors[0]: ((5, 6), (0, 1))})["image"]
+    box = a.regions_for({a.ends[0]: ((5, 6), (0, 1))})["image"]
     assert box == ((10, 34), (0, 14))  # [4·5 − 10, 4·5 + 14) and clipped [−10, 14)
 
 
@@ -327,7 +327,7 @@ def _random_net(data, dims: int, dense: bool) -> randnet.RandomNet:
 def _check_random_net(net: randnet.RandomNet, dense: bool) -> None:
     size = net.image_shape[2:]
     a = streamc.analyze(net.onnx_model, image=size)  # (why image=: see test_exactness.py)
-    for cut in a.cut_tensors:
+    for cut in a.ends:
         probe = Probe(net.module, net.onnx_model, cut, net.image_shape)
         pixels = _pixels(size)[:3]
         for pixel, mask in zip(pixels, changed_by_pixels(probe, net.image_shape, pixels)):
@@ -385,7 +385,7 @@ def test_dense_field_is_tight_in_the_interior() -> None:
     module = randnet.build_module(spec)
     model = export_torch(module, spec.image_shape, dynamic=False)
     a = streamc.analyze(model)
-    cut = a.cut_tensors[0]
+    cut = a.ends[0]
     info = a.tensors[cut]
     # By hand: S = (2, 4); r = 1 + 2 + 1·1 + 3·2 = 10 rows, 1 + 4 + 2·2 + 2·4 = 17 columns;
     # P = 1 + 0 + 2·2 = 5 rows, 2 + 1·2 + 1·4 = 8 columns.

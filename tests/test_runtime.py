@@ -38,12 +38,14 @@ CONFIGS = {
 _PROGRAMS: dict = {}
 
 
-def program_for(name: str):
-    if name not in _PROGRAMS:
+def program_for(name: str, reduce_final: bool = True):
+    if (name, reduce_final) not in _PROGRAMS:
         size, tile = CONFIGS[name]
         z = zoo.build(name, (1, 3, *size))
-        _PROGRAMS[name] = compile_program(z.onnx_model, tile=tile, image=size, with_flops=False)
-    return _PROGRAMS[name]
+        _PROGRAMS[name, reduce_final] = compile_program(z.onnx_model, tile=tile, image=size,
+                                                        with_flops=False,
+                                                        reduce_final=reduce_final)
+    return _PROGRAMS[name, reduce_final]
 
 
 def twin(name: str) -> torch.nn.Module:
@@ -121,28 +123,30 @@ def test_weights_as_inputs_equal_initializers_and_sessions_rebuild_once_per_step
     assert rel(outs[0], outs[1]) <= 1e-5
     pool_a = a._runtime.interpreter(a.device).backend.pool
     pool_b = b._runtime.interpreter(b.device).backend.pool
-    n_graphs = 2 * len(program.classes) + 2
+    # Per tile class, the global graph that combines the pooled partials, and the head.
+    forward_graphs = len(program.classes) + len(program.meta.globals) + 1
+    n_graphs = 2 * forward_graphs
     assert pool_b.builds == n_graphs  # built once
     # initializers: every graph per step (2 steps), then the forward graphs for the last call.
-    assert pool_a.builds == 2 * n_graphs + len(program.classes) + 1
+    assert pool_a.builds == 2 * n_graphs + forward_graphs
     with torch.no_grad():
         for _ in range(3):
             a(x)
-    assert pool_a.builds == 2 * n_graphs + len(program.classes) + 1  # unchanged weights: reused
+    assert pool_a.builds == 2 * n_graphs + forward_graphs  # unchanged weights: reused
 
 
 def test_auto_weights_feed_unoptimised_backward_graphs() -> None:
     program = program_for("twocut")  # 2x2 tiles, each its own shape class
     model = StreamingModel(program)  # weights="auto", backward_optimization="none"
     pool = model._runtime.interpreter(model.device).backend.pool
-    n_classes = len(program.classes)
+    graphs = len(program.classes) + len(program.meta.globals) + 1  # with the pool's and head
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(2):  # batch 4: four runs per backward graph and step, still fed
         opt.zero_grad()
         model(images("twocut", batch=4)).square().sum().backward()
         opt.step()
     # Forward sessions are rebuilt every step; backward ones are built once.
-    assert pool.builds == 2 * (n_classes + 1) + (n_classes + 1)
+    assert pool.builds == 2 * graphs + graphs
     assert {baked for (name, baked) in pool.live if "backward" in name} == {False}
 
 
@@ -162,18 +166,18 @@ def test_auto_weights_bake_forward_graphs_and_often_run_optimised_backward_graph
     model._runtime.options = dataclasses.replace(
         options, policy=dataclasses.replace(options.policy, backward_optimization="all"))
     pool = model._runtime.interpreter(model.device).backend.pool
-    n_classes = len(program.classes)
+    graphs = len(program.classes) + len(program.meta.globals) + 1  # with the pool's and head
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(2):  # batch 2: each backward graph runs twice per step: weights fed
         opt.zero_grad()
         model(images("twocut", batch=2)).square().sum().backward()
         opt.step()
-    assert pool.builds == 2 * (n_classes + 1) + (n_classes + 1)
+    assert pool.builds == 2 * graphs + graphs
     assert {baked for (name, baked) in pool.live if "backward" in name} == {False}
     builds = pool.builds
     opt.zero_grad()  # batch 4: four runs per step: the backward graphs are baked as well
     model(images("twocut", batch=4)).square().sum().backward()
-    assert pool.builds == builds + 2 * (n_classes + 1)
+    assert pool.builds == builds + 2 * graphs
     reference = twin("twocut")
     reference.load_state_dict(model.state_dict())
     x = images("twocut", batch=4)
@@ -184,7 +188,7 @@ def test_auto_weights_bake_forward_graphs_and_often_run_optimised_backward_graph
 
 
 def test_stream_gradients_match_torch() -> None:
-    program = program_for("vgg")
+    program = program_for("vgg", reduce_final=False)  # the head reads the feature map whole
     model = StreamingModel(program)
     reference = twin("vgg")
     x = images("vgg", batch=2)
@@ -201,6 +205,22 @@ def test_stream_gradients_match_torch() -> None:
         if pname.startswith("head."):
             assert p.grad is None  # the head is not used by stream()
         else:
+            assert rel(p.grad, ref_params[pname].grad) <= 1e-4, pname
+
+
+def test_stream_of_a_pooled_program_gives_the_pooled_features() -> None:
+    model = StreamingModel(program_for("vgg"))  # the pool runs tile by tile
+    reference = twin("vgg")
+    x = images("vgg", batch=2)
+    pooled = model.stream(x)
+    ref_pooled = reference.features(x).mean(dim=(2, 3), keepdim=True)
+    assert pooled.shape == ref_pooled.shape == (2, 16, 1, 1)
+    assert rel(pooled, ref_pooled) <= 1e-5
+    pooled.sum().backward()
+    ref_pooled.sum().backward()
+    ref_params = dict(reference.named_parameters())
+    for pname, p in model.onnx_parameters.items():
+        if not pname.startswith("head."):
             assert rel(p.grad, ref_params[pname].grad) <= 1e-4, pname
 
 
@@ -224,7 +244,8 @@ def test_no_grad_keeps_nothing() -> None:
         y = model(x)
     assert y.grad_fn is None and not y.requires_grad
     pool = model._runtime.interpreter(model.device).backend.pool
-    assert pool.builds == len(model.program.classes) + 1  # forward graphs only
+    meta = model.program.meta
+    assert pool.builds == len(meta.classes) + len(meta.globals) + 1  # forward graphs only
     assert pool.live and not any("backward" in name for name, _ in pool.live)
     del x
     gc.collect()

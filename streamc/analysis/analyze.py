@@ -95,6 +95,13 @@ class Analysis:
         return self.split.cut_tensors
 
     @property
+    def ends(self) -> list[str]:
+        """Where the grid ends: the cut tensors, then the tensors the head's final reductions
+        reduce tile by tile (never whole)."""
+        reduced = [r.tensor for r in self.split.final_reductions]
+        return list(dict.fromkeys(self.cut_tensors + reduced))
+
+    @property
     def targets(self) -> list[str]:
         """Every grid tensor some stage keeps regions of (outputs and reduced tensors)."""
         seen: dict[str, None] = {}
@@ -164,6 +171,8 @@ class Analysis:
     def to_dict(self) -> dict:
         share = self.streamed_share()
         head_ops: dict[str, int] = {}
+        reduced = {r.tensor: self.graph.nodes[r.node].op_type
+                   for r in self.split.final_reductions}
         for name in self.head:
             op = self.graph.nodes[name].op_type
             head_ops[op] = head_ops.get(op, 0) + 1
@@ -173,7 +182,8 @@ class Analysis:
             "prefix_nodes": len(self.prefix),
             "head_nodes": len(self.head),
             "head_ops": head_ops,
-            "cut_tensors": [self.tensors[t].to_dict() for t in self.cut_tensors],
+            "cut_tensors": [dict(self.tensors[t].to_dict(), reduced=reduced.get(t))
+                            for t in self.ends],
             "stages": len(self.split.stage_io),
             "global_nodes": len(self.split.global_nodes),
             "reductions": [{"node": r.node, "tensor": r.tensor, "output": r.output,
@@ -234,29 +244,33 @@ def analyze(
     model: str | Path | onnx.ModelProto,
     image: Sequence[int] | None = None,
     input: str | None = None,
+    reduce_final: bool = True,
 ) -> Analysis:
     """Analyse ``model``: locality split, cut tensors, receptive fields, alignment.
 
     ``image`` fixes the spatial size ((H, W) or (D, H, W)); without it the model's own sizes
     are used, and symbolic ones stay symbolic (strides and receptive fields do not need them).
+    ``reduce_final``: see :func:`~streamc.analysis.split.split_graph`.
     """
-    return analyze_checked(load_model(model), image, input)
+    return analyze_checked(load_model(model), image, input, reduce_final)
 
 
 def analyze_checked(
     proto: onnx.ModelProto,
     image: Sequence[int] | None = None,
     input: str | None = None,
+    reduce_final: bool = True,
 ) -> Analysis:
     """:func:`analyze` for a model that :func:`~streamc.graph.load_model` has already checked."""
     input_name = choose_image_input(proto, input)
     prepared = prepare(proto, image, input_name, batch=1)
     graph = Graph.from_model(prepared)
-    split = split_graph(graph, input_name)
+    split = split_graph(graph, input_name, reduce_final)
     for _ in range(len(split.prefix) + 1):
         if not _runtime_sizes(graph, split):
             break
-        split = split_graph(graph, input_name)  # rules that read sizes (auto_pad SAME) again
+        # rules that read sizes (auto_pad SAME) again
+        split = split_graph(graph, input_name, reduce_final)
     fields: dict[str, Field] = receptive_fields(graph, split)
     tensors = {}
     for tensor in split.prefix_tensors:

@@ -115,6 +115,12 @@ class Split:
         """How many stages the grid part runs in."""
         return len(self.stage_io) or 1 + max(self.phase.values(), default=0)
 
+    @property
+    def final_reductions(self) -> list[Reduction]:
+        """Reductions whose results only the head reads: it combines their partials."""
+        last = self.stages
+        return [r for r in self.reductions if self.ready.get(r.output) == last]
+
     def layout(self, tensor: str) -> tuple[int, ...]:
         return self.layouts.get(tensor, tuple(range(2, 2 + self.n_spatial)))
 
@@ -233,8 +239,13 @@ class _Walk:
                 self._mark_global(name, out, ready)
 
 
-def split_graph(graph: Graph, input_name: str) -> Split:
-    """Split ``graph`` into stages of local ops (see the module docstring)."""
+def split_graph(graph: Graph, input_name: str, reduce_final: bool = True) -> Split:
+    """Split ``graph`` into stages of local ops (see the module docstring).
+
+    ``reduce_final``: stream the head's whole-image reductions of grid tensors that the head
+    reads only through them (a classifier's global pool) as per-tile partials, so that the
+    reduced tensor is never whole; without it they start the head, which reads the whole
+    tensor (the *feature map*)."""
     shape = graph.shape(input_name)
     if shape is None or len(shape) < 4:
         raise UnsupportedModelError(
@@ -243,11 +254,13 @@ def split_graph(graph: Graph, input_name: str) -> Split:
         )
     n_spatial = len(shape) - 2
     split = _Walk(graph, input_name, n_spatial, reductions_allowed=True).run()
-    if not _returns_to_grid(graph, split):
-        # No reduction feeds local ops again: the classic split, reductions start the head.
+    returns = _returns_to_grid(graph, split)
+    if returns or reduce_final:
+        _demote_dead_ends(graph, split, reduce_final)
+    if not returns and (not reduce_final or not split.reductions):
+        # No reduction is streamed: the classic split, reductions start the head.
         split = _Walk(graph, input_name, n_spatial, reductions_allowed=False).run()
     else:
-        _demote_dead_ends(graph, split)
         _defer_widening_casts(graph, split)
     if not split.prefix:
         stop = split.stops[0] if split.stops else None
@@ -333,14 +346,24 @@ def _returns_to_grid(graph: Graph, split: Split) -> bool:
     return any(t in split.ready for n in split.prefix for t in graph.nodes[n].input)
 
 
-def _demote_dead_ends(graph: Graph, split: Split) -> None:
-    """Reductions and global nodes whose results never come back to the grid belong to the
-    head, which reads the full grid tensors they reduce (as when there are no stages)."""
+def _demote_dead_ends(graph: Graph, split: Split, reduce_final: bool) -> None:
+    """Global nodes whose results never come back to the grid belong to the head, and so do
+    the reductions they start, which then read the whole grid tensors they reduce (as when there
+    are no stages); with ``reduce_final``, a reduction whose grid tensor nothing else in the
+    head reads stays streamed (its result is a global tensor the head reads)."""
     needed: set[str] = {t for n in split.prefix for t in graph.nodes[n].input if t in split.ready}
     for name in reversed(split.global_nodes):
         node = graph.nodes[name]
         if any(o in needed for o in node.output):
             needed.update(i for i in node.input if i in split.ready)
+    dead = {r.node for r in split.reductions if r.output not in needed}
+    if reduce_final:
+        others = {i for n in split.head for i in graph.nodes[n].input if i}
+        others |= {i for n in split.global_nodes for i in graph.nodes[n].input if i}
+        others |= set(graph.outputs)
+        final = {r.node for r in split.reductions if r.node in dead and r.tensor not in others}
+        needed.update(r.output for r in split.reductions if r.node in final)
+        dead -= final
     keep = []
     head = set(split.head)
     for name in split.global_nodes:
@@ -348,10 +371,9 @@ def _demote_dead_ends(graph: Graph, split: Split) -> None:
             keep.append(name)
         else:
             head.add(name)
-    kept = [r for r in split.reductions if r.output in needed]
-    head.update(r.node for r in split.reductions if r.output not in needed)
     split.global_nodes = keep
-    split.reductions = kept
+    split.reductions = [r for r in split.reductions if r.node not in dead]
+    head.update(dead)
     for tensor in [t for t in split.ready if t not in needed]:
         del split.ready[tensor]
     # Head nodes downstream of a demoted node stay in the head; keep the graph's order.

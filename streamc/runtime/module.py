@@ -328,8 +328,10 @@ class StreamingModel(nn.Module):
         return outputs[0] if len(outputs) == 1 else outputs
 
     def stream(self, image: torch.Tensor | np.ndarray) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """Prefix only: the full cut tensor(s); backpropagating into them runs the tiles'
-        backward graphs (the head is not used)."""
+        """Prefix only: what the head reads (the full cut tensor(s), or the pooled features
+        where the head's global pool runs tile by tile: compile with ``reduce_final=False`` for
+        the map); backpropagating into them runs the tiles' backward graphs (the head is not
+        used)."""
         interpreter, weights, tensors, x, track = self._begin(image)
         if track:
             cuts = _Prefix.apply(interpreter, weights, list(tensors), x, *tensors.values())
