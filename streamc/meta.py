@@ -26,8 +26,9 @@ from streamc.errors import ProgramError
 from streamc.ops.memory import element_bytes
 
 FORMAT = "streamc-program"
-#: Version 3: stages, buffers and global graphs (version 2: typed metadata, run order, policy).
-FORMAT_VERSION = 3
+#: Version 4: a global graph may follow the last stage (the head's reductions, streamed);
+#: version 3: stages, buffers and global graphs; version 2: typed metadata, run order, policy.
+FORMAT_VERSION = 4
 
 Box = tuple[tuple[int, int], ...]
 
@@ -211,7 +212,8 @@ class GraphSpec:
     forward and backward graphs, the buffers it reads (``inputs``, graph inputs of the same
     names), ``outputs`` (buffer or model output -> graph output), ``cotangents`` (graph output
     -> backward input), ``gradients`` (input buffer or parameter -> backward output), and the
-    first stage that may read its outputs (``ready``; the head: the number of stages)."""
+    first stage that may read its outputs (``ready``; the head, and a global graph after the
+    last stage: the number of stages)."""
 
     name: str
     forward: str
