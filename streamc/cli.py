@@ -164,12 +164,11 @@ def inspect(model: str, image: str | None, input_name: str | None, as_json: bool
 
         for note in share_notes(analysis, share):
             click.echo(f"note:         {note}")
-    reduced = {r.tensor: r for r in analysis.split.final_reductions}
+    reduced = analysis.reduced_ends
     click.echo("cut tensors: (the head reads them whole, or reduces them tile by tile)")
     for cut in analysis.ends:
         info = analysis.tensors[cut]
-        how = (f"  reduced tile by tile ({analysis.graph.nodes[reduced[cut].node].op_type})"
-               if cut in reduced else "")
+        how = f"  reduced tile by tile ({reduced[cut]})" if cut in reduced else ""
         click.echo(
             f"  {cut}  shape {_fmt_shape(info.shape)}  stride {_fmt_stride(info.stride)}  "
             f"receptive field {_fmt_stride(info.receptive_field)}  "

@@ -104,14 +104,15 @@ def program_steps(meta: ProgramMeta, policy: RuntimePolicy, chunks: int = 1,
     forward_graphs: list[str] = []
     before = {g.ready: g for g in meta.globals}  # stage index (or len(stages)) -> graph
     final = before.get(len(meta.stages))
-    for stage in [*meta.stages, None]:
-        spec = before.get(len(meta.stages) if stage is None else stage.index)
-        if spec is not None:
-            forward.append(Step(StepKind.GLOBAL_FORWARD, spec.forward, None, bake_forward,
-                                None, spec.name))
-            forward_graphs.append(spec.forward)
-        if stage is None:
-            break
+
+    def global_forward(spec: GraphSpec) -> None:
+        forward.append(Step(StepKind.GLOBAL_FORWARD, spec.forward, None, bake_forward, None,
+                            spec.name))
+        forward_graphs.append(spec.forward)
+
+    for stage in meta.stages:
+        if stage.index in before:
+            global_forward(before[stage.index])
         for i in stage.run_order:
             cls = classes[meta.tiles[i].parts[stage.index].class_id]
             forward.append(Step(StepKind.TILE_FORWARD, cls.forward, i, bake_forward,
@@ -120,6 +121,8 @@ def program_steps(meta: ProgramMeta, policy: RuntimePolicy, chunks: int = 1,
         if workers:
             forward += [Step(StepKind.COMBINE, "", None, False, stage.index, name)
                         for name in (*stage.outputs, *stage.partials)]
+    if final is not None:
+        global_forward(final)
     if policy.release_sessions and bake_forward:
         # The baked forward sessions hold this step's weights, which the optimizer step after
         # the backward pass replaces: free them (and their weight copies) now.
@@ -132,7 +135,7 @@ def program_steps(meta: ProgramMeta, policy: RuntimePolicy, chunks: int = 1,
             backward += [Step(StepKind.COMBINE_GRADIENT, "", None, False, stage.index, name)
                          for name in stage.outputs if name in read_later]
         backward += _stage_backward(meta, stage.index, per_class, policy, chunks)
-        spec = before.get(stage.index) if stage.index > 0 else None
+        spec = before.get(stage.index)
         if spec is not None and spec.gradients:
             if workers:
                 side = {n for s in meta.stages for n in s.side_inputs}

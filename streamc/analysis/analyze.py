@@ -95,11 +95,15 @@ class Analysis:
         return self.split.cut_tensors
 
     @property
+    def reduced_ends(self) -> dict[str, str]:
+        """The tensors the head's final reductions reduce tile by tile (never whole), and the
+        op type reducing each."""
+        return {r.tensor: self.graph.nodes[r.node].op_type for r in self.split.final_reductions}
+
+    @property
     def ends(self) -> list[str]:
-        """Where the grid ends: the cut tensors, then the tensors the head's final reductions
-        reduce tile by tile (never whole)."""
-        reduced = [r.tensor for r in self.split.final_reductions]
-        return list(dict.fromkeys(self.cut_tensors + reduced))
+        """Where the grid ends: the cut tensors, then :attr:`reduced_ends`."""
+        return list(dict.fromkeys(self.cut_tensors + list(self.reduced_ends)))
 
     @property
     def targets(self) -> list[str]:
@@ -171,8 +175,7 @@ class Analysis:
     def to_dict(self) -> dict:
         share = self.streamed_share()
         head_ops: dict[str, int] = {}
-        reduced = {r.tensor: self.graph.nodes[r.node].op_type
-                   for r in self.split.final_reductions}
+        reduced = self.reduced_ends
         for name in self.head:
             op = self.graph.nodes[name].op_type
             head_ops[op] = head_ops.get(op, 0) + 1

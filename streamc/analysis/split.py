@@ -254,10 +254,8 @@ def split_graph(graph: Graph, input_name: str, reduce_final: bool = True) -> Spl
         )
     n_spatial = len(shape) - 2
     split = _Walk(graph, input_name, n_spatial, reductions_allowed=True).run()
-    returns = _returns_to_grid(graph, split)
-    if returns or reduce_final:
-        _demote_dead_ends(graph, split, reduce_final)
-    if not returns and (not reduce_final or not split.reductions):
+    _demote_dead_ends(graph, split, reduce_final)
+    if not split.reductions:
         # No reduction is streamed: the classic split, reductions start the head.
         split = _Walk(graph, input_name, n_spatial, reductions_allowed=False).run()
     else:
@@ -342,10 +340,6 @@ def _itemsize(graph: Graph, tensor: str) -> int:
     return helper.tensor_dtype_to_np_dtype(dtype).itemsize if dtype else 0
 
 
-def _returns_to_grid(graph: Graph, split: Split) -> bool:
-    return any(t in split.ready for n in split.prefix for t in graph.nodes[n].input)
-
-
 def _demote_dead_ends(graph: Graph, split: Split, reduce_final: bool) -> None:
     """Global nodes whose results never come back to the grid belong to the head, and so do
     the reductions they start, which then read the whole grid tensors they reduce (as when there
@@ -358,9 +352,7 @@ def _demote_dead_ends(graph: Graph, split: Split, reduce_final: bool) -> None:
             needed.update(i for i in node.input if i in split.ready)
     dead = {r.node for r in split.reductions if r.output not in needed}
     if reduce_final:
-        others = {i for n in split.head for i in graph.nodes[n].input if i}
-        others |= {i for n in split.global_nodes for i in graph.nodes[n].input if i}
-        others |= set(graph.outputs)
+        others = {i for n in split.head for i in graph.nodes[n].input if i} | set(graph.outputs)
         final = {r.node for r in split.reductions if r.node in dead and r.tensor not in others}
         needed.update(r.output for r in split.reductions if r.node in final)
         dead -= final
