@@ -9,8 +9,10 @@ Configurations, each run in its own child process (so its peak memory is its own
 
   (a) torch: conventional full-image training step (forward, cross-entropy, backward, SGD);
   (b) torch + ``torch.utils.checkpoint`` over the stages (layer1..layer4 / the 3-D blocks);
-  (c) streamc on ONNX Runtime's CPU provider, at the tiles of ``--tiles`` (``plan`` = the tile
-      ``streamc.tile_search.search_tiles`` picks for ``--budget``).
+  (c) streamc on ONNX Runtime's CPU provider, every tile recomputing its halo
+      (``halo="recompute"``), at the tiles of ``--tiles`` (``plan`` = the tile
+      ``streamc.tile_search.search_tiles`` picks for ``--budget``);
+  (d) the same with halo reuse (``halo="reuse"``: every activation computed once per pass).
 
 Model: ResNet-18 layout (64→512 channels) from the shared ``zoo`` (:func:`zoo.resnet18`),
 BatchNorm frozen (eval mode, scale and bias trained) with random statistics (so the exporter
@@ -54,7 +56,8 @@ MACHINE_GIB = 24.0
 # Fallback for (a)'s memory when nothing was measured yet (ResNet-18, 2 threads): bytes at 2048²
 # and 4096²; extrapolation is linear in pixels.
 PRIOR_TORCH = {2048 * 2048: 2.7e9, 4096 * 4096: 7.8e9}
-CONFIG_NAMES = {"a": "(a) torch", "b": "(b) torch + checkpoint", "c": "(c) streamc"}
+CONFIG_NAMES = {"a": "(a) torch", "b": "(b) torch + checkpoint", "c": "(c) streamc",
+                "d": "(d) streamc, halo reuse"}
 
 
 # ============================================================================================
@@ -187,7 +190,8 @@ def _streamc_step(spec, kind, size, model, x, label, out):
         program = chosen.program
     else:
         t = time.perf_counter()
-        program = compile_program(proto, tile, image=image, with_flops=spec.get("flops", True))
+        program = compile_program(proto, tile, image=image, with_flops=spec.get("flops", True),
+                                  halo="reuse" if spec["config"] == "d" else "recompute")
         out["compile_s"] = round(time.perf_counter() - t, 3)
     meta = program.meta
     out["grid"] = list(meta.grid)
@@ -534,7 +538,7 @@ def build_jobs(args) -> list[dict]:
                 seen = set()
                 for t in tile_list:
                     if t == "plan":
-                        if kind != "2d" or size < args.plan_from:
+                        if kind != "2d" or size < args.plan_from or config != "c":
                             continue
                         jobs.append(dict(kind=kind, config="c", size=size, tile="plan",
                                          width=width))
@@ -543,7 +547,8 @@ def build_jobs(args) -> list[dict]:
                     if eff in seen or (eff < size and kind == "2d" and eff < args.min_tile_2d):
                         continue
                     seen.add(eff)
-                    jobs.append(dict(kind=kind, config="c", size=size, tile=eff, width=width))
+                    jobs.append(dict(kind=kind, config=config, size=size, tile=eff,
+                                     width=width))
     return jobs
 
 
@@ -563,7 +568,7 @@ def summarize(record: dict) -> dict:
 
 def label(r: dict) -> str:
     name = CONFIG_NAMES[r["config"]]
-    if r["config"] == "c":
+    if r["config"] in ("c", "d"):
         if r.get("tile") == "plan":
             used = r.get("planned_tile")
             name += f" tile plan({r.get('budget_gb', 8):g} GiB)" + (f"→{used}" if used else "")
@@ -730,7 +735,7 @@ def markdown_table(runs: list[dict]) -> str:
         size = f"{r['size']}{'²' if nd == 2 else '³'}"
         mp = f"{r['megapixels']:.2f}" if r["megapixels"] < 10 else f"{r['megapixels']:.1f}"
         tile = "—"
-        if r["config"] == "c":
+        if r["config"] in ("c", "d"):
             tile = str(r.get("tile"))
             if r.get("tile") == "plan":
                 tile = f"plan {r.get('budget_gb', 8):g} GiB" + (

@@ -31,6 +31,7 @@ from streamc.errors import StreamcError
 from streamc.graph import load_model, prepare
 from streamc.passes.autodiff import build_backward
 from streamc.passes.extract import model_graph
+from streamc.passes.schedule import DEFAULT_HALO
 from streamc.policy import DEFAULT_POLICY, RuntimePolicy
 from streamc.program import Program
 from streamc.runtime.backend import NumpyBackend
@@ -289,11 +290,13 @@ def check(
     program: Program | None = None,
     policy: RuntimePolicy = DEFAULT_POLICY,
     finite_difference: bool = True,
+    halo: str = DEFAULT_HALO,
 ) -> CheckReport:
-    """Compile (unless ``program`` is given) and compare tiled with untiled results and with
-    finite differences (see the module docstring)."""
+    """Compile (unless ``program`` is given; ``halo`` as :func:`streamc.compile`) and compare
+    tiled with untiled results and with finite differences (see the module docstring)."""
     proto = load_model(model)
-    program = program or compile_program(proto, tile, image=image, input=input, with_flops=False)
+    program = program or compile_program(proto, tile, image=image, input=input, with_flops=False,
+                                         halo=halo)
     _refuse_without_memory(program)
     rng = np.random.default_rng(seed)
     shape = program.input_shape

@@ -184,6 +184,11 @@ def inspect(model: str, image: str | None, input_name: str | None, as_json: bool
         click.echo("  ".join(cell[:48].ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
+_HALO = click.option(
+    "--halo", type=click.Choice(["reuse", "recompute"]), default="reuse", show_default=True,
+    help="reuse: every activation computed once, tiles hand on the strips around them; "
+         "recompute: every tile recomputes its halo (independent tiles, for --workers).")
+
 _WORKERS = click.option(
     "--workers", type=click.IntRange(min=1), default=1, show_default=True,
     help="Tile-parallel workers per image: show each one's tiles, FLOPs and peak memory.")
@@ -210,7 +215,13 @@ def _print_program_summary(program, out: Path | None) -> None:
                    f"{meta.streamed['activations']:.0%} of the activation memory")
     if meta.flops is not None:
         click.echo(f"recompute:    forward {meta.flops.forward_overhead:.3f}x, backward "
-                   f"{meta.flops.backward_overhead:.3f}x the untiled FLOPs")
+                   f"{meta.flops.backward_overhead:.3f}x the untiled FLOPs ("
+                   + ("halo reuse: every activation computed once per pass"
+                      if meta.halo == "reuse" else "every tile recomputes its halo") + ")")
+    bands = [b for b in meta.buffers if b.kind == "band"]
+    if bands:
+        click.echo(f"strips:       {len(bands)} bands handed on between tiles "
+                   f"({format_bytes(sum(b.nbytes for b in bands))}, kept for the backward pass)")
     for cut in meta.cut_tensors:
         if cut.kind == "global":
             click.echo(f"head reads:   {cut.name} {_fmt_shape(cut.shape)}, a whole-image "
@@ -242,11 +253,13 @@ def _print_program_summary(program, out: Path | None) -> None:
               help="Forward graphs only (no training): smaller and faster to build.")
 @click.option("--saliency", is_flag=True,
               help="Backward graphs that give the image's gradient instead of the weights'.")
+@_HALO
 @_WORKERS
 @_fail_cleanly
 def compile_command(model: str, tile: str | None, image: str | None, input_name: str | None,
                     output: str | None, memory_budget: str | None, force: bool,
-                    max_tiles: int, inference: bool, saliency: bool, workers: int) -> None:
+                    max_tiles: int, inference: bool, saliency: bool, halo: str,
+                    workers: int) -> None:
     """Compile MODEL into a tiled training (or inference, or saliency) program directory."""
     from streamc.compiler import compile as compile_program
     from streamc.program import check_target
@@ -267,14 +280,15 @@ def compile_command(model: str, tile: str | None, image: str | None, input_name:
         from streamc.tile_search import search_tiles
 
         search = search_tiles(model, parse_image(image), budget=parse_bytes(memory_budget),
-                              input=input_name, progress=_say, max_tiles=max_tiles)
+                              input=input_name, progress=_say, max_tiles=max_tiles,
+                              halo=halo)
         program = search.chosen.program
         click.echo(f"memory budget {memory_budget}: chose tile {search.chosen.tile} "
                    f"({search.compiled} candidate{'s' if search.compiled > 1 else ''} compiled, "
                    f"each once)")
     else:
         program = compile_program(model, tile, image=parse_image(image), input=input_name,
-                                  max_tiles=max_tiles, mode=mode)
+                                  max_tiles=max_tiles, mode=mode, halo=halo)
     out = program.save(target, force=force)
     _print_program_summary(program, out)
     _print_worker_shares(program, workers)
@@ -298,15 +312,16 @@ def _print_worker_shares(program, workers: int) -> None:
 @click.option("--no-finite-differences", "no_fd", is_flag=True,
               help="Skip the finite-difference check of the gradients.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_HALO
 @_fail_cleanly
 def check(model: str, image: str | None, tile: str, input_name: str | None, seed: int,
-          tolerance: float, no_fd: bool, as_json: bool) -> None:
+          tolerance: float, no_fd: bool, as_json: bool, halo: str) -> None:
     """Run the tiled program against an untiled run of MODEL and the gradients against finite
     differences; exit 1 on a mismatch."""
     from streamc.check import check as run_check
 
     report = run_check(model, parse_image(image), tile, input=input_name, seed=seed,
-                       tolerance=tolerance, finite_difference=not no_fd)
+                       tolerance=tolerance, finite_difference=not no_fd, halo=halo)
     _print_check(report, as_json)
     if not report.ok:
         sys.exit(1)
@@ -351,10 +366,11 @@ def _print_check(report, as_json: bool) -> None:
               help="Plan the graphs ONNX Runtime actually runs (slower: builds sessions).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--plot", type=click.Path(), help="Write memory and recompute vs tile size (PNG).")
+@_HALO
 @_WORKERS
 @_fail_cleanly
 def plan(model: str, image: str | None, tile: str | None, memory_budget: str | None,
-         input_name: str | None, exact: bool, as_json: bool, plot: str | None,
+         input_name: str | None, exact: bool, as_json: bool, plot: str | None, halo: str,
          workers: int) -> None:
     """Predict peak memory per training step for tile sizes of MODEL, before running anything."""
     from streamc import tile_search as ts
@@ -369,7 +385,7 @@ def plan(model: str, image: str | None, tile: str | None, memory_budget: str | N
     budget = parse_bytes(memory_budget) if memory_budget else None
     tiles = [max(parse_extent(tile, "tile size"))] if tile else None
     search = ts.search_tiles(model, parse_image(image), tiles=tiles, budget=budget,
-                             input=input_name, exact=exact, progress=_say)
+                             input=input_name, exact=exact, progress=_say, halo=halo)
     plans, chosen = search.plans, search.chosen
     if tile:
         plan_ = plans[0].plan

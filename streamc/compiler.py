@@ -50,8 +50,22 @@ from streamc.passes.extract import (
 from streamc.passes.flops import backward_flops, count_flops
 from streamc.passes.manager import Pass, PassManager
 from streamc.passes.memory import ConventionalPlan, MemoryPlan, plan_conventional, plan_program
-from streamc.passes.schedule import MAX_TILES, Schedule, Tile, check_schedule, make_schedule
-from streamc.passes.tile_graph import TileLayout, emit_tile_graph, layout_tile, verify_layout
+from streamc.passes.schedule import (
+    DEFAULT_HALO,
+    MAX_TILES,
+    Schedule,
+    Tile,
+    check_schedule,
+    make_schedule,
+)
+from streamc.passes.tile_graph import (
+    REUSE_UNPLACEABLE,
+    TileLayout,
+    emit_tile_graph,
+    layout_owned,
+    layout_tile,
+    verify_layout,
+)
 from streamc.policy import DEFAULT_POLICY, RuntimePolicy
 from streamc.program import Program, file_sha256
 from streamc.progress import progress_bar
@@ -68,6 +82,7 @@ def compile(
     max_tiles: int = MAX_TILES,
     mode: ProgramMode = "train",
     reduce_final: bool = True,
+    halo: str = DEFAULT_HALO,
 ) -> Program:
     """Compile ``model`` into a tiled program for images of size ``image`` ((H, W) or (D, H, W)).
 
@@ -81,7 +96,10 @@ def compile(
     ``"saliency"`` (backward graphs give the gradient of the image, not of the weights).
     ``reduce_final``: the head's whole-image reductions (a classifier's global pool) run tile by
     tile, so the map they reduce is never whole; off, the head reads that map whole (to write
-    the feature map, :func:`streamc.predict.predict` with ``features``).
+    the feature map, :func:`streamc.predict.predict` with ``features``). ``halo``:
+    ``"reuse"`` computes every activation once (tiles hand the strips around them on to the
+    tiles after them, docs/architecture.md "Halo reuse"); ``"recompute"``: every tile
+    recomputes its halo from the image.
     """
     with paused_gc():
         started = time.perf_counter()
@@ -89,7 +107,8 @@ def compile(
         analysis = analyze_checked(proto, image, input, reduce_final=reduce_final)
         return compile_analysis(analysis, tile, source_of(model, serialized),
                                 with_flops=with_flops, with_memory_plan=with_memory_plan,
-                                policy=policy, max_tiles=max_tiles, started=started, mode=mode)
+                                policy=policy, max_tiles=max_tiles, started=started, mode=mode,
+                                halo=halo)
 
 
 def source_of(model: str | Path | onnx.ModelProto, serialized: bytes) -> SourceSpec:
@@ -104,12 +123,13 @@ def compile_analysis(analysis: Analysis, tile: int | str | Sequence[int], source
                      *, with_flops: bool = True, with_memory_plan: bool = True,
                      conventional: ConventionalPlan | None = None,
                      policy: RuntimePolicy = DEFAULT_POLICY, max_tiles: int = MAX_TILES,
-                     started: float | None = None, mode: ProgramMode = "train") -> Program:
+                     started: float | None = None, mode: ProgramMode = "train",
+                     halo: str = DEFAULT_HALO) -> Program:
     """Compile an analysed model (see :func:`compile`)."""
     started = time.perf_counter() if started is None else started
     state = compile_state(analysis, tile, source, with_flops=with_flops,
                           with_memory_plan=with_memory_plan, conventional=conventional,
-                          policy=policy, max_tiles=max_tiles, mode=mode)
+                          policy=policy, max_tiles=max_tiles, mode=mode, halo=halo)
     program: Program = state["program"]
     program.meta.compile_seconds = round(time.perf_counter() - started, 3)
     return program
@@ -120,7 +140,7 @@ def compile_state(analysis: Analysis, tile: int | str | Sequence[int], source: S
                   conventional: ConventionalPlan | None = None,
                   policy: RuntimePolicy = DEFAULT_POLICY, exact: bool = False,
                   optimizer_copies: int = 2, max_tiles: int = MAX_TILES,
-                  mode: ProgramMode = "train") -> dict[str, Any]:
+                  mode: ProgramMode = "train", halo: str = DEFAULT_HALO) -> dict[str, Any]:
     """Run the compiler's passes on ``analysis`` and return their results by name
     (``"program"``, ``"memory_plan"`` ...); the program's description holds the memory plan.
     An inference program has no memory plan (the planner plans training steps)."""
@@ -142,14 +162,32 @@ def compile_state(analysis: Analysis, tile: int | str | Sequence[int], source: S
         state: dict[str, Any] = {"analysis": analysis, "tile": tile, "source": source,
                                  "policy": policy, "conventional": conventional,
                                  "exact": exact, "optimizer_copies": optimizer_copies,
-                                 "max_tiles": max_tiles, "mode": mode}
-        PassManager(compile_passes(with_flops, with_memory_plan)).run(state)
+                                 "max_tiles": max_tiles, "mode": mode, "halo": halo}
+        try:
+            PassManager(compile_passes(with_flops, with_memory_plan)).run(state)
+        except CompileError as exc:
+            if halo != "reuse" or REUSE_UNPLACEABLE not in str(exc):
+                raise
+            # Windows that read only padding past a tile's edge (a padding wider than the
+            # kernel's reach): recomputing halos places them.
+            reason = str(exc).removeprefix("layout: ")
+            state = {k: v for k, v in state.items() if k in _INPUTS} | {"halo": "recompute"}
+            try:
+                PassManager(compile_passes(with_flops, with_memory_plan)).run(state)
+            except CompileError as again:
+                raise CompileError(f"{reason}; and recomputing halos instead: {again}") from None
+            state["program"].meta.notes.append(
+                f"{reason}; every tile recomputes its halo instead (halo='recompute').")
     plan = state.get("memory_plan")
     state["program"].meta.memory_plan = plan.to_dict() if plan is not None else None
     return state
 
 
 # -- the passes -------------------------------------------------------------------------------
+
+#: What the compile state holds before the first pass.
+_INPUTS = ("analysis", "tile", "source", "policy", "conventional", "exact", "optimizer_copies",
+           "max_tiles", "mode", "halo")
 
 #: What a program's backward graphs differentiate: ``"train"`` the weights, ``"saliency"`` the
 #: image, ``"inference"``: there are no backward graphs.
@@ -177,7 +215,7 @@ class GraphAndBackward:
 
 
 def _schedule(s: Mapping[str, Any]) -> Schedule:
-    return make_schedule(s["analysis"], s["tile"], s["max_tiles"])
+    return make_schedule(s["analysis"], s["tile"], s["max_tiles"], s["halo"])
 
 
 def _check_schedule(s: Mapping[str, Any], schedule: Schedule) -> None:
@@ -199,7 +237,13 @@ def _layouts(s: Mapping[str, Any]) -> Layouts:
                     row.append(None)
                     ids.append(None)
                     continue
-                layout = layout_tile(analysis, tile, k)
+                layout = (layout_tile(analysis, tile, k) if schedule.ownership is None else
+                          layout_owned(analysis, tile, k, schedule.ownership))
+                if not (layout.outputs or layout.partials or layout.emits):
+                    # Halo reuse: what the tile owns here nobody reads (a strided op skips it).
+                    row.append(None)
+                    ids.append(None)
+                    continue
                 signature = layout.signature()
                 if signature not in by_signature:
                     by_signature[signature] = len(classes)
@@ -230,7 +274,7 @@ def _tile_graphs(s: Mapping[str, Any]) -> list[onnx.ModelProto]:
 
 def _check_tile_graphs(s: Mapping[str, Any], graphs: list[onnx.ModelProto]) -> None:
     for k, (graph, layout) in enumerate(zip(graphs, s["layouts"].classes)):
-        expected = len(layout.outputs) + len(layout.partials)
+        expected = len(layout.outputs) + len(layout.partials) + len(layout.emits)
         if len(graph.graph.output) != expected:
             raise CompileError(f"internal error: tile class {k} has {len(graph.graph.output)} "
                                f"outputs for {expected} kept regions and partials.")
@@ -347,7 +391,8 @@ def _program(s: Mapping[str, Any]) -> Program:
     tiles = [TileSpec(tuple(t.index), tuple(
         None if layout is None else TilePart(
             layouts.class_of[i][k], dict(t.crops[k]),
-            {c: t.kept[c] for c in analysis.split.stage_io[k].targets if c in t.kept})
+            {c: t.kept[c] for c in analysis.split.stage_io[k].targets if c in t.kept},
+            dict(layout.bands))
         for k, layout in enumerate(layouts.tiles[i]))) for i, t in enumerate(schedule.tiles)]
     global_specs = [_graph_spec(f"global{k + 1}", g, graphs, k + 1)
                     for k, g in enumerate(s["globals"])]
@@ -364,9 +409,9 @@ def _program(s: Mapping[str, Any]) -> Program:
         alignment=tuple(schedule.alignment),
         boundaries=tuple(tuple(b) for b in schedule.boundaries),
         notes=list(schedule.notes) + _tied_notes(analysis, params) + share_notes(analysis, share),
-        buffers=_buffers(analysis, len(tiles)),
+        buffers=_buffers(analysis, len(tiles)) + _band_buffers(analysis, schedule, layouts),
         parameters=_parameter_specs(analysis, params),
-        stages=_stage_specs(analysis, tiles),
+        stages=_stage_specs(analysis, tiles, grid_order=schedule.ownership is not None),
         classes=classes,
         tiles=tiles,
         globals=global_specs,
@@ -377,6 +422,7 @@ def _program(s: Mapping[str, Any]) -> Program:
         streamed=None if share is None else {"flops": round(share.flops, 4),
                                              "activations": round(share.activations, 4)},
         mode=s["mode"],
+        halo="recompute" if schedule.ownership is None else "reuse",
     )
     return Program(meta, graphs, parameter_values(analysis.graph.constants, params.names))
 
@@ -394,18 +440,21 @@ def _class_spec(k: int, layout: TileLayout, forward: onnx.ModelProto,
     kept = dict(zip(outputs, [t for t, _ in layout.outputs]))
     partial = dict(zip(outputs[len(layout.outputs):],
                        [stacked_name(r) for r, _ in layout.partials]))
-    source = {**kept, **partial}
+    emits = tuple(name for name, _t, _l in layout.emits)
+    source = {**kept, **partial, **{e: e for e in emits}}
     inputs = [i.name for i in forward.graph.input]
     return ClassSpec(
         id=k, stage=layout.stage, forward=fwd_name, backward=bwd_name,
         inputs={t: tuple(size) for t, size in layout.inputs},
         side_inputs=tuple(n for n in inputs if n not in params.names
-                          and n not in dict(layout.inputs)),
+                          and n not in dict(layout.inputs)
+                          and n not in {name for name, *_ in layout.strips}),
         outputs={kept[o]: o for o in kept}, partials={partial[o]: o for o in partial},
         cotangents={} if backward is None else
         {source[o]: c for o, c in backward.cotangents.items()},
         gradients={} if backward is None else dict(backward.gradients),
-        parameters=tuple(n for n in inputs if n in params.names))
+        parameters=tuple(n for n in inputs if n in params.names),
+        strips=tuple(name for name, *_ in layout.strips), emits=emits)
 
 
 def _graph_spec(name: str, graph: GraphAndBackward, graphs: dict[str, onnx.ModelProto],
@@ -448,11 +497,44 @@ def _buffers(analysis: Analysis, tiles: int) -> list[BufferSpec]:
     return buffers
 
 
-def _stage_specs(analysis: Analysis, tiles: list[TileSpec]) -> list[StageSpec]:
+def _stage_specs(analysis: Analysis, tiles: list[TileSpec], grid_order: bool = False
+                 ) -> list[StageSpec]:
+    """One spec per stage; ``grid_order``: tiles run in grid (raster) order, as halo reuse
+    needs (a tile's strips come from the tiles before it)."""
+    def order(k: int) -> list[int]:
+        if grid_order:
+            return [i for i, t in enumerate(tiles) if t.parts[k] is not None]
+        return tile_run_order(tiles, k)
+
     return [StageSpec(k, tuple(io.inputs), tuple(io.side_inputs), tuple(io.outputs),
-                      tuple(stacked_name(r.output) for r in io.reductions),
-                      tuple(tile_run_order(tiles, k)))
+                      tuple(stacked_name(r.output) for r in io.reductions), tuple(order(k)))
             for k, io in enumerate(analysis.split.stage_io)]
+
+
+def _band_buffers(analysis: Analysis, schedule: Schedule, layouts: Layouts) -> list[BufferSpec]:
+    """Halo reuse: one buffer per band a tile reads its strips from (see
+    :class:`~streamc.analysis.ownership.Ownership`)."""
+    ownership = schedule.ownership
+    if ownership is None:
+        return []
+    graph, split = analysis.graph, analysis.split
+    result: dict[str, BufferSpec] = {}
+    for tile, row in zip(schedule.tiles, layouts.tiles):
+        for layout in row:
+            if layout is None:
+                continue
+            for name, tensor, axis, _size in layout.strips:
+                band = layout.bands[name][0]
+                if band in result:
+                    continue
+                lo, hi = ownership.band(tensor, axis, tile.index[axis])
+                shape = list(graph.shape(tensor))
+                positions = split.layout(tensor)
+                shape[positions[axis]] = hi - lo
+                origin = tuple(lo if a == axis else 0 for a in range(len(positions)))
+                result[band] = BufferSpec(band, tuple(shape), graph.dtypes.get(tensor, 1),
+                                          "band", layout=tuple(positions), origin=origin)
+    return list(result.values())
 
 
 def _export_graph(analysis: Analysis, params: Parameters) -> onnx.ModelProto:
@@ -513,7 +595,7 @@ def compile_passes(with_flops: bool = True, with_memory_plan: bool = True) -> li
         Pass("parameters", ("analysis",), "parameters",
              lambda s: model_parameters(s["analysis"]),
              doc="which initializers the runtime owns: trainable weights and buffers"),
-        Pass("schedule", ("analysis", "tile", "max_tiles"), "schedule", _schedule,
+        Pass("schedule", ("analysis", "tile", "max_tiles", "halo"), "schedule", _schedule,
              _check_schedule, doc="the tile grid; kept regions partition every target"),
         Pass("layout", ("analysis", "schedule"), "layouts", _layouts, _check_layouts,
              doc="each tile's cone per stage in tile-local numbers, checked exact; classes"),

@@ -26,9 +26,10 @@ from streamc.errors import ProgramError
 from streamc.ops.memory import element_bytes
 
 FORMAT = "streamc-program"
-#: Version 4: a global graph may follow the last stage (the head's reductions, streamed);
+#: Version 5: halo reuse (bands, strips handed on between tiles, the run order they need);
+#: version 4: a global graph may follow the last stage (the head's reductions, streamed);
 #: version 3: stages, buffers and global graphs; version 2: typed metadata, run order, policy.
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 
 Box = tuple[tuple[int, int], ...]
 
@@ -77,7 +78,9 @@ class BufferSpec:
     ``kind``: ``"grid"`` (a grid tensor a stage writes whole: its ``stride``, ``receptive_field``
     and the positions of its spatial axes, ``layout``), ``"global"`` (a per-sample tensor) or
     ``"partials"`` (the partials of one reduction, one row per tile; a row no tile writes holds
-    ``identity``).
+    ``identity``) or ``"band"`` (halo reuse: the strips of a grid tensor that tiles at one index
+    along one axis read, written by the tiles before them; its spatial axes start at
+    ``origin`` in the tensor's full-image coordinates).
     """
 
     name: str
@@ -88,6 +91,7 @@ class BufferSpec:
     receptive_field: tuple[int, ...] = ()
     layout: tuple[int, ...] = ()
     identity: float = 0.0
+    origin: tuple[int, ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -97,14 +101,14 @@ class BufferSpec:
         return {"name": self.name, "shape": list(self.shape), "elem_type": self.elem_type,
                 "kind": self.kind, "stride": [_fraction_json(s) for s in self.stride],
                 "receptive_field": list(self.receptive_field), "layout": list(self.layout),
-                "identity": self.identity}
+                "identity": self.identity, "origin": list(self.origin)}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> BufferSpec:
         return cls(str(d["name"]), tuple(map(int, d["shape"])), int(d["elem_type"]),
                    str(d["kind"]), tuple(_fraction(s) for s in d["stride"]),
                    tuple(map(int, d["receptive_field"])), tuple(map(int, d["layout"])),
-                   float(d["identity"]))
+                   float(d["identity"]), tuple(map(int, d.get("origin", ()))))
 
 
 #: A tensor that leaves the grid for the head (kept for the name ``streamc inspect`` uses).
@@ -128,11 +132,14 @@ class ParameterSpec:
 @dataclass(frozen=True)
 class TilePart:
     """What one tile does in one stage: its shape class, the region of each stage input it
-    reads (``crops``), and the region of each stage output and reduced tensor it keeps."""
+    reads (``crops``), the region of each stage output and reduced tensor it keeps, and with
+    halo reuse, for each strip its class's graph reads or hands on, the band buffer and the
+    full-image box (``bands``: graph input or output -> (buffer, box))."""
 
     class_id: int
     crops: Mapping[str, Box]
     kept: Mapping[str, Box]
+    bands: Mapping[str, tuple[str, Box]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -172,6 +179,9 @@ class ClassSpec:
     partials buffer -> forward graph output; ``cotangents``: output or partials buffer ->
     backward graph input of its gradient; ``gradients``: parameter, input buffer or global
     buffer -> backward graph output; ``parameters``: the runtime-owned inputs of the forward.
+    With halo reuse, ``strips`` are the graph inputs holding strips from earlier tiles and
+    ``emits`` the graph outputs handing strips on (each tile's part names the band buffer);
+    their cotangents and gradients are keyed by these graph names.
     """
 
     id: int
@@ -185,6 +195,8 @@ class ClassSpec:
     cotangents: Mapping[str, str]
     gradients: Mapping[str, str]
     parameters: tuple[str, ...]
+    strips: tuple[str, ...] = ()
+    emits: tuple[str, ...] = ()
 
     @property
     def input_size(self) -> tuple[int, ...]:
@@ -311,6 +323,9 @@ class ProgramMeta:
     #: what the backward graphs differentiate: ``"train"`` (the weights), ``"saliency"`` (the
     #: image) or ``"inference"`` (no backward graphs; their file names are empty)
     mode: str = "train"
+    #: ``"reuse"``: tiles hand strips on, run in grid order forward and in reverse backward;
+    #: ``"recompute"``: every tile recomputes its halo
+    halo: str = "recompute"
 
     @property
     def grid(self) -> tuple[int, ...]:
@@ -388,13 +403,16 @@ class ProgramMeta:
                  "inputs": {k: list(v) for k, v in c.inputs.items()},
                  "side_inputs": list(c.side_inputs), "outputs": dict(c.outputs),
                  "partials": dict(c.partials), "cotangents": dict(c.cotangents),
-                 "gradients": dict(c.gradients), "parameters": list(c.parameters)}
+                 "gradients": dict(c.gradients), "parameters": list(c.parameters),
+                 "strips": list(c.strips), "emits": list(c.emits)}
                 for c in self.classes],
             "tiles": [
                 {"index": list(t.index),
                  "parts": [None if p is None else
                            {"class": p.class_id, "crops": _boxes_json(p.crops),
-                            "kept": _boxes_json(p.kept)} for p in t.parts]}
+                            "kept": _boxes_json(p.kept),
+                            "bands": {k: [b, _box_json(box)] for k, (b, box) in p.bands.items()}}
+                           for p in t.parts]}
                 for t in self.tiles],
             "globals": [g.to_json() for g in self.globals],
             "head": self.head.to_json(),
@@ -405,6 +423,7 @@ class ProgramMeta:
             "compile_seconds": self.compile_seconds,
             "streamed": self.streamed,
             "mode": self.mode,
+            "halo": self.halo,
         }
 
     @classmethod
@@ -444,12 +463,16 @@ class ProgramMeta:
                                {str(k): tuple(map(int, v)) for k, v in c["inputs"].items()},
                                tuple(c["side_inputs"]), dict(c["outputs"]),
                                dict(c["partials"]), dict(c["cotangents"]),
-                               dict(c["gradients"]), tuple(c["parameters"]))
+                               dict(c["gradients"]), tuple(c["parameters"]),
+                               tuple(c.get("strips", ())), tuple(c.get("emits", ())))
                      for c in d["classes"]],
             tiles=[TileSpec(tuple(map(int, t["index"])),
                             tuple(None if p is None else
                                   TilePart(int(p["class"]), _boxes(p["crops"]),
-                                           _boxes(p["kept"])) for p in t["parts"]))
+                                           _boxes(p["kept"]),
+                                           {str(k): (str(b), _box(box)) for k, (b, box)
+                                            in p.get("bands", {}).items()})
+                                  for p in t["parts"]))
                    for t in d["tiles"]],
             globals=[GraphSpec.from_json(g) for g in d["globals"]],
             head=GraphSpec.from_json(d["head"]),
@@ -464,6 +487,7 @@ class ProgramMeta:
                 "flops": float(d["streamed"]["flops"]),
                 "activations": float(d["streamed"]["activations"])},
             mode=str(d.get("mode", "train")),
+            halo=str(d.get("halo", "recompute")),
         )
 
 

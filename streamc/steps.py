@@ -13,8 +13,9 @@ A training step is four phases (:data:`PHASES`), the boundaries autograd sees:
   stage's tile backward graphs, the global graph before it backward, ... stage 0's.
 
 A :data:`StepKind.RELEASE` step frees a baked session once its pass is over. Tiles of a stage run
-in the stage's ``run_order``; whether a step's session has its weights baked in follows the
-:class:`~streamc.policy.RuntimePolicy`.
+in the stage's ``run_order`` (with halo reuse: grid order forward, its reverse backward, since a
+tile's strips come from the tiles before it); whether a step's session has its weights baked in
+follows the :class:`~streamc.policy.RuntimePolicy`.
 
 A *worker* of a tile-parallel run (``tiles``: the tiles it runs, per stage) has the tile steps
 of its own tiles only, and *combine* steps where its results meet the other workers'
@@ -168,6 +169,8 @@ def _global_backward(spec: GraphSpec, policy: RuntimePolicy, chunks: int) -> lis
 def _stage_backward(meta: ProgramMeta, stage: int, per_class: dict[int, int],
                     policy: RuntimePolicy, chunks: int) -> list[Step]:
     order = meta.stages[stage].run_order
+    if meta.halo == "reuse":  # a tile's strips get their gradients from the tiles after it
+        order = tuple(reversed(order))
     classes = meta.classes
     steps: list[Step] = []
     last = {meta.tiles[i].parts[stage].class_id: k for k, i in enumerate(order)}
@@ -207,11 +210,13 @@ def buffer_access(meta: ProgramMeta, step: Step) -> tuple[list[str], list[str], 
     if kind is StepKind.COMBINE_GRADIENT:
         return [], [f"{step.name}:grad"], False
     if step.tile is not None:
-        cls = meta.classes[meta.tiles[step.tile].parts[step.stage].class_id]
-        inputs = list(cls.inputs) + list(cls.side_inputs)
+        part = meta.tiles[step.tile].parts[step.stage]
+        cls = meta.classes[part.class_id]
+        inputs = list(cls.inputs) + list(cls.side_inputs) + [part.bands[n][0] for n in cls.strips]
+        handed_on = [part.bands[n][0] for n in cls.emits]
         if kind is StepKind.TILE_FORWARD:
-            return inputs, list(cls.outputs) + list(cls.partials), False
-        grads_in = [f"{n}:grad" for n in list(cls.outputs) + list(cls.partials)]
+            return inputs, list(cls.outputs) + list(cls.partials) + handed_on, False
+        grads_in = [f"{n}:grad" for n in list(cls.outputs) + list(cls.partials) + handed_on]
         grads_out = [f"{n}:grad" for n in inputs]
         return inputs + grads_in, grads_out, False
     spec = meta.head if step.name is None else next(g for g in meta.globals

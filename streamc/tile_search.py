@@ -27,7 +27,7 @@ from streamc.compiler import compile_state, source_of
 from streamc.errors import CompileError, StreamcError
 from streamc.graph import load_model_serialized
 from streamc.passes.memory import ConventionalPlan, MemoryPlan, plan_conventional
-from streamc.passes.schedule import MAX_TILES, smallest_tile
+from streamc.passes.schedule import DEFAULT_HALO, MAX_TILES, smallest_tile
 from streamc.policy import DEFAULT_POLICY, RuntimePolicy
 from streamc.program import Program
 from streamc.units import format_bytes, parse_bytes
@@ -109,7 +109,7 @@ def search_tiles(model: str | Path | onnx.ModelProto, image: Sequence[int] | Non
                  tiles: Sequence[int] | None = None, budget: int | str | None = None,
                  input: str | None = None, exact: bool = False, optimizer_copies: int = 2,
                  policy: RuntimePolicy = DEFAULT_POLICY, progress: Progress | None = None,
-                 max_tiles: int = MAX_TILES) -> TileSearch:
+                 max_tiles: int = MAX_TILES, halo: str = DEFAULT_HALO) -> TileSearch:
     """Compile and plan ``model`` at each tile size in ``tiles`` (default
     :func:`candidate_tiles`); with ``budget`` (bytes or a size such as ``'8GiB'``) from the
     largest down, stopping at the first that fits, which is :attr:`TileSearch.chosen`.
@@ -118,7 +118,7 @@ def search_tiles(model: str | Path | onnx.ModelProto, image: Sequence[int] | Non
     does not fit the budget (naming the least budget that would), and at once, before any
     compilation, when what every tiling keeps resident (image, weights, gradients, optimizer
     state, cut tensors and their gradients) already exceeds it. ``progress`` receives one line
-    per candidate.
+    per candidate. ``halo``: as :func:`streamc.compile`.
     """
     started = time.perf_counter()
     limit = parse_bytes(budget) if budget is not None else None
@@ -133,7 +133,8 @@ def search_tiles(model: str | Path | onnx.ModelProto, image: Sequence[int] | Non
         conventional = plan_conventional(analysis, optimizer_copies=optimizer_copies)
         if limit is not None:
             _refuse_hopeless(analysis, conventional, limit)
-        smallest = smallest_tile(analysis)
+        # Halo reuse makes progress on any tile its schedule accepts (it names the least).
+        smallest = smallest_tile(analysis) if halo == "recompute" else 1
         sizes = sorted({int(t) for t in tiles}) if tiles else candidate_tiles(analysis)
         usable = [t for t in sizes if t >= smallest]
         if not usable:
@@ -146,7 +147,7 @@ def search_tiles(model: str | Path | onnx.ModelProto, image: Sequence[int] | Non
         for k, t in enumerate(order):
             say(f"planning tile {t} ({k + 1} of at most {len(order)})")
             plan = _plan_tile(analysis, t, source, conventional, policy, exact,
-                              optimizer_copies, max_tiles)
+                              optimizer_copies, max_tiles, halo)
             plans.append(plan)
             if limit is not None and plan.peak <= limit:
                 break
@@ -158,10 +159,10 @@ def search_tiles(model: str | Path | onnx.ModelProto, image: Sequence[int] | Non
 
 def _plan_tile(analysis: Analysis, tile: int, source, conventional: ConventionalPlan,
                policy: RuntimePolicy, exact: bool, optimizer_copies: int,
-               max_tiles: int) -> TilePlan:
+               max_tiles: int, halo: str) -> TilePlan:
     state = compile_state(analysis, tile, source, with_flops=True, with_memory_plan=True,
                           conventional=conventional, policy=policy, exact=exact,
-                          optimizer_copies=optimizer_copies, max_tiles=max_tiles)
+                          optimizer_copies=optimizer_copies, max_tiles=max_tiles, halo=halo)
     program: Program = state["program"]
     plan: MemoryPlan = state["memory_plan"]
     flops = program.meta.flops

@@ -33,7 +33,7 @@ def _one_line(exc: BaseException) -> str:
 def test_too_small_tile_names_the_minimum(name: str) -> None:
     zm = zoo.build(name)
     with pytest.raises(CompileError) as info:
-        compile_program(zm.onnx_model, 3, with_flops=False)
+        compile_program(zm.onnx_model, 3, with_flops=False, halo="recompute")
     message = _one_line(info.value)
     match = re.search(r"tile \d+ along axis (\d+) is too small to make progress.*"
                       r"Use a tile of at least (\d+)\.", message)
@@ -46,18 +46,18 @@ def test_too_small_tile_names_the_minimum(name: str) -> None:
     for _ in range(a.n_spatial):
         while True:
             try:
-                make_schedule(a, tile)
+                make_schedule(a, tile, halo="recompute")
                 break
             except CompileError as exc:
                 found = re.search(r"along axis (\d+) .* at least (\d+)\.", str(exc))
                 assert found and int(found.group(1)) != axis
                 tile[int(found.group(1))] = int(found.group(2))
-    schedule = make_schedule(a, tile)
+    schedule = make_schedule(a, tile, halo="recompute")
     assert len(schedule.tiles) > 1
     smaller = list(tile)
     smaller[axis] = minimum - a.alignment[axis]
     with pytest.raises(CompileError, match="too small to make progress"):
-        make_schedule(a, smaller)
+        make_schedule(a, smaller, halo="recompute")
 
 
 def test_minimum_tile_compiles_exactly() -> None:
@@ -86,15 +86,17 @@ def test_tile_equal_to_image_is_one_tile() -> None:
     zm = zoo.build("nonsquare")  # 40×56, alignment (4, 6)
     program = compile_program(zm.onnx_model, "40x60", with_flops=False)
     assert len(program.tiles) == 1
-    # Documented behaviour: the request is rounded *down* to the alignment first, so a tile
-    # equal to an unaligned image size (56 -> 54) no longer covers it.
     program = compile_program(zm.onnx_model, "40x56", with_flops=False)
+    assert program.meta.tile == (40, 56) and program.meta.grid == (1, 1)
+    # Recomputing halos, the request is rounded *down* to the alignment first, so a tile
+    # equal to an unaligned image size (56 -> 54) no longer covers it.
+    program = compile_program(zm.onnx_model, "40x56", with_flops=False, halo="recompute")
     assert program.meta.tile == (40, 54) and program.meta.grid == (1, 2)
 
 
 def test_unaligned_tile_is_rounded_with_a_note() -> None:
     zm = zoo.build("resnet")  # alignment 8
-    program = compile_program(zm.onnx_model, "61x59", with_flops=False)
+    program = compile_program(zm.onnx_model, "61x59", with_flops=False, halo="recompute")
     assert program.meta.requested_tile == (61, 59)
     assert program.meta.tile == (56, 56)
     notes = program.meta.notes
@@ -103,15 +105,20 @@ def test_unaligned_tile_is_rounded_with_a_note() -> None:
     assert any("59 along axis 1" in n for n in notes), notes
     for tile in program.tiles:
         assert all(b - a <= 56 for a, b in tile.crop)
-    aligned = compile_program(zm.onnx_model, 56, with_flops=False)
+    aligned = compile_program(zm.onnx_model, 56, with_flops=False, halo="recompute")
     assert aligned.meta.notes == []
+    # Halo reuse reads a halo on every tile anyway: the request is used as it is.
+    reused = compile_program(zm.onnx_model, "61x59", with_flops=False)
+    assert reused.meta.tile == (61, 59) and reused.meta.notes == []
+    assert all(b - a <= t for tile in reused.tiles for (a, b), t in zip(tile.crop, (61, 59)))
 
 
 def test_tile_below_alignment_is_rounded_up_to_it() -> None:
     a = streamc.analyze(zoo.build("twocut").onnx_model)  # alignment 8, field 15 at stride 8
     with pytest.raises(CompileError, match="tile 8 along axis 0 is too small"):
-        make_schedule(a, 5)  # rounded up to one alignment step, which is still too small
-    assert make_schedule(a, 100).tile == (96, 96)
+        # rounded up to one alignment step, which is still too small
+        make_schedule(a, 5, halo="recompute")
+    assert make_schedule(a, 100, halo="recompute").tile == (96, 96)
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,7 @@ from torch.nn import functional as F
 import zoo
 from streamc.cli import main
 from streamc.compiler import compile as compile_program
+from streamc.errors import StreamcError
 from streamc.export import export_torch
 from streamc.passes.memory import plan_program
 from streamc.passes.partition import assign_tiles, split_contiguous, worker_plans
@@ -109,9 +110,12 @@ def torch_grads(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
 def resnet(tmp_path_factory):
     shape, tile = RESNET
     z = zoo.build("resnet", shape)
-    program = compile_program(z.onnx_model, tile=tile, image=shape[2:], with_flops=False)
+    # Tile-parallel workers need independent tiles: halo recompute.
+    program = compile_program(z.onnx_model, tile=tile, image=shape[2:], with_flops=False,
+                              halo="recompute")
     root = tmp_path_factory.mktemp("programs")
-    other = compile_program(z.onnx_model, tile=96, image=shape[2:], with_flops=False)
+    other = compile_program(z.onnx_model, tile=96, image=shape[2:], with_flops=False,
+                            halo="recompute")
     return (program, program.save(root / "resnet"), other.save(root / "resnet96"),
             copy.deepcopy(z.module).eval())
 
@@ -194,7 +198,7 @@ def multistage(tmp_path_factory):
         torch.manual_seed(0)
         module = factory()
         program = compile_program(export_torch(module, shape), tile=tile, image=shape[2:],
-                                  with_flops=False)
+                                  with_flops=False, halo="recompute")
         cases.append((name, module, program, program.save(root / name)))
     return cases
 
@@ -322,14 +326,28 @@ def test_worker_plans_and_plan_command_show_each_share(resnet, tmp_path, onnx_fi
         assert mine.runtime < everyone.runtime  # ... but fewer sessions
     model = onnx_file(zoo.build("resnet", RESNET[0]))
     result = CliRunner().invoke(main, ["plan", str(model), "--image", "128x128", "--tile",
-                                       str(RESNET[1]), "--workers", "2"])
+                                       str(RESNET[1]), "--workers", "2", "--halo", "recompute"])
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stdout.splitlines() if line.startswith("  worker ")]
     assert len(lines) == 2 and all("predicted peak" in line for line in lines)
     result = CliRunner().invoke(main, ["plan", str(model), "--image", "128x128", "--tile",
-                                       str(RESNET[1]), "--workers", "2", "--json"])
+                                       str(RESNET[1]), "--workers", "2", "--halo", "recompute",
+                                       "--json"])
     shares = json.loads(result.stdout)["workers"]["shares"]
     assert sorted(t for s in shares for t in s["tiles"][0]) == list(range(len(program.tiles)))
+
+
+def test_tile_parallel_refuses_a_program_that_hands_strips_on(onnx_file) -> None:
+    shape, tile = RESNET
+    z = zoo.build("resnet", shape)
+    program = compile_program(z.onnx_model, tile=tile, image=shape[2:], with_flops=False)
+    assert program.meta.halo == "reuse"
+    assert assign_tiles(program, 1).balance == 1
+    with pytest.raises(StreamcError, match="halo='recompute'"):
+        assign_tiles(program, 2)
+    result = CliRunner().invoke(main, ["plan", str(onnx_file(z)), "--image", "128x128",
+                                       "--tile", str(tile), "--workers", "2"])
+    assert result.exit_code == 2 and "--halo recompute" in result.stderr
 
 
 def test_contiguous_split_is_optimal_and_uses_every_worker() -> None:

@@ -51,6 +51,7 @@ from streamc.errors import CompileError
 from streamc.export import export_torch
 from streamc.graph import prepare
 from streamc.passes.schedule import make_schedule
+from streamc.passes.tile_graph import REUSE_UNPLACEABLE
 from streamc.program import Program
 from tests import randnet
 from tests.test_analysis import HANDBUILT
@@ -182,7 +183,7 @@ def resolve_tile(analysis: streamc.Analysis, tile: list[int], max_tiles: int = 6
     tile = list(tile)
     for _ in range(2 * len(tile) + 1):
         try:
-            schedule = make_schedule(analysis, tile)
+            schedule = make_schedule(analysis, tile, halo="recompute")
         except CompileError as exc:
             message = str(exc)
             match = re.search(r"along axis (\d+) is too small .* at least (\d+)\.", message)
@@ -206,7 +207,24 @@ def _bucket(n: int, small: int, medium: int) -> str:
     return f"<={small}" if n <= small else f"<={medium}" if n <= medium else f">{medium}"
 
 
-def _random_case(data, dims: int) -> None:
+def resolve_reuse_tile(analysis: streamc.Analysis, tile: list[int]) -> list[int]:
+    """``tile`` raised on each axis to the smallest halo reuse accepts (the minimum its
+    CompileError names, which must then work)."""
+    tile = list(tile)
+    for _ in range(len(tile) + 1):
+        try:
+            make_schedule(analysis, tile, halo="reuse")
+            return tile
+        except CompileError as exc:
+            match = re.search(r"along axis (\d+) is too small.* at least (\d+)\.", str(exc))
+            assert match, f"a too-small tile must name the minimum: {exc}"
+            axis, minimum = int(match.group(1)), int(match.group(2))
+            assert minimum > tile[axis]
+            tile[axis] = minimum
+    raise AssertionError(f"no workable tile found from {tile}")
+
+
+def _random_case(data, dims: int, halo: str = "recompute") -> None:
     src = randnet.HypothesisSource(data.draw)
     net = randnet.random_net(src, dims=dims, max_blocks=6 if dims == 2 else 4)
     note(net.spec.describe())
@@ -217,9 +235,25 @@ def _random_case(data, dims: int) -> None:
     a = streamc.analyze(net.onnx_model, image=size)
     requested = [data.draw(st.integers(1, n + 3), label=f"tile axis {i}")
                  for i, n in enumerate(size)]
-    tile = resolve_tile(a, requested)
+    if halo == "reuse":
+        tile = resolve_reuse_tile(a, requested)
+        event(f"tile below the receptive field: {any(t < r for t, r in zip(tile, _field(a)))}")
+    else:
+        tile = resolve_tile(a, requested)
     note(f"image {size} requested tile {requested} -> {tile}")
-    program = compile_program(net.onnx_model, tile, image=size, with_flops=False)
+    try:
+        program = compile_program(net.onnx_model, tile, image=size, with_flops=False, halo=halo)
+    except CompileError as exc:
+        # Windows that read only padding past a tile's edge: halo reuse falls back to
+        # recomputing halos, which needs its own least tile.
+        if halo != "reuse" or REUSE_UNPLACEABLE not in str(exc):
+            raise
+        tile = resolve_tile(a, tile)
+        program = compile_program(net.onnx_model, tile, image=size, with_flops=False, halo=halo)
+    if halo == "reuse":
+        fell_back = program.meta.halo == "recompute"
+        event(f"halo reuse fell back to recomputing: {fell_back}")
+        assert fell_back == any("recomputes its halo instead" in n for n in program.meta.notes)
     note(f"{len(program.tiles)} tiles, {len(program.classes)} classes")
     event(f"tiles: {_bucket(len(program.tiles), 1, 8)}")
     event(f"layers: {_bucket(len(net.spec.layers), 3, 8)}")
@@ -239,6 +273,27 @@ def test_random_nets_2d_match_torch(data) -> None:
 @given(st.data())
 def test_random_nets_3d_match_torch(data) -> None:
     _random_case(data, 3)
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.data())
+def test_random_nets_2d_with_halo_reuse_match_torch(data) -> None:
+    """Every activation computed once, strips handed on between tiles; tiles both larger and
+    smaller than the receptive field."""
+    _random_case(data, 2, halo="reuse")
+
+
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.data())
+def test_random_nets_3d_with_halo_reuse_match_torch(data) -> None:
+    _random_case(data, 3, halo="reuse")
+
+
+def _field(analysis: streamc.Analysis) -> list[int]:
+    return [max(analysis.tensors[c].receptive_field[axis] for c in analysis.ends)
+            for axis in range(analysis.n_spatial)]
 
 
 def test_ill_conditioned_bias_gradient() -> None:

@@ -211,7 +211,8 @@ def _choose(vgg, budget, tiles=(24, 36, 64)):
 
 def test_program_plan_adds_up(vgg):
     # The head reads the feature map whole (its pool not streamed): the classic cut.
-    program = compile(vgg, tile=36, image=(64, 64), with_flops=False, reduce_final=False)
+    program = compile(vgg, tile=36, image=(64, 64), with_flops=False, reduce_final=False,
+                      halo="recompute")
     plan = plan_program(program, plan_conventional(streamc.analyze(vgg, (64, 64))))
     assert isinstance(plan, MemoryPlan)
     r = plan.resident
@@ -236,13 +237,20 @@ def test_program_plan_adds_up(vgg):
     assert plan.to_dict()["policy"] == RuntimePolicy().to_json()
     # By default the pool runs tile by tile: the map and its gradient are never whole, only
     # one row of partials per tile, the pooled vector and their gradients.
-    pooled = compile(vgg, tile=36, image=(64, 64), with_flops=False)
+    pooled = compile(vgg, tile=36, image=(64, 64), with_flops=False, halo="recompute")
     pooled_plan = plan_program(pooled)
     kinds = {b.kind: b.nbytes for b in pooled.meta.buffers}
     assert set(kinds) == {"partials", "global"}
     rows, vector = kinds["partials"], kinds["global"]
     assert rows == len(pooled.tiles) * vector
     assert rows + vector <= pooled_plan.buffers <= 2 * (rows + vector) < plan.buffers
+    # Halo reuse adds the bands (strips handed on between tiles): kept from the forward pass
+    # to the backward pass, with their gradients.
+    reused = compile(vgg, tile=36, image=(64, 64), with_flops=False)
+    bands = sum(b.nbytes for b in reused.meta.buffers if b.kind == "band")
+    partials = sum(b.nbytes for b in reused.meta.buffers if b.kind != "band")
+    assert bands > 0
+    assert bands + partials <= plan_program(reused).buffers <= 2 * (bands + partials)
 
 
 POLICIES = {

@@ -65,6 +65,7 @@ def test_check_prints_the_compile_notes(tmp_path: Path) -> None:
     onnx.save(demo_model(channels=4), str(path))
     # 100 is not a multiple of the network's alignment (8): a note says it was rounded.
     result = CliRunner().invoke(main, ["check", str(path), "--image", "128x128", "--tile", "100",
+                                       "--halo", "recompute",
                                        "--no-finite-differences"])
     assert result.exit_code == 0, result.stdout
     assert "note: tile 100 along axis 0 is not a multiple" in result.stdout
@@ -75,7 +76,7 @@ def test_check_prints_the_compile_notes(tmp_path: Path) -> None:
 def test_the_schedule_uses_the_fewest_tiles_that_fit(size: int, tile: int) -> None:
     """No even split into fewer tiles keeps every crop within the tile (brute force)."""
     analysis = streamc.analyze(demo_model(channels=4), (size, size))
-    schedule = make_schedule(analysis, tile)
+    schedule = make_schedule(analysis, tile, halo="recompute")
     align = analysis.alignment[0]
     tile_aligned = schedule.tile[0]
     used = schedule.grid[0]

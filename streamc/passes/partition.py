@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from streamc.errors import StreamcError
 from streamc.passes.flops import backward_flops, count_flops
 from streamc.policy import DEFAULT_POLICY, RuntimePolicy
 from streamc.program import Program
@@ -88,6 +89,11 @@ def assign_tiles(program: Program, workers: int, flops: dict[int, int] | None = 
     and count always give the same assignment."""
     if workers < 1:
         raise ValueError(f"workers must be at least 1, not {workers}")
+    if workers > 1 and program.meta.halo == "reuse":
+        raise StreamcError(
+            "tile-parallel workers need a program whose tiles are independent: this one hands "
+            "strips from tile to tile (halo reuse). Compile it with halo='recompute' "
+            "(--halo recompute) to split its tiles among workers.")
     flops = class_flops(program) if flops is None else flops
     meta = program.meta
     per_worker: list[list[tuple[int, ...]]] = [[] for _ in range(workers)]

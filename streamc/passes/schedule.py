@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 from streamc.analysis import Analysis
-from streamc.analysis.regions import Box, is_empty
+from streamc.analysis.ownership import AxisOwnership, Ownership, axis_ownership
+from streamc.analysis.regions import Box, is_empty, union
 from streamc.errors import CompileError, StreamcError
 from streamc.units import parse_extent
 
@@ -51,6 +52,8 @@ class Schedule:
     boundaries: tuple[tuple[int, ...], ...]
     tiles: list[Tile] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: halo reuse: every grid tensor's owned regions (None: every tile recomputes its halo)
+    ownership: Ownership | None = None
 
     @property
     def grid(self) -> tuple[int, ...]:
@@ -256,10 +259,99 @@ def _refuse_many_tiles(analysis: Analysis, tiles: Sequence[int], smallest: Seque
     )
 
 
+#: How tiles get the values around them: ``"reuse"`` (each activation computed once; strips
+#: handed on between tiles) or ``"recompute"`` (each tile recomputes its whole halo).
+HALO_MODES = ("reuse", "recompute")
+DEFAULT_HALO = "reuse"
+
+
+def _stage_targets(analysis: Analysis) -> list[list[str]]:
+    return [list(io.targets) for io in analysis.split.stage_io]
+
+
+def _owned_axis(analysis: Analysis, axis: int, bounds: Sequence[int]) -> AxisOwnership:
+    return axis_ownership(analysis.graph, analysis.split, axis, bounds, _stage_targets(analysis))
+
+
+def _owned_width(analysis: Analysis, axis: int, own: AxisOwnership) -> int:
+    """The widest crop of any stage input along ``axis``, in image pixels."""
+    width = 0
+    for k, io in enumerate(analysis.split.stage_io):
+        for tensor in io.inputs:
+            stride = analysis.tensors[tensor].stride[axis] if tensor in analysis.tensors else 1
+            reads = own.reads.get((tensor, k), ())
+            for j, read in enumerate(reads):
+                if read is None:
+                    continue
+                if tensor == io.inputs[0]:  # see _owned_schedule: the owned part is read too
+                    a, b = own.owned(tensor, j)
+                    if b > a:
+                        read = (min(read[0], a), max(read[1], b))
+                width = max(width, math.ceil((read[1] - read[0]) * stride))
+    return width
+
+
+def _owned_boundaries(analysis: Analysis, axis: int, tile: int) -> tuple[list[int],
+                                                                          AxisOwnership]:
+    """The fewest aligned tiles of equal size along ``axis`` whose crops fit in ``tile``
+    pixels, when tiles hand their halos on (a crop is the tile plus the halo of the ops that
+    read the image directly)."""
+    size, align = analysis.image_size[axis], analysis.alignment[axis]
+    n = max(1, math.ceil(size / tile))
+    while True:
+        step = math.ceil(size / n / align) * align
+        bounds = sorted({min(i * step, size) for i in range(n)} | {size})
+        own = _owned_axis(analysis, axis, bounds)
+        if _owned_width(analysis, axis, own) <= tile:
+            return bounds, own
+        if step <= align:
+            raise CompileError(
+                f"tile {tile} along axis {axis} is too small to make progress: a tile of one "
+                f"aligned step of {align} px reads {_owned_width(analysis, axis, own)} px with "
+                f"its halo. Use a tile of at least {_owned_width(analysis, axis, own)}.")
+        n += 1
+
+
+def _owned_schedule(analysis: Analysis, schedule: Schedule) -> Schedule:
+    axes = []
+    bounds = []
+    for axis in range(analysis.n_spatial):
+        b, own = _owned_boundaries(analysis, axis, schedule.tile[axis])
+        bounds.append(tuple(b))
+        axes.append(own)
+    ownership = Ownership(tuple(axes), dict(analysis.split.phase))
+    schedule.boundaries = tuple(bounds)
+    schedule.ownership = ownership
+    computed = [[analysis.graph.nodes[n].output[0] for n in io.nodes]
+                for io in analysis.split.stage_io]
+    for index in _grid_indices(schedule.grid):
+        kept = {t: ownership.owned(t, index) for t in analysis.targets}
+        kept = {t: b for t, b in kept.items() if not is_empty(b)}
+        crops = []
+        for k, io in enumerate(analysis.split.stage_io):
+            if all(is_empty(ownership.owned(t, index)) for t in computed[k]):
+                crops.append({})  # nothing to do in this stage
+                continue
+            reads = {t: ownership.read(t, k, index) for t in io.inputs}
+            crop = {t: b for t, b in reads.items() if b is not None and not is_empty(b)}
+            # A tile may compute from strips alone; it still reads (and ignores) the region
+            # it owns of the stage's first input, so every part has a crop to size it by.
+            first = io.inputs[0]
+            crop[first] = union(crop.get(first), ownership.owned(first, index))
+            crops.append({t: crop[t] for t in io.inputs if t in crop})
+        if not crops[0]:
+            continue
+        schedule.tiles.append(Tile(index, kept, tuple(crops)))
+    return schedule
+
+
 def make_schedule(analysis: Analysis, tile: int | str | Sequence[int],
-                  max_tiles: int = MAX_TILES) -> Schedule:
+                  max_tiles: int = MAX_TILES, halo: str = DEFAULT_HALO) -> Schedule:
     """Lay the tile grid for ``analysis``'s image size (see module docstring); refuse at once
-    a tile so small that the grid would have more than ``max_tiles`` tiles."""
+    a tile so small that the grid would have more than ``max_tiles`` tiles. ``halo``: one of
+    :data:`HALO_MODES`."""
+    if halo not in HALO_MODES:
+        raise CompileError(f"halo={halo!r}: choose one of {', '.join(map(repr, HALO_MODES))}.")
     size = analysis.image_size
     if any(s is None for s in size):
         raise CompileError(
@@ -269,7 +361,7 @@ def make_schedule(analysis: Analysis, tile: int | str | Sequence[int],
     notes = []
     aligned = []
     for axis, (t, a) in enumerate(zip(requested, analysis.alignment)):
-        if t % a:
+        if t % a and halo == "recompute":  # halo reuse reads a halo on any tile anyway
             rounded = max(a, (t // a) * a)
             notes.append(
                 f"tile {t} along axis {axis} is not a multiple of the network's alignment {a}; "
@@ -284,6 +376,16 @@ def make_schedule(analysis: Analysis, tile: int | str | Sequence[int],
                 f"cut tensor {cut!r} is empty at image size {size}: the image is too small for "
                 "this network."
             )
+    if halo == "reuse":
+        schedule = Schedule(tuple(size), requested, tuple(aligned), analysis.alignment, (),
+                            notes=notes)
+        guess = math.prod(math.ceil(s / t) for s, t in zip(size, aligned))
+        if guess > max_tiles:
+            raise CompileError(
+                f"tile {'x'.join(map(str, aligned))} would need about {guess:,} tiles for a "
+                f"{'x'.join(map(str, size))} image, more than the limit of {max_tiles:,}: use "
+                "a larger tile, or raise the limit (--max-tiles, max_tiles=).")
+        return _owned_schedule(analysis, schedule)
     smallest = []
     for axis in range(analysis.n_spatial):
         needed = 0 if aligned[axis] >= size[axis] else min_tile(analysis, axis)

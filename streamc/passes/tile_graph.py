@@ -21,7 +21,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from streamc.analysis import Analysis
-from streamc.analysis.regions import Box, clip, union
+from streamc.analysis.ownership import Ownership
+from streamc.analysis.regions import Box, clip, is_empty, union
 from streamc.errors import CompileError
 from streamc.ops.facts import IDENTITY_OUTPUT_UNSAFE_READERS
 from streamc.ops.tiling import AxisState, Local, Placement, local_box
@@ -52,7 +53,16 @@ class TileLayout:
     nodes: tuple[NodeLayout, ...]
     outputs: tuple[tuple[str, Local | None], ...]
     partials: tuple[tuple[str, Local | None], ...] = ()
+    #: halo reuse: (graph input, tensor, axis, size) of each strip the tile reads, and
+    #: (graph output, tensor, slice) of each part of its owned regions it hands on
+    strips: tuple[tuple[str, str, int, tuple[int, ...]], ...] = ()
+    emits: tuple[tuple[str, str, Local], ...] = ()
+    #: what the tile holds of each tensor (full-image boxes); with halo reuse, strips included
     regions: dict[str, Box] = field(default_factory=dict, compare=False)
+    #: halo reuse: the region of each tensor the tile computes (its owned box)
+    computed: dict[str, Box] = field(default_factory=dict, compare=False)
+    #: halo reuse: graph input or output -> (band buffer, full-image box) on this tile
+    bands: dict[str, tuple[str, Box]] = field(default_factory=dict, compare=False)
 
     @property
     def input_size(self) -> tuple[int, ...]:
@@ -60,7 +70,160 @@ class TileLayout:
         return self.inputs[0][1]
 
     def signature(self) -> tuple:
-        return (self.stage, self.inputs, self.nodes, self.outputs, self.partials)
+        return (self.stage, self.inputs, self.nodes, self.outputs, self.partials, self.strips,
+                self.emits)
+
+    def assembled(self) -> dict[str, list[tuple[str, int]]]:
+        """Tensors the tile assembles from strips: tensor -> (graph input, axis) in axis
+        order."""
+        result: dict[str, list[tuple[str, int]]] = {}
+        for name, tensor, axis, _size in self.strips:
+            result.setdefault(tensor, []).append((name, axis))
+        return result
+
+
+#: How a layout that halo reuse cannot place begins (the compiler then recomputes halos).
+REUSE_UNPLACEABLE = "halo reuse cannot place node"
+
+
+def band_name(tensor: str, axis: int, i: int) -> str:
+    """The buffer holding the strips of ``tensor`` read at tile index ``i`` along ``axis``."""
+    return f"{tensor}@band{axis}.{i}"
+
+
+def strip_name(tensor: str, axis: int) -> str:
+    """A tile graph's input holding its strip of ``tensor`` before its own start on ``axis``."""
+    return f"{tensor}:strip{axis}"
+
+
+def emit_name(tensor: str, axis: int, ahead: int) -> str:
+    """A tile graph's output handing on its part of band ``ahead`` + 1 tiles further along
+    ``axis`` of ``tensor``."""
+    return f"{tensor}:band{axis}+{ahead}"
+
+
+def layout_owned(analysis: Analysis, tile: Tile, stage: int, ownership: Ownership
+                 ) -> TileLayout:
+    """The layout of ``tile`` in ``stage`` under halo reuse: every node computes its owned
+    region; a tensor its stage reads before the tile's own start is assembled from strips
+    (docs/architecture.md, "Halo reuse")."""
+    graph = analysis.graph
+    io = analysis.split.stage_io[stage]
+    index = tile.index
+    crops = tile.crops[stage]
+    regions: dict[str, Box] = dict(crops)
+    computed: dict[str, Box] = {}
+    strips: list[tuple[str, str, int, tuple[int, ...]]] = []
+    emits: list[tuple[str, str, Local]] = []
+    bands: dict[str, tuple[str, Box]] = {}
+    needed = _needed_nodes(analysis, stage)
+    nodes = []
+    for name in io.nodes:
+        if name not in needed:
+            continue
+        node = graph.nodes[name]
+        op = analysis.split.local_ops[name]
+        out = node.output[0]
+        owned = ownership.owned(out, index)
+        held = ownership.available(out, index)
+        if not is_empty(owned):
+            needs: list[Box] = []
+            slices = []
+            for slot in op.grid_inputs:
+                tensor = node.input[slot]
+                need = clip(tuple(ax.reads(iv) for ax, iv in zip(op.axes, owned)),
+                            analysis.extent(tensor))
+                if is_empty(need) or tensor not in regions or not _inside(need, regions[tensor]):
+                    raise CompileError(
+                        f"{REUSE_UNPLACEABLE} {name!r} ({node.op_type}) on tile {index}: its "
+                        f"windows there read {need} of {tensor!r}, past what the tile holds "
+                        "(windows that read only padding)")
+                slices.append((slot, local_box(need, regions[tensor])))
+                needs.append(need)
+            placement = op.tiling.layout(op.axes, owned, needs[0])
+            nodes.append(NodeLayout(name, tuple(slices), placement))
+        for o in node.output:
+            if not o:
+                continue
+            computed[o] = owned
+            if is_empty(held):
+                continue
+            regions[o] = held
+            for axis in range(analysis.n_spatial):
+                part = _strip_box(owned, held, axis)
+                if part is not None:
+                    name_ = strip_name(o, axis)
+                    strips.append((name_, o, axis, tuple(b - a for a, b in part)))
+                    bands[name_] = (band_name(o, axis, index[axis]), part)
+            if not is_empty(owned):
+                for name_, band, box in _hand_on(ownership, o, index, owned):
+                    emits.append((name_, o, local_box(box, held) or _whole(box)))
+                    bands[name_] = (band, box)
+    targets = {t: tile.kept[t] for t in io.targets if t in tile.kept}
+    outputs = tuple((t, local_box(targets[t], regions[t])) for t in io.outputs if t in targets)
+    partials = tuple((r.output, local_box(targets[r.tensor], regions[r.tensor]))
+                     for r in io.reductions if r.tensor in targets)
+    inputs = tuple((t, tuple(b - a for a, b in crops[t])) for t in io.inputs if t in crops)
+    return TileLayout(stage, inputs, tuple(nodes), outputs, partials, tuple(strips),
+                      tuple(emits), {**regions}, computed, bands)
+
+
+def _hand_on(ownership: Ownership, tensor: str, index: Sequence[int], owned: Box
+             ) -> list[tuple[str, str, Box]]:
+    """(graph output, band buffer, box) of each band of ``tensor`` that later tiles read and
+    the tile's owned box meets."""
+    result = []
+    for axis, ax in enumerate(ownership.axes):
+        n = len(ax.boundaries[tensor]) - 1
+        for i in range(index[axis] + 1, n):
+            band = ownership.band(tensor, axis, i)
+            if band is None:
+                continue
+            if band[0] >= owned[axis][1]:
+                break
+            lo, hi = max(band[0], owned[axis][0]), min(band[1], owned[axis][1])
+            if hi > lo:
+                box = tuple((lo, hi) if a == axis else iv for a, iv in enumerate(owned))
+                result.append((emit_name(tensor, axis, i - index[axis] - 1),
+                               band_name(tensor, axis, i), box))
+    return result
+
+
+def _whole(box: Box) -> Local:
+    return tuple((0, b - a) for a, b in box)
+
+
+def _inside(inner: Box, outer: Box) -> bool:
+    return all(o[0] <= i[0] and i[1] <= o[1] for i, o in zip(inner, outer))
+
+
+def _strip_box(owned: Box, held: Box, axis: int) -> Box | None:
+    """The part of ``held`` before the owned start along ``axis``: owned along the axes
+    before it, everything held along the axes after it (docs/architecture.md)."""
+    a, b = held[axis][0], owned[axis][0]
+    if b <= a:
+        return None
+    box = tuple(owned[x] if x < axis else (a, b) if x == axis else held[x]
+                for x in range(len(owned)))
+    return None if is_empty(box) else box
+
+
+def _needed_nodes(analysis: Analysis, stage: int) -> set[str]:
+    """The nodes of ``stage`` its targets depend on."""
+    cached = analysis.__dict__.setdefault("_needed_nodes", {})
+    if stage not in cached:
+        io = analysis.split.stage_io[stage]
+        wanted = set(io.targets)
+        chosen: set[str] = set()
+        graph = analysis.graph
+        for name in reversed(io.nodes):
+            node = graph.nodes[name]
+            if any(o in wanted for o in node.output):
+                chosen.add(name)
+                op = analysis.split.local_ops[name]
+                wanted.update(node.input[slot] for slot in op.grid_inputs)
+        cached[stage] = chosen
+    return cached[stage]
 
 
 def layout_tile(analysis: Analysis, tile: Tile, stage: int = 0) -> TileLayout:
@@ -96,7 +259,7 @@ def layout_tile(analysis: Analysis, tile: Tile, stage: int = 0) -> TileLayout:
     partials = tuple((r.output, local_box(tile.kept[r.tensor], regions[r.tensor]))
                      for r in io.reductions if r.tensor in tile.kept)
     inputs = tuple((t, tuple(b - a for a, b in regions[t])) for t in io.inputs if t in regions)
-    return TileLayout(stage, inputs, tuple(nodes), outputs, partials, regions)
+    return TileLayout(stage, inputs, tuple(nodes), outputs, partials, regions=regions)
 
 
 # --- verification -------------------------------------------------------------------------------
@@ -123,7 +286,12 @@ def verify_layout(analysis: Analysis, tile: Tile, layout: TileLayout) -> None:
     stages); what the stage computes from them is exact where the layout says it is."""
     graph = analysis.graph
     known: dict[str, _Known] = {}
-    for tensor, _size in layout.inputs:
+    assembled = layout.assembled()
+    held = [t for t, _ in layout.inputs]
+    # A tensor held only as strips (the tile owns none of it) is exact: earlier tiles computed
+    # the strips exactly (each tile's own check).
+    held += [t for t in assembled if is_empty(layout.computed.get(t))]
+    for tensor in held:
         crop = layout.regions[tensor]
         known[tensor] = _Known(tuple(a for a, _ in crop), tuple(b - a for a, b in crop), crop)
     for spec in layout.nodes:
@@ -132,14 +300,27 @@ def verify_layout(analysis: Analysis, tile: Tile, layout: TileLayout) -> None:
         for out in node.output:
             if not out:
                 continue
-            claimed = layout.regions[out]
-            if tuple((o, o + s) for o, s in zip(result.origin, result.size)) != tuple(claimed):
+            claimed = layout.computed.get(out, layout.regions.get(out))
+            box = tuple((o, o + s) for o, s in zip(result.origin, result.size))
+            if box != tuple(claimed):
                 raise CompileError(
                     f"tile {tile.index}: node {spec.node!r} ({node.op_type}) would compute "
                     f"region {result.origin}+{result.size} of {out!r}, not the planned "
                     f"{claimed}; refusing to emit an inexact program."
                 )
             known[out] = result
+            if layout.computed:
+                # Halo reuse: later tiles read what this tile owns, so all of it must be exact;
+                # then the tensor with its strips is exact where the tile holds it.
+                if tuple(result.valid) != box:
+                    raise CompileError(
+                        f"tile {tile.index}: node {spec.node!r} ({node.op_type}) computes "
+                        f"{out!r} exactly only on {result.valid} of its owned region {box}; "
+                        "refusing to emit an inexact program.")
+                if out in assembled:
+                    region = layout.regions[out]
+                    known[out] = _Known(tuple(a for a, _ in region),
+                                        tuple(b - a for a, b in region), region)
     stage = analysis.split.stage_io[layout.stage]
     for cut in stage.targets:
         kept = tile.kept.get(cut)
@@ -253,10 +434,23 @@ def emit_tile_graph(
     model = analysis.model
     graph = analysis.graph
     builder = _Builder(f"{name}_")
+    assembled = layout.assembled()
+    for tensor, parts in assembled.items():
+        if is_empty(layout.computed.get(tensor)):
+            _emit_assembly(analysis, tensor, parts, None, builder)
     for spec in layout.nodes:
         _emit_node(analysis, spec, builder)
+        for out in graph.nodes[spec.node].output:
+            if out in assembled:
+                own = builder.fresh(f"{out}:own")
+                _rename(builder.nodes, out, own)
+                _emit_assembly(analysis, out, assembled[out], own, builder)
     partials = _emit_partials(analysis, layout, builder)
-    outputs = _emit_outputs(analysis, layout, builder, output_names) + partials
+    emits = []
+    for output, tensor, local in layout.emits:
+        builder.slice(tensor, local, analysis.split.layout(tensor), output=output)
+        emits.append(output)
+    outputs = _emit_outputs(analysis, layout, builder, output_names) + partials + emits
     nodes = _with_constant_nodes(analysis, builder.nodes)
     used = {i for n in nodes for i in n.input if i}
     inits = {i.name: i for i in model.graph.initializer}
@@ -266,6 +460,12 @@ def emit_tile_graph(
         for position, n in zip(analysis.split.layout(tensor), size):
             shape[position] = n
         inputs.append(helper.make_tensor_value_info(tensor, graph.dtypes.get(tensor, 1), shape))
+    for input_name, tensor, _axis, size in layout.strips:
+        shape = list(graph.shape(tensor))
+        for position, n in zip(analysis.split.layout(tensor), size):
+            shape[position] = n
+        inputs.append(helper.make_tensor_value_info(input_name, graph.dtypes.get(tensor, 1),
+                                                    shape))
     for tensor in analysis.split.stage_io[layout.stage].side_inputs:
         if tensor in used:
             inputs.append(helper.make_tensor_value_info(
@@ -282,6 +482,28 @@ def emit_tile_graph(
                               producer_name="streamc")
     proto.ir_version = model.ir_version
     return _typed_outputs(proto)
+
+
+def _emit_assembly(analysis: Analysis, tensor: str, parts: list[tuple[str, int]],
+                   own: str | None, builder: _Builder) -> None:
+    """``tensor`` as the tile holds it: its strips (graph inputs) concatenated in front of the
+    region it computes (``own``), the last axis first (docs/architecture.md)."""
+    layout = analysis.split.layout(tensor)
+    current = own
+    for k, (strip, axis) in enumerate(reversed(parts)):
+        last = k == len(parts) - 1
+        out = tensor if last else builder.fresh(tensor)
+        if current is None:
+            if not last:
+                current = strip
+                continue
+            builder.nodes.append(helper.make_node("Identity", [strip], [out],
+                                                  name=builder.fresh("strip")))
+        else:
+            builder.nodes.append(helper.make_node("Concat", [strip, current], [out],
+                                                  axis=layout[axis],
+                                                  name=builder.fresh("assemble")))
+        current = out
 
 
 def _emit_node(analysis: Analysis, spec: NodeLayout, builder: _Builder) -> None:

@@ -167,6 +167,9 @@ class Interpreter:
         return len(spec.shape) if spec is not None else len(self.meta.input.shape)
 
     def _index(self, name: str, box) -> Index:
+        spec = self.buffers.get(name)
+        if spec is not None and spec.origin:  # a band: it starts at ``origin``
+            box = [(a - o, b - o) for (a, b), o in zip(box, spec.origin)]
         return index(box, self._layout(name), self._rank(name))
 
     def _source(self, state: ForwardState, c: int, name: str) -> Tensor:
@@ -264,7 +267,8 @@ class Interpreter:
         feeds = self._tile_feeds(cls, part, state, c)
         names = list(cls.outputs) + list(cls.partials)
         values = backend.run(step, weights, feeds,
-                             [cls.outputs.get(n) or cls.partials[n] for n in names])
+                             [cls.outputs.get(n) or cls.partials[n] for n in names]
+                             + list(cls.emits))
         store = state.buffers[c]
         for name, value in zip(names, values):
             target = self._buffer(store, name)
@@ -272,6 +276,9 @@ class Interpreter:
                 backend.write(target, self._index(name, part.kept[name]), value)
             else:
                 backend.write(target, (step.tile,), value)
+        for name, value in zip(cls.emits, values[len(names):]):
+            band, box = part.bands[name]
+            backend.write(self._buffer(store, band), self._index(band, box), value)
 
     def _single_chunk(self, chunks: Sequence[slice], what: str) -> None:
         if len(chunks) != 1:
@@ -281,6 +288,9 @@ class Interpreter:
     def _tile_feeds(self, cls: ClassSpec, part, state: ForwardState, c: int) -> dict[str, Tensor]:
         feeds = {t: self._crop(state, c, t, part.crops[t]) for t in cls.inputs}
         feeds.update({g: state.buffers[c][g] for g in cls.side_inputs})
+        for name in cls.strips:
+            band, box = part.bands[name]
+            feeds[name] = self.backend.crop(state.buffers[c][band], self._index(band, box))
         return feeds
 
     def _global_forward(self, step: Step, state: ForwardState, c: int, weights: WeightSet
@@ -421,6 +431,11 @@ class Interpreter:
                 given = grads.get(name)
                 feeds[cot] = (self._zeros_like_input(cls.backward, cot) if given is None else
                               backend.read(given, self._index(name, part.kept[name])))
+            elif name in part.bands:  # a strip handed on: what the tiles after it gave back
+                band, box = part.bands[name]
+                given = grads.get(band)
+                feeds[cot] = (self._zeros_like_input(cls.backward, cot) if given is None else
+                              backend.read(given, self._index(band, box)))
             else:
                 given = grads.get(name)
                 feeds[cot] = (self._zeros_like_input(cls.backward, cot) if given is None else
@@ -430,6 +445,9 @@ class Interpreter:
         for (wrt, _), value in zip(pairs, values):
             if wrt in cls.inputs:  # a crop: its gradient adds into the whole buffer's
                 backend.add(self._buffer(grads, wrt), self._index(wrt, part.crops[wrt]), value)
+            elif wrt in part.bands:  # a strip: its gradient goes back to the tiles before
+                band, box = part.bands[wrt]
+                backend.add(self._buffer(grads, band), self._index(band, box), value)
             elif wrt in self.buffers:
                 backend.accumulate(grads, wrt, value)
             else:
