@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     calibrate_batchnorm(net, np.random.default_rng(0))
     started = time.perf_counter()
     program = compile_program(export_torch(net, (1, 1, args.size, args.size), dynamic=False),
-                              tile=args.tile, image=(args.size, args.size), with_flops=False)
+                              tile=args.tile, image=(args.size, args.size), with_flops=False,
+                              # tile workers need independent tiles; one worker reuses halos
+                              halo="recompute" if args.tile_workers > 1 else "reuse")
     say(f"compiled {args.size}x{args.size}: {len(program.tiles)} tiles, "
         f"{time.perf_counter() - started:.1f} s")
 

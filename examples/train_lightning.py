@@ -66,7 +66,8 @@ def build_task(lightning, args: argparse.Namespace):
             program = compile_program(export_torch(net, (1, 1, args.size, args.size),
                                                    dynamic=False),
                                       tile=args.tile, image=(args.size, args.size),
-                                      with_flops=False)
+                                      with_flops=False,
+                                      halo="recompute" if args.tile_workers > 1 else "reuse")
             self.model = StreamingModel(program, threads=args.threads)
             self.data_rank, self.data_groups = 0, 1
 
