@@ -1,9 +1,16 @@
 """Step time and peak memory against tile size, halo recomputed vs reused, from one results file.
 
-    python -m benchmarks.streaming --sizes 4096 --volumes "" --configs a,c,d \\
+    python -m benchmarks.streaming --sizes 1024 --volumes "" --configs a,d \\
+        --tiles 256,512,1024 --min-tile-2d 0 --steps 2 --output benchmarks/results/halo_reuse.json
+    python -m benchmarks.streaming --sizes 4096 --volumes "" --configs a,d \\
         --tiles 256,512,1024,2048,4096 --min-tile-2d 0 --steps 1 \\
         --output benchmarks/results/halo_reuse.json
+    python -m benchmarks.streaming --sizes 4096 --volumes "" --configs c \\
+        --tiles 1024,2048,4096 --min-tile-2d 0 --steps 1 --output benchmarks/results/halo_reuse.json
     python -m benchmarks.halo_figure benchmarks/results/halo_reuse.json --size 4096
+
+(the commands that wrote ``benchmarks/results/halo_reuse.*``; recomputing halos at tile 512
+would take about 13× the FLOPs and was not run.)
 
 Reads the records :mod:`benchmarks.streaming` wrote (configurations (a) torch, (c) streamc
 recomputing halos, (d) streamc reusing them) and draws, at one image size, the median step time
