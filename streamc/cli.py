@@ -274,6 +274,7 @@ def compile_command(model: str, tile: str | None, image: str | None, input_name:
     mode = "inference" if inference else "saliency" if saliency else "train"
     if not tile and not memory_budget:
         raise StreamcError("give a tile size (--tile 2048) or a memory budget (--memory-budget).")
+    _refuse_workers_with_reuse(workers, halo)
     target = Path(output) if output else _default_output(model)
     check_target(target, force)  # before any work
     if memory_budget:
@@ -292,6 +293,12 @@ def compile_command(model: str, tile: str | None, image: str | None, input_name:
     out = program.save(target, force=force)
     _print_program_summary(program, out)
     _print_worker_shares(program, workers)
+
+
+def _refuse_workers_with_reuse(workers: int, halo: str) -> None:
+    if workers > 1 and halo == "reuse":
+        raise StreamcError("--workers splits independent tiles among processes: add --halo "
+                           "recompute (with halo reuse, tiles hand strips to each other).")
 
 
 def _print_worker_shares(program, workers: int) -> None:
@@ -379,6 +386,7 @@ def plan(model: str, image: str | None, tile: str | None, memory_budget: str | N
         raise StreamcError("give either --tile or --memory-budget, not both.")
     if workers > 1 and not (tile or memory_budget):
         raise StreamcError("--workers plans one tile: give --tile or --memory-budget too.")
+    _refuse_workers_with_reuse(workers, halo)
     if plot:  # before any work: a missing dependency or a bad path is known now
         ts.require_matplotlib()
         _check_writable(Path(plot))

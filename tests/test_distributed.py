@@ -337,7 +337,7 @@ def test_worker_plans_and_plan_command_show_each_share(resnet, tmp_path, onnx_fi
     assert sorted(t for s in shares for t in s["tiles"][0]) == list(range(len(program.tiles)))
 
 
-def test_tile_parallel_refuses_a_program_that_hands_strips_on(onnx_file) -> None:
+def test_tile_parallel_refuses_a_program_that_hands_strips_on(onnx_file, tmp_path) -> None:
     shape, tile = RESNET
     z = zoo.build("resnet", shape)
     program = compile_program(z.onnx_model, tile=tile, image=shape[2:], with_flops=False)
@@ -348,6 +348,11 @@ def test_tile_parallel_refuses_a_program_that_hands_strips_on(onnx_file) -> None
     result = CliRunner().invoke(main, ["plan", str(onnx_file(z)), "--image", "128x128",
                                        "--tile", str(tile), "--workers", "2"])
     assert result.exit_code == 2 and "--halo recompute" in result.stderr
+    target = tmp_path / "never.streamc"  # refused before compiling: nothing is written
+    result = CliRunner().invoke(main, ["compile", str(onnx_file(z)), "--image", "128x128",
+                                       "--tile", str(tile), "--workers", "2", "-o", str(target)])
+    assert result.exit_code == 2 and "--halo recompute" in result.stderr
+    assert not target.exists()
 
 
 def test_contiguous_split_is_optimal_and_uses_every_worker() -> None:
