@@ -9,6 +9,13 @@ regions of the tiles partition every target. A tile's crop of a stage input is w
 regions need of it. Each axis is cut into as few tiles as fit the requested size (image pixels;
 a crop of a later stage's input counts its width times its stride), of equal kept size except
 the last.
+
+With halo reuse (``halo="reuse"``, the default) the schedule also holds every grid tensor's
+owned regions (:class:`~streamc.analysis.ownership.Ownership`): the kept regions are the
+targets' owned regions, a crop is what the tile's owned regions read of a stage input, and a
+tile's crop need not cover the receptive field (it is its region plus the halo of the ops that
+read the stage input directly). Tile boundaries still lie on the alignment lattice, so most
+tiles have equal owned sizes and share a shape class.
 """
 
 from __future__ import annotations

@@ -9,6 +9,11 @@ layouts share one graph (:meth:`TileLayout.signature`). :func:`verify_layout` re
 layout's local numbers alone, which positions of each tensor equal their full-image values, and
 refuses a layout whose kept regions are not all exact (the layout check, docs/architecture.md).
 :func:`emit_tile_graph` writes the layout as an ONNX model.
+
+With halo reuse, :func:`layout_owned` is the layout instead: every node computes its owned
+region only; the strips before it come in as graph inputs and are concatenated in front of it;
+what later tiles need goes out as graph outputs (:func:`strip_name`, :func:`emit_name`,
+:func:`band_name`). :func:`verify_layout` then also requires every owned position to be exact.
 """
 
 from __future__ import annotations
