@@ -319,13 +319,22 @@ def _owned_boundaries(analysis: Analysis, axis: int, tile: int) -> tuple[list[in
         n += 1
 
 
-def _owned_schedule(analysis: Analysis, schedule: Schedule) -> Schedule:
+def _owned_schedule(analysis: Analysis, schedule: Schedule, max_tiles: int) -> Schedule:
     axes = []
     bounds = []
     for axis in range(analysis.n_spatial):
         b, own = _owned_boundaries(analysis, axis, schedule.tile[axis])
         bounds.append(tuple(b))
         axes.append(own)
+    total = math.prod(len(b) - 1 for b in bounds)
+    if total > max_tiles:
+        # A later stage reading its whole input buffer far before its owned start (a residual
+        # around a skewed block) widens the crop by that skew times the input's stride.
+        raise CompileError(
+            f"tile {'x'.join(map(str, schedule.tile))} needs {total:,} tiles "
+            f"({' x '.join(str(len(b) - 1) for b in bounds)}) with halo reuse, more than the "
+            f"limit of {max_tiles:,}: some crops of this network's later stages are wider than "
+            "the tile. Use a larger tile, or halo='recompute' (--halo recompute).")
     ownership = Ownership(tuple(axes), dict(analysis.split.phase))
     schedule.boundaries = tuple(bounds)
     schedule.ownership = ownership
@@ -392,7 +401,7 @@ def make_schedule(analysis: Analysis, tile: int | str | Sequence[int],
                 f"tile {'x'.join(map(str, aligned))} would need about {guess:,} tiles for a "
                 f"{'x'.join(map(str, size))} image, more than the limit of {max_tiles:,}: use "
                 "a larger tile, or raise the limit (--max-tiles, max_tiles=).")
-        return _owned_schedule(analysis, schedule)
+        return _owned_schedule(analysis, schedule, max_tiles)
     smallest = []
     for axis in range(analysis.n_spatial):
         needed = 0 if aligned[axis] >= size[axis] else min_tile(analysis, axis)
