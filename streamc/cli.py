@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 
 from streamc.errors import StreamcError
-from streamc.passes.schedule import MAX_TILES
+from streamc.passes.schedule import DEFAULT_HALO, HALO_MODES, MAX_TILES
 from streamc.units import format_bytes, parse_bytes, parse_extent
 
 
@@ -185,7 +185,7 @@ def inspect(model: str, image: str | None, input_name: str | None, as_json: bool
 
 
 _HALO = click.option(
-    "--halo", type=click.Choice(["reuse", "recompute"]), default="reuse", show_default=True,
+    "--halo", type=click.Choice(HALO_MODES), default=DEFAULT_HALO, show_default=True,
     help="reuse: every activation computed once, tiles hand on the strips around them; "
          "recompute: every tile recomputes its halo (independent tiles, for --workers).")
 

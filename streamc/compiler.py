@@ -59,7 +59,7 @@ from streamc.passes.schedule import (
     make_schedule,
 )
 from streamc.passes.tile_graph import (
-    REUSE_UNPLACEABLE,
+    HaloReuseUnplaceable,
     TileLayout,
     emit_tile_graph,
     layout_owned,
@@ -165,9 +165,7 @@ def compile_state(analysis: Analysis, tile: int | str | Sequence[int], source: S
                                  "max_tiles": max_tiles, "mode": mode, "halo": halo}
         try:
             PassManager(compile_passes(with_flops, with_memory_plan)).run(state)
-        except CompileError as exc:
-            if halo != "reuse" or REUSE_UNPLACEABLE not in str(exc):
-                raise
+        except HaloReuseUnplaceable as exc:
             # Windows that read only padding past a tile's edge (a padding wider than the
             # kernel's reach): recomputing halos places them.
             reason = str(exc).removeprefix("layout: ")
@@ -441,20 +439,20 @@ def _class_spec(k: int, layout: TileLayout, forward: onnx.ModelProto,
     partial = dict(zip(outputs[len(layout.outputs):],
                        [stacked_name(r) for r, _ in layout.partials]))
     emits = tuple(name for name, _t, _l in layout.emits)
+    strips = tuple(name for name, *_ in layout.strips)
     source = {**kept, **partial, **{e: e for e in emits}}
     inputs = [i.name for i in forward.graph.input]
     return ClassSpec(
         id=k, stage=layout.stage, forward=fwd_name, backward=bwd_name,
         inputs={t: tuple(size) for t, size in layout.inputs},
         side_inputs=tuple(n for n in inputs if n not in params.names
-                          and n not in dict(layout.inputs)
-                          and n not in {name for name, *_ in layout.strips}),
+                          and n not in dict(layout.inputs) and n not in strips),
         outputs={kept[o]: o for o in kept}, partials={partial[o]: o for o in partial},
         cotangents={} if backward is None else
         {source[o]: c for o, c in backward.cotangents.items()},
         gradients={} if backward is None else dict(backward.gradients),
         parameters=tuple(n for n in inputs if n in params.names),
-        strips=tuple(name for name, *_ in layout.strips), emits=emits)
+        strips=strips, emits=emits)
 
 
 def _graph_spec(name: str, graph: GraphAndBackward, graphs: dict[str, onnx.ModelProto],

@@ -60,14 +60,16 @@ def _reading_range(axis_map, extent_in: int, extent_out: int) -> tuple[int, int]
     return first, lo
 
 
-def _owned_end(axis_map, boundary: int, extent_in: int, extent_out: int) -> int:
+def _owned_end(axis_map, boundary: int, extent_in: int, extent_out: int,
+               reading: tuple[int, int]) -> int:
     """The largest ``o`` such that outputs ``[0, o)`` read no input position at or after
     ``boundary`` (the input's extent clips what padding reads).
 
     An op cannot run on an empty input, so outputs that read only padding go with the
-    nearest output that reads the input: no boundary falls inside the outputs before the
-    first that reads it (they go with it) or after the last (they go with it)."""
-    first, last = _reading_range(axis_map, extent_in, extent_out)
+    nearest output that reads the input (``reading``: the first and the last that do, from
+    :func:`_reading_range`): no boundary falls inside the outputs before the first (they go
+    with it) or after the last (they go with it)."""
+    first, last = reading
     lo, hi = 0, extent_out
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -96,10 +98,11 @@ def axis_ownership(graph: Graph, split: Split, axis: int, bounds: Sequence[int],
             continue
         extent_out = step.out_extent[axis]
         ax = step.op.axes[axis]
+        reading = [_reading_range(ax, extent[axis], extent_out) for _, extent in step.inputs]
         inner = []
         for i in range(1, n):
-            inner.append(min(_owned_end(ax, boundaries[tensor][i], extent[axis], extent_out)
-                             for tensor, extent in step.inputs))
+            inner.append(min(_owned_end(ax, boundaries[tensor][i], extent[axis], extent_out, r)
+                             for (tensor, extent), r in zip(step.inputs, reading)))
         result = (0, *inner, extent_out)
         for out in step.outputs:
             boundaries[out] = result

@@ -70,10 +70,13 @@ class PassManager:
 
 
 def _named(name: str, exc: Exception) -> CompileError:
+    """``exc`` as a CompileError whose message names the pass; a CompileError keeps its class,
+    so a caller can tell kinds of failure apart."""
     message = str(exc)
     if message.startswith(f"{name}: "):
         return exc if isinstance(exc, CompileError) else CompileError(message)
-    return CompileError(f"{name}: {message}")
+    kind = type(exc) if isinstance(exc, CompileError) else CompileError
+    return kind(f"{name}: {message}")
 
 
 class _ReadOnly(Mapping[str, Any]):

@@ -309,13 +309,14 @@ def _owned_boundaries(analysis: Analysis, axis: int, tile: int) -> tuple[list[in
         step = math.ceil(size / n / align) * align
         bounds = sorted({min(i * step, size) for i in range(n)} | {size})
         own = _owned_axis(analysis, axis, bounds)
-        if _owned_width(analysis, axis, own) <= tile:
+        width = _owned_width(analysis, axis, own)
+        if width <= tile:
             return bounds, own
         if step <= align:
             raise CompileError(
                 f"tile {tile} along axis {axis} is too small to make progress: a tile of one "
-                f"aligned step of {align} px reads {_owned_width(analysis, axis, own)} px with "
-                f"its halo. Use a tile of at least {_owned_width(analysis, axis, own)}.")
+                f"aligned step of {align} px reads {width} px with its halo. Use a tile of at "
+                f"least {width}.")
         n += 1
 
 

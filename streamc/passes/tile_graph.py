@@ -27,7 +27,7 @@ from onnx import helper, numpy_helper
 
 from streamc.analysis import Analysis
 from streamc.analysis.ownership import Ownership
-from streamc.analysis.regions import Box, clip, is_empty, union
+from streamc.analysis.regions import Box, clip, contains, is_empty, union
 from streamc.errors import CompileError
 from streamc.ops.facts import IDENTITY_OUTPUT_UNSAFE_READERS
 from streamc.ops.tiling import AxisState, Local, Placement, local_box
@@ -87,8 +87,9 @@ class TileLayout:
         return result
 
 
-#: How a layout that halo reuse cannot place begins (the compiler then recomputes halos).
-REUSE_UNPLACEABLE = "halo reuse cannot place node"
+class HaloReuseUnplaceable(CompileError):
+    """Halo reuse cannot place a node on a tile (its windows there read only padding past
+    what the tile holds); the compiler then recomputes halos."""
 
 
 def band_name(tensor: str, axis: int, i: int) -> str:
@@ -138,11 +139,11 @@ def layout_owned(analysis: Analysis, tile: Tile, stage: int, ownership: Ownershi
                 tensor = node.input[slot]
                 need = clip(tuple(ax.reads(iv) for ax, iv in zip(op.axes, owned)),
                             analysis.extent(tensor))
-                if is_empty(need) or tensor not in regions or not _inside(need, regions[tensor]):
-                    raise CompileError(
-                        f"{REUSE_UNPLACEABLE} {name!r} ({node.op_type}) on tile {index}: its "
-                        f"windows there read {need} of {tensor!r}, past what the tile holds "
-                        "(windows that read only padding)")
+                if is_empty(need) or tensor not in regions or not contains(regions[tensor], need):
+                    raise HaloReuseUnplaceable(
+                        f"halo reuse cannot place node {name!r} ({node.op_type}) on tile "
+                        f"{index}: its windows there read {need} of {tensor!r}, past what the "
+                        "tile holds (windows that read only padding)")
                 slices.append((slot, local_box(need, regions[tensor])))
                 needs.append(need)
             placement = op.tiling.layout(op.axes, owned, needs[0])
@@ -196,10 +197,6 @@ def _hand_on(ownership: Ownership, tensor: str, index: Sequence[int], owned: Box
 
 def _whole(box: Box) -> Local:
     return tuple((0, b - a) for a, b in box)
-
-
-def _inside(inner: Box, outer: Box) -> bool:
-    return all(o[0] <= i[0] and i[1] <= o[1] for i, o in zip(inner, outer))
 
 
 def _strip_box(owned: Box, held: Box, axis: int) -> Box | None:
@@ -276,6 +273,11 @@ class _Known:
     size: tuple[int, ...]
     valid: Box  # full-image positions whose values are exact
 
+    @classmethod
+    def holding(cls, box: Box) -> _Known:
+        """A tensor held exactly over ``box``."""
+        return cls(tuple(a for a, _ in box), tuple(b - a for a, b in box), box)
+
     def axis(self, index: int) -> AxisState:
         return AxisState(self.origin[index], self.size[index], self.valid[index])
 
@@ -297,8 +299,7 @@ def verify_layout(analysis: Analysis, tile: Tile, layout: TileLayout) -> None:
     # the strips exactly (each tile's own check).
     held += [t for t in assembled if is_empty(layout.computed.get(t))]
     for tensor in held:
-        crop = layout.regions[tensor]
-        known[tensor] = _Known(tuple(a for a, _ in crop), tuple(b - a for a, b in crop), crop)
+        known[tensor] = _Known.holding(layout.regions[tensor])
     for spec in layout.nodes:
         node = graph.nodes[spec.node]
         result = _node_computes(analysis, spec, known)
@@ -323,9 +324,7 @@ def verify_layout(analysis: Analysis, tile: Tile, layout: TileLayout) -> None:
                         f"{out!r} exactly only on {result.valid} of its owned region {box}; "
                         "refusing to emit an inexact program.")
                 if out in assembled:
-                    region = layout.regions[out]
-                    known[out] = _Known(tuple(a for a, _ in region),
-                                        tuple(b - a for a, b in region), region)
+                    known[out] = _Known.holding(layout.regions[out])
     stage = analysis.split.stage_io[layout.stage]
     for cut in stage.targets:
         kept = tile.kept.get(cut)
@@ -459,18 +458,9 @@ def emit_tile_graph(
     nodes = _with_constant_nodes(analysis, builder.nodes)
     used = {i for n in nodes for i in n.input if i}
     inits = {i.name: i for i in model.graph.initializer}
-    inputs = []
-    for tensor, size in layout.inputs:
-        shape = list(graph.shape(tensor))
-        for position, n in zip(analysis.split.layout(tensor), size):
-            shape[position] = n
-        inputs.append(helper.make_tensor_value_info(tensor, graph.dtypes.get(tensor, 1), shape))
-    for input_name, tensor, _axis, size in layout.strips:
-        shape = list(graph.shape(tensor))
-        for position, n in zip(analysis.split.layout(tensor), size):
-            shape[position] = n
-        inputs.append(helper.make_tensor_value_info(input_name, graph.dtypes.get(tensor, 1),
-                                                    shape))
+    inputs = [_crop_info(analysis, tensor, tensor, size) for tensor, size in layout.inputs]
+    inputs += [_crop_info(analysis, name, tensor, size)
+               for name, tensor, _axis, size in layout.strips]
     for tensor in analysis.split.stage_io[layout.stage].side_inputs:
         if tensor in used:
             inputs.append(helper.make_tensor_value_info(
@@ -487,6 +477,15 @@ def emit_tile_graph(
                               producer_name="streamc")
     proto.ir_version = model.ir_version
     return _typed_outputs(proto)
+
+
+def _crop_info(analysis: Analysis, name: str, tensor: str, size: Sequence[int]
+               ) -> onnx.ValueInfoProto:
+    """A graph input ``name`` holding a region of ``size`` (spatial axes) of ``tensor``."""
+    shape = list(analysis.graph.shape(tensor))
+    for position, n in zip(analysis.split.layout(tensor), size):
+        shape[position] = n
+    return helper.make_tensor_value_info(name, analysis.graph.dtypes.get(tensor, 1), shape)
 
 
 def _emit_assembly(analysis: Analysis, tensor: str, parts: list[tuple[str, int]],
