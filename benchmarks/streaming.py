@@ -911,21 +911,24 @@ def plot(runs: list[dict], path: Path) -> None:
 
 
 def run_profile(args, log) -> None:
-    """Profile (c) at ``--profile`` size for each tile in ``--tiles`` (numbers tiles only)."""
+    """Profile (d) if ``--configs`` names it, else (c), at ``--profile`` size for each tile in
+    ``--tiles`` (numbers only)."""
     out_path = RESULTS / "streaming_profile.json"
     data = load_results(out_path)
     data.setdefault("profiles", [])
+    config = "d" if "d" in args.configs.split(",") else "c"
     for t in [t for t in args.tiles.split(",") if t.isdigit()]:
         tile = min(int(t), args.profile)
-        spec = dict(kind="2d", config="c", size=args.profile, tile=tile, width=args.width,
+        spec = dict(kind="2d", config=config, size=args.profile, tile=tile, width=args.width,
                     steps=0, engine="module", flops=True,
                     profile=str(Path(tempfile.gettempdir()) / "streamc-profile"))
-        log(f"profiling (c) at {args.profile}² tile {tile} ...")
+        log(f"profiling ({config}) at {args.profile}² tile {tile} ...")
         rec = launch(spec, int(args.limit_gb * GIB), args.timeout, log)
-        rec.update(size=args.profile, tile=tile, width=args.width)
+        rec.update(size=args.profile, tile=tile, width=args.width, config=config)
         data["profiles"] = [p for p in data["profiles"]
-                            if (p.get("size"), p.get("tile"), p.get("width")) !=
-                            (args.profile, tile, args.width)] + [rec]
+                            if (p.get("size"), p.get("tile"), p.get("width"),
+                                p.get("config", "c")) !=
+                            (args.profile, tile, args.width, config)] + [rec]
         log(json.dumps(rec, indent=1))
     data.pop("runs", None)
     out_path.write_text(json.dumps(data, indent=1))

@@ -34,6 +34,7 @@ from streamc.meta import (
     StageSpec,
     TilePart,
     TileSpec,
+    WeightWorkSpec,
     tile_run_order,
 )
 from streamc.passes.autodiff import BackwardGraph, build_backward
@@ -48,6 +49,7 @@ from streamc.passes.extract import (
     tied_parameters,
 )
 from streamc.passes.flops import backward_flops, count_flops
+from streamc.passes.hoist import HoistedGraphs, hoist_weight_work
 from streamc.passes.manager import Pass, PassManager
 from streamc.passes.memory import ConventionalPlan, MemoryPlan, plan_conventional, plan_program
 from streamc.passes.schedule import (
@@ -314,6 +316,29 @@ def _check_backward(s: Mapping[str, Any], graphs: list[BackwardGraph]) -> None:
                                "take one cotangent per output and give one gradient per input.")
 
 
+def _hoisted(s: Mapping[str, Any]) -> HoistedGraphs:
+    return hoist_weight_work(s["backward_graphs"] or [], s["parameters"].names)
+
+
+def _check_hoisted(s: Mapping[str, Any], hoisted: HoistedGraphs) -> None:
+    before, after = s["backward_graphs"] or [], hoisted.backward
+    prepared = set(hoisted.prepared)
+    for k, (old, new) in enumerate(zip(before, after)):
+        inputs = {i.name for i in new.model.graph.input}
+        known = inputs | {t.name for t in new.model.graph.initializer} | {""}
+        known |= {o for n in new.model.graph.node for o in n.output}
+        missing = {i for n in new.model.graph.node for i in n.input} - known
+        added = inputs - {i.name for i in old.model.graph.input}
+        if (set(new.gradients) != set(old.gradients) or new.cotangents != old.cotangents
+                or missing or added - prepared):
+            raise CompileError(f"internal error: hoisting the weight work out of tile class "
+                               f"{k}'s backward graph broke it (unread {sorted(missing)[:3]}).")
+        for param, output in new.gradients.items():
+            if output != old.gradients[param] and param not in hoisted.raw:
+                raise CompileError(f"internal error: tile class {k} gives {param!r}'s "
+                                   "gradient in a layout no graph moves back.")
+
+
 def _with_backward(s: Mapping[str, Any], model: onnx.ModelProto, inputs: list[str],
                    outputs: dict[str, str], name: str) -> GraphAndBackward:
     if s["mode"] == "inference":
@@ -382,7 +407,8 @@ def _program(s: Mapping[str, Any]) -> Program:
     layouts: Layouts = s["layouts"]
     params: Parameters = s["parameters"]
     graphs: dict[str, onnx.ModelProto] = {}
-    backward_graphs = s["backward_graphs"] or [None] * len(s["tile_graphs"])
+    hoisted: HoistedGraphs = s["hoisted"]
+    backward_graphs = hoisted.backward or [None] * len(s["tile_graphs"])
     classes = [_class_spec(k, layout, forward, backward, params, graphs)
                for k, (layout, forward, backward) in enumerate(
                    zip(layouts.classes, s["tile_graphs"], backward_graphs))]
@@ -396,6 +422,15 @@ def _program(s: Mapping[str, Any]) -> Program:
                     for k, g in enumerate(s["globals"])]
     head = _graph_spec("head", s["head"], graphs, analysis.split.stages)
     graphs["graphs/model.onnx"] = _export_graph(analysis, params)
+    weight_work = WeightWorkSpec()
+    if hoisted.prepare is not None:
+        graphs["graphs/prepare.onnx"] = hoisted.prepare
+        weight_work = WeightWorkSpec("graphs/prepare.onnx", tuple(hoisted.prepared))
+    if hoisted.layout is not None:
+        graphs["graphs/gradient_layout.onnx"] = hoisted.layout
+        weight_work = WeightWorkSpec(weight_work.prepare, weight_work.prepared,
+                                     "graphs/gradient_layout.onnx", dict(hoisted.raw),
+                                     dict(hoisted.laid_out))
     share = analysis.streamed_share()
     meta = ProgramMeta(
         source=s["source"],
@@ -421,6 +456,7 @@ def _program(s: Mapping[str, Any]) -> Program:
                                              "activations": round(share.activations, 4)},
         mode=s["mode"],
         halo="recompute" if schedule.ownership is None else "reuse",
+        weight_work=weight_work,
     )
     return Program(meta, graphs, parameter_values(analysis.graph.constants, params.names))
 
@@ -601,6 +637,8 @@ def compile_passes(with_flops: bool = True, with_memory_plan: bool = True) -> li
              _check_tile_graphs, doc="one forward ONNX graph per shape class"),
         Pass("autodiff", ("tile_graphs", "parameters", "analysis", "mode"), "backward_graphs",
              _backward_graphs, _check_backward, doc="the backward graph of each tile graph"),
+        Pass("hoist", ("backward_graphs", "parameters"), "hoisted", _hoisted, _check_hoisted,
+             doc="the tile backward graphs' weight work, moved into graphs run once per pass"),
         Pass("globals", ("analysis", "parameters", "schedule", "mode"), "globals", _globals,
              doc="the graphs on per-sample values between stages, and their backward"),
         Pass("head", ("analysis", "parameters", "mode"), "head", _head,
@@ -609,7 +647,7 @@ def compile_passes(with_flops: bool = True, with_memory_plan: bool = True) -> li
              _flops if with_flops else (lambda s: None),
              doc="tiled, untiled and whole-model FLOPs: the recompute overhead"),
         Pass("program", ("analysis", "schedule", "layouts", "parameters", "tile_graphs",
-                         "backward_graphs", "globals", "head", "flops", "source", "mode"),
+                         "hoisted", "globals", "head", "flops", "source", "mode"),
              "program",
              _program, doc="the program: graphs, parameters and its typed description"),
     ]

@@ -26,10 +26,12 @@ from streamc.errors import ProgramError
 from streamc.ops.memory import element_bytes
 
 FORMAT = "streamc-program"
-#: Version 5: halo reuse (bands, strips handed on between tiles, the run order they need);
+#: Version 6: the weight work hoisted out of the tile backward graphs (prepare and gradient
+#: layout graphs); version 5: halo reuse (bands, strips handed on between tiles, the run order
+#: they need);
 #: version 4: a global graph may follow the last stage (the head's reductions, streamed);
 #: version 3: stages, buffers and global graphs; version 2: typed metadata, run order, policy.
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 
 Box = tuple[tuple[int, int], ...]
 
@@ -254,6 +256,34 @@ HeadSpec = GraphSpec
 
 
 @dataclass(frozen=True)
+class WeightWorkSpec:
+    """The weight work hoisted out of the tile backward graphs (``passes/hoist.py``), each run
+    once per backward pass.
+
+    ``prepare``: a graph that reads parameters and gives ``prepared`` (tensors the tile backward
+    graphs read as inputs of the same names); ``layout``: a graph that reads ``raw`` (parameter
+    -> graph input: its gradient summed over tiles in the layout the tile backward graphs give
+    it) and gives ``laid_out`` (parameter -> graph output: its gradient). Empty names: none.
+    """
+
+    prepare: str = ""
+    prepared: tuple[str, ...] = ()
+    layout: str = ""
+    raw: Mapping[str, str] = field(default_factory=dict)
+    laid_out: Mapping[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"prepare": self.prepare, "prepared": list(self.prepared), "layout": self.layout,
+                "raw": dict(self.raw), "laid_out": dict(self.laid_out)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> WeightWorkSpec:
+        return cls(str(d["prepare"]), tuple(map(str, d["prepared"])), str(d["layout"]),
+                   {str(k): str(v) for k, v in d["raw"].items()},
+                   {str(k): str(v) for k, v in d["laid_out"].items()})
+
+
+@dataclass(frozen=True)
 class FlopCounts:
     """FLOPs of one training step, tiled and untiled (the same table counts both)."""
 
@@ -326,6 +356,8 @@ class ProgramMeta:
     #: ``"reuse"``: tiles hand strips on, run in grid order forward and in reverse backward;
     #: ``"recompute"``: every tile recomputes its halo
     halo: str = "recompute"
+    #: the weight work done once per backward pass instead of once per tile
+    weight_work: WeightWorkSpec = field(default_factory=WeightWorkSpec)
 
     @property
     def grid(self) -> tuple[int, ...]:
@@ -364,6 +396,7 @@ class ProgramMeta:
             files += [g.forward, g.backward]
         for c in self.classes:
             files += [c.forward, c.backward]
+        files += [self.weight_work.prepare, self.weight_work.layout]
         return [f for f in files if f]  # an inference program has no backward graphs
 
     def tiles_per_class(self) -> dict[int, int]:
@@ -424,6 +457,7 @@ class ProgramMeta:
             "streamed": self.streamed,
             "mode": self.mode,
             "halo": self.halo,
+            "weight_work": self.weight_work.to_json(),
         }
 
     @classmethod
@@ -488,6 +522,7 @@ class ProgramMeta:
                 "activations": float(d["streamed"]["activations"])},
             mode=str(d.get("mode", "train")),
             halo=str(d.get("halo", "recompute")),
+            weight_work=WeightWorkSpec.from_json(d["weight_work"]),
         )
 
 

@@ -12,6 +12,11 @@ A training step is four phases (:data:`PHASES`), the boundaries autograd sees:
 - ``prefix_backward``: the same units in reverse: the final global graph's backward, the last
   stage's tile backward graphs, the global graph before it backward, ... stage 0's.
 
+The weight work hoisted out of the tile backward graphs (``meta.weight_work``) runs once per
+backward pass: :data:`StepKind.PREPARE_WEIGHTS` first (the prepared tensors live until the end
+of the pass), :data:`StepKind.GRADIENT_LAYOUT` after the last tile (before the weight
+gradients are combined between workers).
+
 A :data:`StepKind.RELEASE` step frees a baked session once its pass is over. Tiles of a stage run
 in the stage's ``run_order`` (with halo reuse: grid order forward, its reverse backward, since a
 tile's strips come from the tiles before it); whether a step's session has its weights baked in
@@ -44,6 +49,8 @@ class StepKind(str, Enum):
     HEAD_BACKWARD = "head backward"
     GLOBAL_BACKWARD = "global backward"
     TILE_BACKWARD = "tile backward"
+    PREPARE_WEIGHTS = "prepare weights"
+    GRADIENT_LAYOUT = "weight gradient layout"
     RELEASE = "release"
     COMBINE = "combine"
     COMBINE_GRADIENT = "combine gradient"
@@ -52,7 +59,8 @@ class StepKind(str, Enum):
 
 PHASES = ("prefix_forward", "head_forward", "head_backward", "prefix_backward")
 _BACKWARD = (StepKind.TILE_BACKWARD, StepKind.GLOBAL_BACKWARD, StepKind.HEAD_BACKWARD,
-             StepKind.COMBINE_GRADIENT, StepKind.COMBINE_WEIGHT_GRADIENTS)
+             StepKind.COMBINE_GRADIENT, StepKind.COMBINE_WEIGHT_GRADIENTS,
+             StepKind.PREPARE_WEIGHTS, StepKind.GRADIENT_LAYOUT)
 #: The steps that exchange data between workers (none in a single-process run).
 COMBINE_KINDS = (StepKind.COMBINE, StepKind.COMBINE_GRADIENT, StepKind.COMBINE_WEIGHT_GRADIENTS)
 #: Tiles per stage a worker runs (None: every tile, a single-process run).
@@ -82,7 +90,8 @@ def phase_label(meta: ProgramMeta, step: Step) -> str:
     ``"global1 backward"``, ``"head backward"``..."""
     if step.tile is not None:
         return f"tile class {meta.tiles[step.tile].parts[step.stage].class_id} {step.role}"
-    if step.kind in COMBINE_KINDS:
+    if step.kind in COMBINE_KINDS or step.kind in (StepKind.PREPARE_WEIGHTS,
+                                                   StepKind.GRADIENT_LAYOUT):
         return step.kind.value
     if step.name is not None:
         return f"{step.name} {step.role}"
@@ -128,6 +137,9 @@ def program_steps(meta: ProgramMeta, policy: RuntimePolicy, chunks: int = 1,
         # The baked forward sessions hold this step's weights, which the optimizer step after
         # the backward pass replaces: free them (and their weight copies) now.
         backward += [Step(StepKind.RELEASE, g, None, True) for g in dict.fromkeys(forward_graphs)]
+    work = meta.weight_work
+    if work.prepare:
+        backward.append(Step(StepKind.PREPARE_WEIGHTS, work.prepare))
     if final is not None and final.gradients:
         backward += _global_backward(final, policy, chunks)
     for stage in reversed(meta.stages):
@@ -143,6 +155,8 @@ def program_steps(meta: ProgramMeta, policy: RuntimePolicy, chunks: int = 1,
                 backward += [Step(StepKind.COMBINE_GRADIENT, "", None, False, None, name)
                              for name in spec.outputs if name in side]
             backward += _global_backward(spec, policy, chunks)
+    if work.layout:
+        backward.append(Step(StepKind.GRADIENT_LAYOUT, work.layout))
     if workers:
         backward.append(Step(StepKind.COMBINE_WEIGHT_GRADIENTS, ""))
     head = meta.head
@@ -203,7 +217,8 @@ def buffer_access(meta: ProgramMeta, step: Step) -> tuple[list[str], list[str], 
     gradient buffers are named ``<buffer>:grad`` (the image's crops count as reads of the
     image's name, which is not a buffer)."""
     kind = step.kind
-    if kind is StepKind.RELEASE or kind is StepKind.COMBINE_WEIGHT_GRADIENTS:
+    if kind in (StepKind.RELEASE, StepKind.COMBINE_WEIGHT_GRADIENTS, StepKind.PREPARE_WEIGHTS,
+                StepKind.GRADIENT_LAYOUT):
         return [], [], False
     if kind is StepKind.COMBINE:  # a worker that wrote no part of it creates it here
         return [], [step.name], False

@@ -172,12 +172,12 @@ def test_buffers_are_freed_after_their_last_use(monkeypatch) -> None:
     states = []
     original = Interpreter._tile_backward
 
-    def spy(self, step, state, c, grads, params, weights):
+    def spy(self, step, state, c, grads, *rest):
         held.append(sum(t.nbytes for store in (state.buffers[c], grads)
                         for t in store.values()))
         if not states or states[-1] is not state:
             states.append(state)
-        return original(self, step, state, c, grads, params, weights)
+        return original(self, step, state, c, grads, *rest)
 
     monkeypatch.setattr(Interpreter, "_tile_backward", spy)
     model = StreamingModel(program, progress=False)

@@ -374,6 +374,7 @@ class Interpreter:
             grads[0][self.image_name] = image_grad
         tiles = sum(1 for s in steps if s.kind is StepKind.TILE_BACKWARD)
         free_after = self._free_after(state, grads, steps)
+        prepared: dict[str, Tensor] = {}
         with progress_bar(len(chunks) * tiles, "backward", self.progress) as tick, \
                 self._reading(state, "prefix_backward"):
             for position, step in enumerate(steps):
@@ -383,9 +384,17 @@ class Interpreter:
                 if step.kind is StepKind.COMBINE_WEIGHT_GRADIENTS:
                     self._combine_weight_gradients(params)
                     continue
+                if step.kind is StepKind.PREPARE_WEIGHTS:
+                    names = list(self.meta.weight_work.prepared)
+                    prepared = dict(zip(names, backend.run(step, weights, {}, names)))
+                    continue
+                if step.kind is StepKind.GRADIENT_LAYOUT:
+                    self._lay_out_gradients(step, params, weights)
+                    continue
                 for c in range(len(chunks)):
                     if step.kind is StepKind.TILE_BACKWARD:
-                        self._tile_backward(step, state, c, grads[c], params, weights)
+                        self._tile_backward(step, state, c, grads[c], params, weights,
+                                            prepared)
                         tick()
                     elif step.kind is StepKind.COMBINE_GRADIENT:
                         self._combine(grads[c], step.name, forward=False)
@@ -421,11 +430,13 @@ class Interpreter:
                 store.pop(buffer, None)
 
     def _tile_backward(self, step: Step, state: ForwardState, c: int, grads: dict[str, Tensor],
-                       params: dict[str, Tensor], weights: WeightSet) -> None:
+                       params: dict[str, Tensor], weights: WeightSet,
+                       prepared: Mapping[str, Tensor]) -> None:
         backend = self.backend
         part = self.meta.tiles[step.tile].parts[step.stage]
         cls = self.meta.classes[part.class_id]
         feeds = self._tile_feeds(cls, part, state, c)
+        feeds.update(prepared)
         for name, cot in cls.cotangents.items():
             if name in cls.outputs:
                 given = grads.get(name)
@@ -442,6 +453,7 @@ class Interpreter:
                               backend.read(given, (step.tile,)))
         pairs = list(cls.gradients.items())
         values = backend.run(step, weights, feeds, [n for _, n in pairs])
+        raw = self.meta.weight_work.raw
         for (wrt, _), value in zip(pairs, values):
             if wrt in cls.inputs:  # a crop: its gradient adds into the whole buffer's
                 backend.add(self._buffer(grads, wrt), self._index(wrt, part.crops[wrt]), value)
@@ -450,8 +462,23 @@ class Interpreter:
                 backend.add(self._buffer(grads, band), self._index(band, box), value)
             elif wrt in self.buffers:
                 backend.accumulate(grads, wrt, value)
-            else:
-                backend.accumulate(params, wrt, value)
+            else:  # a weight: summed in the layout its gradient graph gives
+                backend.accumulate(params, raw.get(wrt, wrt), value)
+
+    def _lay_out_gradients(self, step: Step, params: dict[str, Tensor], weights: WeightSet
+                           ) -> None:
+        """Move the weight gradients summed in their raw layouts into the weights' layouts
+        (added to what the global graphs gave them)."""
+        work = self.meta.weight_work
+        names = [n for n in work.laid_out if work.raw[n] in params]
+        if not names:
+            return
+        feeds = {graph_input: (params.pop(graph_input) if graph_input in params else
+                               self._zeros_like_input(step.graph, graph_input))
+                 for graph_input in work.raw.values()}
+        values = self.backend.run(step, weights, feeds, [work.laid_out[n] for n in names])
+        for name, value in zip(names, values):
+            self.backend.accumulate(params, name, value)
 
     def _global_backward(self, step: Step, state: ForwardState, c: int,
                          grads: dict[str, Tensor], params: dict[str, Tensor],

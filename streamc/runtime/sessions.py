@@ -68,6 +68,12 @@ def graph_roles(program: Program) -> dict[str, str]:
     roles.update({c.backward: "backward" for c in meta.classes})
     roles[meta.head.forward] = "forward"
     roles[meta.head.backward] = "backward"
+    for g in meta.globals:
+        roles[g.forward] = "forward"
+        roles[g.backward] = "backward"
+    for graph in (meta.weight_work.prepare, meta.weight_work.layout):
+        if graph:
+            roles[graph] = "backward"
     return roles
 
 

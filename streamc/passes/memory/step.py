@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from streamc._gc import paused_gc
+from streamc.passes.hoist import prepared_bytes
 from streamc.passes.memory.allocator import (
     RUNTIME_ONCE,
     RUNTIME_PER_NODE,
@@ -236,6 +237,10 @@ class _StepPlanner:
         self.order = order
         self.exact = exact
         self.param_bytes = {p.name: p.nbytes for p in self.meta.parameters}
+        prepare = self.meta.weight_work.prepare
+        #: the prepared tensors (``passes/hoist.py``), held from their step to the end of the
+        #: backward pass
+        self.prepared_bytes = prepared_bytes(program.graph(prepare)) if prepare else 0
         self.steps = program_steps(self.meta, policy, tiles=tiles)
         self._graphs: dict[str, GraphPlan] = {} if graph_plans is None else graph_plans
         self.runs: dict[int, int] = {}  # tile runs per shape class (this worker's)
@@ -247,7 +252,8 @@ class _StepPlanner:
     def graph_plan(self, relative: str, role: str) -> GraphPlan:
         if relative not in self._graphs:
             model = self.program.graph(relative)
-            resident = set(self.param_bytes) | set(self.meta.head.inputs)
+            resident = (set(self.param_bytes) | set(self.meta.head.inputs)
+                        | set(self.meta.weight_work.prepared))
             level = self.policy.level(role)
             fold = self.policy.folds_constants(role)
             if level == "none":
@@ -340,14 +346,19 @@ class _StepPlanner:
         phases: dict[str, int] = {}
         sessions: dict[str, list[str]] = {}
         baked_sessions = 0
+        prepared = 0
         for position, step in enumerate(steps):
             if step.kind is StepKind.HEAD_BACKWARD and not baked_sessions:
                 baked_sessions = sum(held.values())
             if step.kind is StepKind.RELEASE:
                 held.pop(step.graph, None)
                 continue
+            base_here = base + prepared
+            if step.kind is StepKind.PREPARE_WEIGHTS:
+                prepared = self.prepared_bytes  # the graph's plan counts them while it runs
             if step.kind in COMBINE_KINDS:
-                value = base + live.at(position) + self.combine_bytes(step) + sum(held.values())
+                value = (base_here + live.at(position) + self.combine_bytes(step)
+                         + sum(held.values()))
                 label = phase_label(self.meta, step)
                 if value > phases.get(label, -1):
                     phases[label] = value
@@ -357,7 +368,7 @@ class _StepPlanner:
             if step.baked and step.graph not in held:
                 own = RUNTIME_PER_NODE * plan.nodes if step.graph in released else 0
                 held[step.graph] = self.weight_copies(step.graph) + own
-            value = base + live.at(position) + plan.peak + sum(held.values())
+            value = base_here + live.at(position) + plan.peak + sum(held.values())
             label = phase_label(self.meta, step)
             if value > phases.get(label, -1):
                 phases[label] = value
