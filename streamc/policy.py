@@ -8,10 +8,13 @@ drift; a stored plan names the policy it assumed.
 
 Measured on ResNet-18 (docs/memory.md, docs/performance.md):
 
-- baking makes a forward graph about 1.2x faster for a 0.05 s rebuild per optimizer step; a
-  fully optimised backward graph only 1.07-1.09x for a 0.2-0.6 s rebuild, an unoptimised one not
-  at all: ``weights="auto"`` bakes forward graphs, and backward graphs only when they are
-  optimised and run at least ``auto_min_runs`` times per step;
+- a baked forward session is rebuilt after every optimizer step (0.2-0.3 s per shape class),
+  and with halo reuse that costs more than baking saves: a whole step with fed forward
+  sessions took 0.80x the baked one's time at 1024² tile 512, 0.90x at 2048² tile 256 and
+  0.96x at 4096² tile 1024 (``benchmarks/results/weights_policy.json``); a fully optimised
+  backward graph runs only 1.07-1.09x faster baked, for a 0.2-0.6 s rebuild, an unoptimised one
+  not at all: ``weights="auto"`` feeds the weights of forward graphs, and bakes backward graphs
+  only when they are optimised and run at least ``auto_min_runs`` times per step;
 - ORT's basic-level rewrites of a backward graph (EliminateIdentity reorders the gradient
   branches) raised a tile backward run's peak from 1.6 to 2.4 GiB for the same time:
   ``backward_optimization="none"``;
@@ -74,8 +77,8 @@ class RuntimePolicy:
     def bakes(self, role: Role, runs: int = 1) -> bool:
         """Whether a graph of ``role``, run ``runs`` times per step, gets baked weights."""
         if self.weights == "auto":
-            return role == "forward" or (runs >= self.auto_min_runs
-                                         and self.backward_optimization != "none")
+            return (role == "backward" and runs >= self.auto_min_runs
+                    and self.backward_optimization != "none")
         return self.weights == "initializers"
 
     def folds_constants(self, role: Role) -> bool:

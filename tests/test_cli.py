@@ -91,7 +91,10 @@ def test_compile_then_load(model_file: Path, tmp_path: Path) -> None:
                          "-o", str(out_dir))
     assert code == 0, err
     assert "tiles:" in out and f"written to:   {out_dir}" in out
-    assert load(out_dir).meta.tile == (128, 128)
+    meta = load(out_dir).meta
+    # 2x2 tiles of 128 owned; a crop adds the halo of the ops reading the image
+    assert meta.requested_tile == (128, 128) and meta.grid == (2, 2)
+    assert all(128 <= t <= 140 for t in meta.tile)
     # A program in place is replaced.
     code, _, err = run("compile", str(model_file), "--image", "256x256", "--tile", "96",
                        "-o", str(out_dir))
@@ -242,7 +245,7 @@ def test_bad_image_sizes(model_file: Path, tmp_path: Path, image: str, fragment:
     (["--tile", "64", "--memory-budget", "1GiB"], "not both"), ([], "give a tile size"),
     (["--memory-budget", "lots"], "memory size"),
     (["--memory-budget", "1KiB"], "cannot fit this model"),
-    (["--tile", "8"], "too small to make progress"),
+    (["--tile", "2"], "too small to make progress"),
     (["--tile", "64", "--max-tiles", "4"], "more than the limit of 4"),
     (["--tile", "64", "--input", "nope"], "no input named"),
 ])
@@ -294,7 +297,7 @@ def test_output_into_a_directory_that_is_not_a_program(model_file: Path, tmp_pat
     code, _, err = run("compile", str(model_file), "--image", "128x128", "--tile", "64",
                        "-o", str(target), "--force")
     assert code == 0, err
-    assert load(target).meta.tile == (64, 64)
+    assert load(target).meta.requested_tile == (64, 64)
 
 
 def test_output_onto_a_file_or_under_one(model_file: Path, tmp_path: Path) -> None:

@@ -295,7 +295,8 @@ def test_baked_sessions_cost_their_weights_and_state(vgg):
     """A baked session holds a copy of its graph's weights and ORT's per-node state while it
     lives; a fed one is resident for the whole step."""
     program = compile(vgg, tile=36, image=(64, 64), with_flops=False)
-    auto, fed = plan_program(program), plan_program(program, policy=POLICIES["fed"])
+    auto = plan_program(program, policy=POLICIES["baked"])
+    fed = plan_program(program, policy=POLICIES["fed"])
     sizes = {k: v.nbytes for k, v in program.parameters.items()}
     nodes = {c.id: (c.forward.nodes, c.backward.nodes) for c in auto.classes}
     copies = [sum(sizes[n] for n in program.classes[k].parameters)
@@ -305,10 +306,12 @@ def test_baked_sessions_cost_their_weights_and_state(vgg):
     assert fed.baked_sessions == 0
     pools = sum(RUNTIME_PER_NODE * f.nodes for f, _ in auto.globals)  # the pool's combine
     assert auto.baked_sessions == sum(copies) + head + pools
-    forward_nodes = sum(f for f, _ in nodes.values()) + sum(f.nodes for f, _ in auto.globals)
-    assert fed.resident.runtime - auto.resident.runtime == RUNTIME_PER_NODE * forward_nodes
-    assert auto.resident.runtime >= RUNTIME_ONCE + RUNTIME_PER_NODE * sum(
-        b for _, b in nodes.values())
+    # baked sessions released after their pass: the tiles' and the global graphs', both ways
+    released = sum(f + b for f, b in nodes.values()) + sum(f.nodes + b.nodes
+                                                           for f, b in auto.globals)
+    assert fed.resident.runtime - auto.resident.runtime == RUNTIME_PER_NODE * released
+    assert fed.resident.runtime >= RUNTIME_ONCE + RUNTIME_PER_NODE * sum(
+        f + b for f, b in nodes.values())
     with pytest.raises(StreamcError, match="weights='some'"):
         RuntimePolicy(weights="some")
 

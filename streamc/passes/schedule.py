@@ -281,7 +281,9 @@ def _owned_axis(analysis: Analysis, axis: int, bounds: Sequence[int]) -> AxisOwn
 
 
 def _owned_width(analysis: Analysis, axis: int, own: AxisOwnership) -> int:
-    """The widest crop of any stage input along ``axis``, in image pixels."""
+    """The widest tile along ``axis``, in image pixels: what a tile owns of the image, or the
+    crop of a later stage's input (the image's crop adds the halo of the ops that read it,
+    a few pixels, which the tile size does not count)."""
     width = 0
     for k, io in enumerate(analysis.split.stage_io):
         for tensor in io.inputs:
@@ -290,7 +292,9 @@ def _owned_width(analysis: Analysis, axis: int, own: AxisOwnership) -> int:
             for j, read in enumerate(reads):
                 if read is None:
                     continue
-                if tensor == io.inputs[0]:  # see _owned_schedule: the owned part is read too
+                if tensor == analysis.input_name:
+                    read = own.owned(tensor, j)
+                elif tensor == io.inputs[0]:  # see _owned_schedule: the owned part is read too
                     a, b = own.owned(tensor, j)
                     if b > a:
                         read = (min(read[0], a), max(read[1], b))
@@ -300,9 +304,8 @@ def _owned_width(analysis: Analysis, axis: int, own: AxisOwnership) -> int:
 
 def _owned_boundaries(analysis: Analysis, axis: int, tile: int) -> tuple[list[int],
                                                                           AxisOwnership]:
-    """The fewest aligned tiles of equal size along ``axis`` whose crops fit in ``tile``
-    pixels, when tiles hand their halos on (a crop is the tile plus the halo of the ops that
-    read the image directly)."""
+    """The fewest aligned tiles of equal size along ``axis`` no wider than ``tile`` pixels
+    (:func:`_owned_width`), when tiles hand their halos on."""
     size, align = analysis.image_size[axis], analysis.alignment[axis]
     n = max(1, math.ceil(size / tile))
     while True:
@@ -313,10 +316,11 @@ def _owned_boundaries(analysis: Analysis, axis: int, tile: int) -> tuple[list[in
         if width <= tile:
             return bounds, own
         if step <= align:
-            raise CompileError(
-                f"tile {tile} along axis {axis} is too small to make progress: a tile of one "
-                f"aligned step of {align} px reads {width} px with its halo. Use a tile of at "
-                f"least {width}.")
+            why = (f"one aligned step of this network is {align} px" if width <= align else
+                   f"a tile of one aligned step of {align} px reads {width} px of a later "
+                   "stage's input with its halo")
+            raise CompileError(f"tile {tile} along axis {axis} is too small to make progress: "
+                               f"{why}. Use a tile of at least {width}.")
         n += 1
 
 
@@ -359,6 +363,11 @@ def _owned_schedule(analysis: Analysis, schedule: Schedule, max_tiles: int) -> S
         if not crops[0]:
             continue
         schedule.tiles.append(Tile(index, kept, tuple(crops)))
+    # The tile size counts what a tile owns of the image; its crop adds the halo of the ops
+    # that read the image, a few pixels: the program's tile is the widest crop.
+    schedule.tile = tuple(max([schedule.tile[a]] + [t.crop[a][1] - t.crop[a][0]
+                                                    for t in schedule.tiles])
+                          for a in range(analysis.n_spatial))
     return schedule
 
 
