@@ -58,6 +58,11 @@ VARIANTS: dict[str, dict] = {
     "default": {},
     "lean": {"allocator": "system"},
 }
+#: variants that also change RuntimeOptions fields (set before the first run)
+OPTION_VARIANTS: dict[str, dict] = {
+    "shrink": {"shrink_arena": True},
+    "no-shrink": {"shrink_arena": False},
+}
 #: model: (image size, tile sizes)
 CASES = {
     "resnet18": (1024, [640, 768, 1024]),
@@ -128,7 +133,12 @@ def child_step(program_dir: str, variant: str, steps: int = 2) -> dict:
     from streamc.runtime.module import StreamingModel
 
     program = load(program_dir)
-    model = StreamingModel(program, progress=False, **VARIANTS[variant])
+    model = StreamingModel(program, progress=False, **VARIANTS.get(variant, {}))
+    if variant in OPTION_VARIANTS:
+        import dataclasses
+
+        model._runtime.options = dataclasses.replace(model._runtime.options,
+                                                      **OPTION_VARIANTS[variant])
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
     image = torch.randn(program.input_shape)
     label = torch.zeros(program.input_shape[0], dtype=torch.long)
@@ -200,7 +210,7 @@ def main() -> None:
     parser.add_argument("--image", type=int, default=None, help="image size (all models)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma-separated subset of {','.join(VARIANTS)}")
+                        help=f"comma-separated subset of {','.join([*VARIANTS, *OPTION_VARIANTS])}")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/memory_plan_accuracy.json"))
     parser.add_argument("--docs", default=None, help="update the results tables in this file")
     parser.add_argument("--tables-from", default=None,
@@ -288,7 +298,8 @@ def markdown_table(report: dict) -> str:
     """The accuracy table (MiB) for docs/memory.md, each runtime variant: the first step, the
     peak over all steps (what the ratios compare: the plan describes a step once the fed
     sessions exist) and what stays after the last."""
-    variants = [v for v in VARIANTS if any(v in r["measured"] for r in report["rows"])]
+    variants = [v for v in [*VARIANTS, *OPTION_VARIANTS]
+                if any(v in r["measured"] for r in report["rows"])]
     head = "| model | image | tile | tiles (classes) | recompute | predicted | at | exact |"
     rule = "|---|---|---|---|---|---|---|---|"
     for v in variants:

@@ -201,8 +201,12 @@ def _default_output(model: str) -> Path:
 
 def _print_program_summary(program, out: Path | None) -> None:
     meta = program.meta
+    tile = f"tile {_fmt_stride(meta.tile)} px"
+    if meta.halo == "reuse" and any(t > r for t, r in zip(meta.tile, meta.requested_tile)):
+        tile = (f"tile {_fmt_stride(meta.requested_tile)} px (crops up to "
+                f"{_fmt_stride(meta.tile)} px with the halo of the ops that read the image)")
     click.echo(f"tiles:        {len(program.tiles)} ({' x '.join(map(str, meta.grid))} grid, "
-               f"{len(program.classes)} shape classes), tile {_fmt_stride(meta.tile)} px")
+               f"{len(program.classes)} shape classes), {tile}")
     if len(meta.stages) > 1:
         heads = set(meta.head.inputs)
         kept = [b for b in meta.buffers if b.kind == "grid" and b.name not in heads]

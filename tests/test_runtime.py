@@ -189,6 +189,21 @@ def test_auto_weights_bake_only_often_run_optimised_backward_graphs() -> None:
         assert rel(p.grad, grads[pname].grad) <= 1e-4, pname
 
 
+def test_arena_shrinkage_gives_the_same_step() -> None:
+    program = program_for("twocut")
+    grads = []
+    for shrink in (False, True):
+        model = StreamingModel(program)
+        model._runtime.options = dataclasses.replace(model._runtime.options,
+                                                     shrink_arena=shrink)
+        model(images("twocut", batch=2)).square().sum().backward()
+        pool = model._runtime.interpreter(model.device).backend.pool
+        assert (pool._run_options is not None) == shrink
+        grads.append({n: p.grad.clone() for n, p in model.onnx_parameters.items()})
+    for name, value in grads[0].items():
+        assert torch.equal(value, grads[1][name]), name
+
+
 def test_stream_gradients_match_torch() -> None:
     program = program_for("vgg", reduce_final=False)  # the head reads the feature map whole
     model = StreamingModel(program)

@@ -85,7 +85,7 @@ def hoist_weight_work(graphs: Sequence[BackwardGraph], parameters: Collection[st
         rewritten = stripped
     else:
         for graph in rewritten:
-            typed_prepared_inputs(graph.model, prepare_model)
+            _type_prepared_inputs(graph.model, prepare_model)
     return HoistedGraphs(
         backward=rewritten,
         prepare=prepare_model,
@@ -303,7 +303,7 @@ def _rewire(model: onnx.ModelProto, nodes: list[onnx.NodeProto], frontier: dict[
     return out
 
 
-def typed_prepared_inputs(model: onnx.ModelProto, prepare: onnx.ModelProto) -> None:
+def _type_prepared_inputs(model: onnx.ModelProto, prepare: onnx.ModelProto) -> None:
     """Give the prepared inputs of a rewritten backward graph the prepare graph's types."""
     types = {o.name: o for o in prepare.graph.output}
     for value in model.graph.input:

@@ -52,6 +52,11 @@ class RuntimeOptions:
     #: released sessions, session builds and tile buffers to the OS (−0.15 GiB step peak at
     #: 2048²/tile 1024, −1.1 GiB at 1024²/tile 512 with 49 classes; no CPU cost measured).
     trim: bool = True
+    #: shrink the CPU arena at the end of every graph run (ORT's
+    #: ``memory.enable_memory_arena_shrinkage``): the chunks a run freed go back to the system.
+    #: Measured at 4096²/tile 512: the step's peak is unchanged, what the process holds after
+    #: the step halves, the step takes 1.2x as long (``benchmarks/results/arena_shrink.json``).
+    shrink_arena: bool = False
 
     @property
     def arena(self) -> bool | Literal["shared"]:

@@ -98,6 +98,13 @@ class SessionPool:
         self._stripped: dict[str, bytes] = {}
         self._lock = threading.Lock()
         self.builds = 0  # sessions built so far (for tests and benchmarks)
+        self._run_options = None
+        if self.options.shrink_arena and self.options.arena and device_type(device) == "cpu":
+            import onnxruntime as ort
+
+            self._run_options = ort.RunOptions()
+            self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage",
+                                                   "cpu:0")
         threshold = self.options.malloc_threshold
         if threshold is not None and device_type(device) == "cpu":
             tune_malloc(threshold)
@@ -238,7 +245,7 @@ class SessionPool:
     def run_cpu(self, session: Session, feeds: Mapping[str, np.ndarray],
                 outputs: Sequence[str]) -> list[np.ndarray]:
         """Run a session on numpy arrays; give freed heap memory back when the options say so."""
-        results = session.session.run(list(outputs), dict(feeds))
+        results = session.session.run(list(outputs), dict(feeds), self._run_options)
         if self.options.trim:
             malloc_trim()
         return results
