@@ -438,19 +438,16 @@ class Interpreter:
         feeds = self._tile_feeds(cls, part, state, c)
         feeds.update(prepared)
         for name, cot in cls.cotangents.items():
-            if name in cls.outputs:
-                given = grads.get(name)
-                feeds[cot] = (self._zeros_like_input(cls.backward, cot) if given is None else
-                              backend.read(given, self._index(name, part.kept[name])))
+            if name in cls.outputs:  # the kept region of an output buffer
+                buffer, where = name, self._index(name, part.kept[name])
             elif name in part.bands:  # a strip handed on: what the tiles after it gave back
-                band, box = part.bands[name]
-                given = grads.get(band)
-                feeds[cot] = (self._zeros_like_input(cls.backward, cot) if given is None else
-                              backend.read(given, self._index(band, box)))
-            else:
-                given = grads.get(name)
-                feeds[cot] = (self._zeros_like_input(cls.backward, cot) if given is None else
-                              backend.read(given, (step.tile,)))
+                buffer, box = part.bands[name]
+                where = self._index(buffer, box)
+            else:  # a partial: the tile's row
+                buffer, where = name, (step.tile,)
+            given = grads.get(buffer)
+            feeds[cot] = (self._zeros_like_input(cls.backward, cot) if given is None
+                          else backend.read(given, where))
         pairs = list(cls.gradients.items())
         values = backend.run(step, weights, feeds, [n for _, n in pairs])
         raw = self.meta.weight_work.raw
