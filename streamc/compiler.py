@@ -422,15 +422,13 @@ def _program(s: Mapping[str, Any]) -> Program:
                     for k, g in enumerate(s["globals"])]
     head = _graph_spec("head", s["head"], graphs, analysis.split.stages)
     graphs["graphs/model.onnx"] = _export_graph(analysis, params)
-    weight_work = WeightWorkSpec()
-    if hoisted.prepare is not None:
-        graphs["graphs/prepare.onnx"] = hoisted.prepare
-        weight_work = WeightWorkSpec("graphs/prepare.onnx", tuple(hoisted.prepared))
-    if hoisted.layout is not None:
-        graphs["graphs/gradient_layout.onnx"] = hoisted.layout
-        weight_work = WeightWorkSpec(weight_work.prepare, weight_work.prepared,
-                                     "graphs/gradient_layout.onnx", dict(hoisted.raw),
-                                     dict(hoisted.laid_out))
+    prepare_file = "graphs/prepare.onnx" if hoisted.prepare is not None else ""
+    layout_file = "graphs/gradient_layout.onnx" if hoisted.layout is not None else ""
+    for file, model in ((prepare_file, hoisted.prepare), (layout_file, hoisted.layout)):
+        if file:
+            graphs[file] = model
+    weight_work = WeightWorkSpec(prepare_file, tuple(hoisted.prepared), layout_file,
+                                 dict(hoisted.raw), dict(hoisted.laid_out))
     share = analysis.streamed_share()
     meta = ProgramMeta(
         source=s["source"],

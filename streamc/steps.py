@@ -58,9 +58,10 @@ class StepKind(str, Enum):
 
 
 PHASES = ("prefix_forward", "head_forward", "head_backward", "prefix_backward")
+#: The steps of the weight work hoisted out of the tiles (no buffer read or written).
+WEIGHT_WORK_KINDS = (StepKind.PREPARE_WEIGHTS, StepKind.GRADIENT_LAYOUT)
 _BACKWARD = (StepKind.TILE_BACKWARD, StepKind.GLOBAL_BACKWARD, StepKind.HEAD_BACKWARD,
-             StepKind.COMBINE_GRADIENT, StepKind.COMBINE_WEIGHT_GRADIENTS,
-             StepKind.PREPARE_WEIGHTS, StepKind.GRADIENT_LAYOUT)
+             StepKind.COMBINE_GRADIENT, StepKind.COMBINE_WEIGHT_GRADIENTS, *WEIGHT_WORK_KINDS)
 #: The steps that exchange data between workers (none in a single-process run).
 COMBINE_KINDS = (StepKind.COMBINE, StepKind.COMBINE_GRADIENT, StepKind.COMBINE_WEIGHT_GRADIENTS)
 #: Tiles per stage a worker runs (None: every tile, a single-process run).
@@ -90,8 +91,7 @@ def phase_label(meta: ProgramMeta, step: Step) -> str:
     ``"global1 backward"``, ``"head backward"``..."""
     if step.tile is not None:
         return f"tile class {meta.tiles[step.tile].parts[step.stage].class_id} {step.role}"
-    if step.kind in COMBINE_KINDS or step.kind in (StepKind.PREPARE_WEIGHTS,
-                                                   StepKind.GRADIENT_LAYOUT):
+    if step.kind in COMBINE_KINDS or step.kind in WEIGHT_WORK_KINDS:
         return step.kind.value
     if step.name is not None:
         return f"{step.name} {step.role}"
@@ -217,8 +217,7 @@ def buffer_access(meta: ProgramMeta, step: Step) -> tuple[list[str], list[str], 
     gradient buffers are named ``<buffer>:grad`` (the image's crops count as reads of the
     image's name, which is not a buffer)."""
     kind = step.kind
-    if kind in (StepKind.RELEASE, StepKind.COMBINE_WEIGHT_GRADIENTS, StepKind.PREPARE_WEIGHTS,
-                StepKind.GRADIENT_LAYOUT):
+    if kind in (StepKind.RELEASE, StepKind.COMBINE_WEIGHT_GRADIENTS, *WEIGHT_WORK_KINDS):
         return [], [], False
     if kind is StepKind.COMBINE:  # a worker that wrote no part of it creates it here
         return [], [step.name], False

@@ -16,7 +16,8 @@ from streamc.analysis.analyze import analyze_checked
 from streamc.compiler import compile_state, source_of
 from streamc.export import export_torch
 from streamc.passes.autodiff import BackwardGraph
-from streamc.passes.hoist import hoist_weight_work, prepared_bytes
+from streamc.passes.hoist import hoist_weight_work
+from streamc.passes.memory.allocator import value_bytes
 from tests.blocks import SENet
 from zoo.models import MiniResNet
 
@@ -121,7 +122,7 @@ def test_hoisting_squeeze_excite_and_saliency_graphs():
     _check_classes(state["backward_graphs"], set(state["parameters"].names))
 
 
-def test_prepared_bytes_counts_the_prepared_tensors():
+def test_the_prepared_tensors_are_rearranged_weights():
     torch.manual_seed(0)
     state = _state(zoo.resnet18(classes=2, width=8), (1, 3, 96, 96), 48)
     hoisted = state["hoisted"]
@@ -129,7 +130,8 @@ def test_prepared_bytes_counts_the_prepared_tensors():
     flipped = [n for n in hoisted.prepared if n.startswith("prepared:grad/")]
     assert flipped
     # every prepared tensor here is a rearranged weight: at most the weights' bytes in all
-    assert 0 < prepared_bytes(hoisted.prepare) <= sum(p.nbytes for p in weights.values())
+    prepared = sum(value_bytes(o) for o in hoisted.prepare.graph.output)
+    assert 0 < prepared <= sum(p.nbytes for p in weights.values())
     program = state["program"]
     assert program.meta.weight_work.prepare == "graphs/prepare.onnx"
     assert set(program.meta.weight_work.raw) == set(hoisted.raw)

@@ -31,11 +31,11 @@ import hashlib
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from streamc.passes.autodiff import BackwardGraph
+from streamc.passes.memory.allocator import value_bytes
 
 #: Ops that only re-lay a tensor out: free to leave in a graph, and what a gradient layout chain
 #: is made of.
@@ -47,6 +47,7 @@ _IMPURE = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "Rando
                      "Multinomial", "Bernoulli", "Dropout"})
 
 RAW_SUFFIX = ":raw"
+LAID_OUT_SUFFIX = ":grad"
 PREFIX = "prepared:"
 
 
@@ -86,13 +87,15 @@ def hoist_weight_work(graphs: Sequence[BackwardGraph], parameters: Collection[st
     else:
         for graph in rewritten:
             _type_prepared_inputs(graph.model, prepare_model)
+    raw = {p: p + RAW_SUFFIX for p in layouts}
+    laid_out = {p: p + LAID_OUT_SUFFIX for p in layouts}
     return HoistedGraphs(
         backward=rewritten,
         prepare=prepare_model,
         prepared=list(prepare.outputs) if prepare_model is not None else [],
-        layout=_layout_model(layouts, graphs[0].model),
-        raw={p: p + RAW_SUFFIX for p in layouts},
-        laid_out={p: _laid_out_name(p) for p in layouts},
+        layout=_layout_model(layouts, raw, laid_out, graphs[0].model),
+        raw=raw,
+        laid_out=laid_out,
     )
 
 
@@ -227,9 +230,8 @@ class _Prepare:
             return None  # keep the graphs as they are
         types = {v.name: v for v in [*inferred.graph.value_info, *inferred.graph.output]}
         for name in self.outputs:
-            t = types[name].type.tensor_type if name in types else None
-            if t is None or not t.elem_type or not t.HasField("shape") or any(
-                    not d.HasField("dim_value") for d in t.shape.dim):
+            if (name not in types or not types[name].type.tensor_type.elem_type
+                    or value_bytes(types[name]) is None):
                 return None  # a prepared tensor of unknown size: keep the graphs as they are
         del model.graph.output[:]
         model.graph.output.extend(types[n] for n in self.outputs)
@@ -408,21 +410,19 @@ def _without_layout_chains(graph: BackwardGraph, chains: dict[str, _Chain | None
     return replace(graph, model=model, gradients=gradients)
 
 
-def _laid_out_name(param: str) -> str:
-    return param + ":grad"
-
-
-def _layout_model(layouts: dict[str, tuple[_Chain, BackwardGraph]], like: onnx.ModelProto
-                  ) -> onnx.ModelProto | None:
+def _layout_model(layouts: dict[str, tuple[_Chain, BackwardGraph]], raw_names: dict[str, str],
+                  laid_out: dict[str, str], like: onnx.ModelProto) -> onnx.ModelProto | None:
+    """The graph from each parameter's raw gradient (input ``raw_names[p]``) to its gradient
+    (output ``laid_out[p]``): its layout chain, copied."""
     if not layouts:
         return None
     nodes, inputs, outputs, constants = [], [], [], []
     for param, (chain, source) in layouts.items():
         g = source.model.graph
-        raw = param + RAW_SUFFIX
+        raw = raw_names[param]
         inputs.append(helper.make_tensor_value_info(raw, chain.elem_type, chain.shape))
         chain_nodes = [g.node[k] for k in chain.indices]
-        rename = {chain.raw: raw, chain_nodes[-1].output[0]: _laid_out_name(param)}
+        rename = {chain.raw: raw, chain_nodes[-1].output[0]: laid_out[param]}
         by_name = {t.name: t for t in g.initializer}
         for name in dict.fromkeys(i for n in chain_nodes for i in n.input[1:] if i):
             copy = onnx.TensorProto()
@@ -438,8 +438,7 @@ def _layout_model(layouts: dict[str, tuple[_Chain, BackwardGraph]], like: onnx.M
             del copy.output[:]
             copy.output.extend(rename.get(o, f"{param}:{o}") for o in node.output)
             nodes.append(copy)
-        outputs.append(helper.make_tensor_value_info(_laid_out_name(param), chain.elem_type,
-                                                     None))
+        outputs.append(helper.make_tensor_value_info(laid_out[param], chain.elem_type, None))
     graph = helper.make_graph(nodes, "gradient_layout", inputs, outputs, initializer=constants)
     model = helper.make_model(graph, opset_imports=list(like.opset_import),
                               ir_version=like.ir_version)
@@ -447,15 +446,3 @@ def _layout_model(layouts: dict[str, tuple[_Chain, BackwardGraph]], like: onnx.M
     del model.graph.output[:]
     model.graph.output.extend(inferred.graph.output)
     return model
-
-
-def prepared_bytes(prepare: onnx.ModelProto | None) -> int:
-    """Bytes of the prepared tensors (what the backward pass holds besides the weights)."""
-    if prepare is None:
-        return 0
-    total = 0
-    for o in prepare.graph.output:
-        t = o.type.tensor_type
-        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).itemsize
-        total += itemsize * int(np.prod([d.dim_value for d in t.shape.dim]))
-    return total

@@ -21,13 +21,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from streamc._gc import paused_gc
-from streamc.passes.hoist import prepared_bytes
 from streamc.passes.memory.allocator import (
     RUNTIME_ONCE,
     RUNTIME_PER_NODE,
     GraphPlan,
     ort_optimized,
     plan_graph,
+    value_bytes,
 )
 from streamc.passes.memory.conventional import ConventionalPlan
 from streamc.policy import DEFAULT_POLICY, RuntimePolicy
@@ -240,7 +240,8 @@ class _StepPlanner:
         prepare = self.meta.weight_work.prepare
         #: the prepared tensors (``passes/hoist.py``), held from their step to the end of the
         #: backward pass
-        self.prepared_bytes = prepared_bytes(program.graph(prepare)) if prepare else 0
+        self.prepared_bytes = sum(value_bytes(o) or 0 for o in
+                                  program.graph(prepare).graph.output) if prepare else 0
         self.steps = program_steps(self.meta, policy, tiles=tiles)
         self._graphs: dict[str, GraphPlan] = {} if graph_plans is None else graph_plans
         self.runs: dict[int, int] = {}  # tile runs per shape class (this worker's)
