@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,6 +50,7 @@ from streamc.passes.extract import (
 )
 from streamc.passes.flops import backward_flops, count_flops
 from streamc.passes.hoist import HoistedGraphs, hoist_weight_work
+from streamc.passes.keep import Kept, kept_units, split_recompute
 from streamc.passes.manager import Pass, PassManager
 from streamc.passes.memory import ConventionalPlan, MemoryPlan, plan_conventional, plan_program
 from streamc.passes.schedule import (
@@ -316,12 +317,48 @@ def _check_backward(s: Mapping[str, Any], graphs: list[BackwardGraph]) -> None:
                                "take one cotangent per output and give one gradient per input.")
 
 
+def _kept(s: Mapping[str, Any]) -> Kept:
+    """The units that keep their activations, and their classes' split graphs."""
+    backward = s["backward_graphs"]
+    if not backward:
+        return Kept()
+    class_of = s["layouts"].class_of
+    units = [(k, i) for k, i in kept_units(class_of, s["schedule"].ownership is not None)
+             if backward[class_of[i][k]].gradients]
+    graphs = {}
+    for k, i in units:
+        c = class_of[i][k]
+        if c not in graphs:
+            graphs[c] = split_recompute(s["tile_graphs"][c], backward[c])
+    units = [(k, i) for k, i in units if graphs[class_of[i][k]].residuals]
+    graphs = {c: g for c, g in graphs.items() if g.residuals}  # else nothing is recomputed
+    return Kept(units, graphs)
+
+
+def _check_kept(s: Mapping[str, Any], kept: Kept) -> None:
+    for c, graphs in kept.graphs.items():
+        original = s["backward_graphs"][c]
+        outputs = {o.name for o in graphs.forward.graph.output}
+        inputs = {i.name for i in graphs.backward.model.graph.input}
+        if not set(graphs.residuals) <= outputs & inputs or \
+                graphs.backward.gradients != original.gradients:
+            raise CompileError(f"internal error: tile class {c}'s graphs that keep their "
+                               "activations do not hand them over.")
+
+
+def _backward_to_hoist(s: Mapping[str, Any]) -> list[BackwardGraph]:
+    """The tile classes' backward graphs, then the kept units' (in class order)."""
+    kept: Kept = s["kept"]
+    return list(s["backward_graphs"] or []) + [kept.graphs[c].backward
+                                               for c in sorted(kept.graphs)]
+
+
 def _hoisted(s: Mapping[str, Any]) -> HoistedGraphs:
-    return hoist_weight_work(s["backward_graphs"] or [], s["parameters"].names)
+    return hoist_weight_work(_backward_to_hoist(s), s["parameters"].names)
 
 
 def _check_hoisted(s: Mapping[str, Any], hoisted: HoistedGraphs) -> None:
-    before, after = s["backward_graphs"] or [], hoisted.backward
+    before, after = _backward_to_hoist(s), hoisted.backward
     prepared = set(hoisted.prepared)
     for k, (old, new) in enumerate(zip(before, after)):
         inputs = {i.name for i in new.model.graph.input}
@@ -387,10 +424,12 @@ def _flops(s: Mapping[str, Any]) -> FlopCounts:
         untiled_fwd += count_flops(untiled)
         untiled_bwd += backward_flops(untiled, set(_differentiated(s, untiled)))
     used = [k for row in layouts.class_of for k in row if k is not None]
+    # A unit that keeps its activations does not recompute its forward.
+    not_recomputed = sum(per_class[layouts.class_of[i][k]][0] for k, i in s["kept"].units)
     return FlopCounts(
         untiled_forward=untiled_fwd, untiled_backward=untiled_bwd,
         tiled_forward=sum(per_class[k][0] for k in used),
-        tiled_backward=sum(per_class[k][1] for k in used),
+        tiled_backward=sum(per_class[k][1] for k in used) - not_recomputed,
     )
 
 
@@ -408,10 +447,16 @@ def _program(s: Mapping[str, Any]) -> Program:
     params: Parameters = s["parameters"]
     graphs: dict[str, onnx.ModelProto] = {}
     hoisted: HoistedGraphs = s["hoisted"]
-    backward_graphs = hoisted.backward or [None] * len(s["tile_graphs"])
+    kept: Kept = s["kept"]
+    count = len(s["tile_graphs"])
+    backward_graphs = hoisted.backward[:count] or [None] * count
+    kept_backward = dict(zip(sorted(kept.graphs), hoisted.backward[count:]))
     classes = [_class_spec(k, layout, forward, backward, params, graphs)
                for k, (layout, forward, backward) in enumerate(
                    zip(layouts.classes, s["tile_graphs"], backward_graphs))]
+    for k, backward in kept_backward.items():
+        classes[k] = _kept_class_spec(classes[k], kept.graphs[k].forward, backward.model,
+                                      kept.graphs[k].residuals, graphs)
     tiles = [TileSpec(tuple(t.index), tuple(
         None if layout is None else TilePart(
             layouts.class_of[i][k], dict(t.crops[k]),
@@ -455,6 +500,7 @@ def _program(s: Mapping[str, Any]) -> Program:
         mode=s["mode"],
         halo="recompute" if schedule.ownership is None else "reuse",
         weight_work=weight_work,
+        kept=tuple(kept.units),
     )
     return Program(meta, graphs, parameter_values(analysis.graph.constants, params.names))
 
@@ -487,6 +533,15 @@ def _class_spec(k: int, layout: TileLayout, forward: onnx.ModelProto,
         gradients={} if backward is None else dict(backward.gradients),
         parameters=tuple(n for n in inputs if n in params.names),
         strips=strips, emits=emits)
+
+
+def _kept_class_spec(spec: ClassSpec, forward: onnx.ModelProto, backward: onnx.ModelProto,
+                     residuals: list[str], graphs: dict[str, onnx.ModelProto]) -> ClassSpec:
+    fwd_name = f"graphs/tile{spec.id}_forward_kept.onnx"
+    bwd_name = f"graphs/tile{spec.id}_backward_kept.onnx"
+    graphs[fwd_name], graphs[bwd_name] = forward, backward
+    return replace(spec, kept_forward=fwd_name, kept_backward=bwd_name,
+                   residuals=tuple(residuals))
 
 
 def _graph_spec(name: str, graph: GraphAndBackward, graphs: dict[str, onnx.ModelProto],
@@ -635,17 +690,21 @@ def compile_passes(with_flops: bool = True, with_memory_plan: bool = True) -> li
              _check_tile_graphs, doc="one forward ONNX graph per shape class"),
         Pass("autodiff", ("tile_graphs", "parameters", "analysis", "mode"), "backward_graphs",
              _backward_graphs, _check_backward, doc="the backward graph of each tile graph"),
-        Pass("hoist", ("backward_graphs", "parameters"), "hoisted", _hoisted, _check_hoisted,
+        Pass("keep", ("backward_graphs", "tile_graphs", "layouts", "schedule"), "kept", _kept,
+             _check_kept, doc="the tiles whose backward reads their forward's activations"),
+        Pass("hoist", ("backward_graphs", "kept", "parameters"), "hoisted", _hoisted,
+             _check_hoisted,
              doc="the tile backward graphs' weight work, moved into graphs run once per pass"),
         Pass("globals", ("analysis", "parameters", "schedule", "mode"), "globals", _globals,
              doc="the graphs on per-sample values between stages, and their backward"),
         Pass("head", ("analysis", "parameters", "mode"), "head", _head,
              doc="the graph after the grid, and its backward graph"),
-        Pass("flops", ("analysis", "layouts", "tile_graphs", "parameters", "mode"), "flops",
+        Pass("flops", ("analysis", "layouts", "tile_graphs", "parameters", "mode", "kept"),
+             "flops",
              _flops if with_flops else (lambda s: None),
              doc="tiled, untiled and whole-model FLOPs: the recompute overhead"),
         Pass("program", ("analysis", "schedule", "layouts", "parameters", "tile_graphs",
-                         "hoisted", "globals", "head", "flops", "source", "mode"),
+                         "kept", "hoisted", "globals", "head", "flops", "source", "mode"),
              "program",
              _program, doc="the program: graphs, parameters and its typed description"),
     ]

@@ -31,7 +31,7 @@ FORMAT = "streamc-program"
 #: they need);
 #: version 4: a global graph may follow the last stage (the head's reductions, streamed);
 #: version 3: stages, buffers and global graphs; version 2: typed metadata, run order, policy.
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 
 Box = tuple[tuple[int, int], ...]
 
@@ -183,7 +183,10 @@ class ClassSpec:
     buffer -> backward graph output; ``parameters``: the runtime-owned inputs of the forward.
     With halo reuse, ``strips`` are the graph inputs holding strips from earlier tiles and
     ``emits`` the graph outputs handing strips on (each tile's part names the band buffer);
-    their cotangents and gradients are keyed by these graph names.
+    their cotangents and gradients are keyed by these graph names. A class with a unit that
+    keeps its activations (``ProgramMeta.kept``) has ``kept_forward`` (the forward graph also
+    giving the ``residuals``) and ``kept_backward`` (the backward graph reading them instead of
+    recomputing; ``passes/keep.py``).
     """
 
     id: int
@@ -199,6 +202,9 @@ class ClassSpec:
     parameters: tuple[str, ...]
     strips: tuple[str, ...] = ()
     emits: tuple[str, ...] = ()
+    kept_forward: str = ""
+    kept_backward: str = ""
+    residuals: tuple[str, ...] = ()
 
     @property
     def input_size(self) -> tuple[int, ...]:
@@ -358,6 +364,9 @@ class ProgramMeta:
     halo: str = "recompute"
     #: the weight work done once per backward pass instead of once per tile
     weight_work: WeightWorkSpec = field(default_factory=WeightWorkSpec)
+    #: (stage, tile) units that keep their activations from forward to backward (their class's
+    #: ``kept_forward`` and ``kept_backward`` graphs) instead of recomputing them
+    kept: tuple[tuple[int, int], ...] = ()
 
     @property
     def grid(self) -> tuple[int, ...]:
@@ -395,7 +404,7 @@ class ProgramMeta:
         for g in self.globals:
             files += [g.forward, g.backward]
         for c in self.classes:
-            files += [c.forward, c.backward]
+            files += [c.forward, c.backward, c.kept_forward, c.kept_backward]
         files += [self.weight_work.prepare, self.weight_work.layout]
         return [f for f in files if f]  # an inference program has no backward graphs
 
@@ -437,7 +446,9 @@ class ProgramMeta:
                  "side_inputs": list(c.side_inputs), "outputs": dict(c.outputs),
                  "partials": dict(c.partials), "cotangents": dict(c.cotangents),
                  "gradients": dict(c.gradients), "parameters": list(c.parameters),
-                 "strips": list(c.strips), "emits": list(c.emits)}
+                 "strips": list(c.strips), "emits": list(c.emits),
+                 "kept_forward": c.kept_forward, "kept_backward": c.kept_backward,
+                 "residuals": list(c.residuals)}
                 for c in self.classes],
             "tiles": [
                 {"index": list(t.index),
@@ -458,6 +469,7 @@ class ProgramMeta:
             "mode": self.mode,
             "halo": self.halo,
             "weight_work": self.weight_work.to_json(),
+            "kept": [list(unit) for unit in self.kept],
         }
 
     @classmethod
@@ -498,7 +510,9 @@ class ProgramMeta:
                                tuple(c["side_inputs"]), dict(c["outputs"]),
                                dict(c["partials"]), dict(c["cotangents"]),
                                dict(c["gradients"]), tuple(c["parameters"]),
-                               tuple(c.get("strips", ())), tuple(c.get("emits", ())))
+                               tuple(c.get("strips", ())), tuple(c.get("emits", ())),
+                               str(c.get("kept_forward", "")), str(c.get("kept_backward", "")),
+                               tuple(c.get("residuals", ())))
                      for c in d["classes"]],
             tiles=[TileSpec(tuple(map(int, t["index"])),
                             tuple(None if p is None else
@@ -523,6 +537,7 @@ class ProgramMeta:
             mode=str(d.get("mode", "train")),
             halo=str(d.get("halo", "recompute")),
             weight_work=WeightWorkSpec.from_json(d["weight_work"]),
+            kept=tuple((int(k), int(t)) for k, t in d.get("kept", ())),
         )
 
 

@@ -50,6 +50,8 @@ class RuntimePolicy:
     constants in. ``release_sessions``: free baked sessions once their pass is over.
     ``allocator``: ``"arena"`` (ORT's shared CPU arena, fast, keeps what it took) or
     ``"system"`` (freed memory returns to the system: a step keeps to the memory plan).
+    ``keep_activations``: the units the program marks (``ProgramMeta.kept``) keep their
+    activations from forward to backward instead of recomputing them.
     """
 
     weights: WeightMode = "auto"
@@ -59,6 +61,7 @@ class RuntimePolicy:
     fold_constants: Literal["forward", "all", "none"] = "forward"
     release_sessions: bool = True
     allocator: Literal["arena", "system"] = "arena"
+    keep_activations: bool = True
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("weights", self.weights, _WEIGHTS),

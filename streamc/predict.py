@@ -192,7 +192,7 @@ def predict(program: ProgramLike, image: ImageSource, out: str | Path, *,
     writer = MapWriter(out, grid[tensor].shape, force=force, compression=compression,
                        preview="last" if preview else None)
     try:
-        interpreter.prefix_forward(image, weights, outputs={tensor: writer})
+        interpreter.prefix_forward(image, weights, outputs={tensor: writer}, keep=False)
         written = writer.finish(progress)
     except BaseException:
         writer.discard()

@@ -17,6 +17,11 @@ backward pass: :data:`StepKind.PREPARE_WEIGHTS` first (the prepared tensors live
 of the pass), :data:`StepKind.GRADIENT_LAYOUT` after the last tile (before the weight
 gradients are combined between workers).
 
+A unit that keeps its activations (``meta.kept``: the last tile of the last stage, or every
+stage's tile of a one-tile grid) runs its class's ``kept_forward`` graph forward, which also
+gives the residuals, and its ``kept_backward`` graph backward, which reads them instead of
+recomputing (the step's ``keeps``).
+
 A :data:`StepKind.RELEASE` step frees a baked session once its pass is over. Tiles of a stage run
 in the stage's ``run_order`` (with halo reuse: grid order forward, its reverse backward, since a
 tile's strips come from the tiles before it); whether a step's session has its weights baked in
@@ -71,8 +76,8 @@ TileSubset = Sequence[Collection[int]] | None
 @dataclass(frozen=True)
 class Step:
     """One step: its kind, the graph it runs (or releases), the tile and stage (tile steps),
-    the global graph's name (global steps), and whether the graph's session has the weights
-    baked in."""
+    the global graph's name (global steps), whether the graph's session has the weights baked
+    in, and whether the tile keeps its activations from forward to backward."""
 
     kind: StepKind
     graph: str
@@ -80,6 +85,7 @@ class Step:
     baked: bool = False
     stage: int | None = None
     name: str | None = None
+    keeps: bool = False
 
     @property
     def role(self) -> str:
@@ -108,6 +114,7 @@ def program_steps(meta: ProgramMeta, policy: RuntimePolicy, chunks: int = 1,
         meta = _worker_view(meta, tiles)
     per_class = meta.tiles_per_class()
     classes = meta.classes
+    kept = set(meta.kept) if policy.keep_activations else set()
     bake_forward = policy.bakes("forward")
     forward: list[Step] = []
     backward: list[Step] = []
@@ -125,9 +132,11 @@ def program_steps(meta: ProgramMeta, policy: RuntimePolicy, chunks: int = 1,
             global_forward(before[stage.index])
         for i in stage.run_order:
             cls = classes[meta.tiles[i].parts[stage.index].class_id]
-            forward.append(Step(StepKind.TILE_FORWARD, cls.forward, i, bake_forward,
-                                stage.index))
-            forward_graphs.append(cls.forward)
+            keeps = (stage.index, i) in kept
+            graph = cls.kept_forward if keeps else cls.forward
+            forward.append(Step(StepKind.TILE_FORWARD, graph, i, bake_forward, stage.index,
+                                keeps=keeps))
+            forward_graphs.append(graph)
         if workers:
             forward += [Step(StepKind.COMBINE, "", None, False, stage.index, name)
                         for name in (*stage.outputs, *stage.partials)]
@@ -147,7 +156,7 @@ def program_steps(meta: ProgramMeta, policy: RuntimePolicy, chunks: int = 1,
             read_later = {n for s in meta.stages[stage.index + 1:] for n in s.inputs}
             backward += [Step(StepKind.COMBINE_GRADIENT, "", None, False, stage.index, name)
                          for name in stage.outputs if name in read_later]
-        backward += _stage_backward(meta, stage.index, per_class, policy, chunks)
+        backward += _stage_backward(meta, stage.index, per_class, policy, chunks, kept)
         spec = before.get(stage.index)
         if spec is not None and spec.gradients:
             if workers:
@@ -181,16 +190,25 @@ def _global_backward(spec: GraphSpec, policy: RuntimePolicy, chunks: int) -> lis
 
 
 def _stage_backward(meta: ProgramMeta, stage: int, per_class: dict[int, int],
-                    policy: RuntimePolicy, chunks: int) -> list[Step]:
+                    policy: RuntimePolicy, chunks: int, kept: Collection[tuple[int, int]]
+                    ) -> list[Step]:
     order = meta.stages[stage].run_order
     if meta.halo == "reuse":  # a tile's strips get their gradients from the tiles after it
         order = tuple(reversed(order))
     classes = meta.classes
     steps: list[Step] = []
-    last = {meta.tiles[i].parts[stage].class_id: k for k, i in enumerate(order)}
+    last = {meta.tiles[i].parts[stage].class_id: k for k, i in enumerate(order)
+            if (stage, i) not in kept}
     for k, i in enumerate(order):
         cls = classes[meta.tiles[i].parts[stage].class_id]
         if not cls.gradients:
+            continue
+        if (stage, i) in kept:
+            baked = policy.bakes("backward", runs=chunks)
+            steps.append(Step(StepKind.TILE_BACKWARD, cls.kept_backward, i, baked, stage,
+                              keeps=True))
+            if baked and policy.release_sessions:
+                steps.append(Step(StepKind.RELEASE, cls.kept_backward, None, True))
             continue
         baked = policy.bakes("backward", runs=per_class[cls.id] * chunks)
         steps.append(Step(StepKind.TILE_BACKWARD, cls.backward, i, baked, stage))

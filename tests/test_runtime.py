@@ -130,9 +130,12 @@ def test_weights_as_inputs_equal_initializers_and_sessions_rebuild_once_per_step
     # initializers: every graph per step (2 steps), then the forward graphs for the last call.
     assert pool_a.builds == 2 * n_graphs + forward_graphs
     with torch.no_grad():
-        for _ in range(3):
+        a(x)  # the unit that keeps its activations runs its plain forward graph here
+        built = pool_a.builds
+        for _ in range(2):
             a(x)
-    assert pool_a.builds == 2 * n_graphs + forward_graphs  # unchanged weights: reused
+    assert built == 2 * n_graphs + forward_graphs + len(program.meta.kept)
+    assert pool_a.builds == built  # unchanged weights: reused
 
 
 def test_auto_weights_feed_unoptimised_backward_graphs() -> None:

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -104,6 +104,8 @@ class ForwardState:
     buffers: list[dict[str, Tensor]] = field(default_factory=list)
     #: reads a lazy image's crops during a pass (None: the image is a tensor)
     reader: CropReader | None = None
+    #: (chunk, stage, tile) -> the residuals of a unit that keeps its activations
+    kept: dict[tuple[int, int, int], dict[str, Tensor]] = field(default_factory=dict)
 
 
 def index(box: Sequence[Sequence[int]], layout: Sequence[int], rank: int) -> Index:
@@ -226,13 +228,14 @@ class Interpreter:
 
     # -- forward -----------------------------------------------------------------------------
     def prefix_forward(self, image: Tensor, weights: WeightSet,
-                       outputs: Mapping[str, Any] | None = None
+                       outputs: Mapping[str, Any] | None = None, keep: bool = True
                        ) -> tuple[list[Tensor], ForwardState]:
         """Every stage and global graph: the head's inputs (in ``cut_names`` order, whole
         batch) and the state the backward pass needs.
 
         ``outputs``: array-likes (``__setitem__``) that grid buffers are written into, tile by
-        tile, instead of buffers in memory (one batch chunk only)."""
+        tile, instead of buffers in memory (one batch chunk only). ``keep``: the units that
+        keep their activations for the backward pass do (False: no backward pass follows)."""
         chunks = self.chunks(image.shape[0])
         if self.workers is not None:
             self.workers.check_input(image)
@@ -250,7 +253,8 @@ class Interpreter:
             for step in steps:
                 for c in range(len(chunks)):
                     if step.kind is StepKind.TILE_FORWARD:
-                        self._tile_forward(step, state, c, weights)
+                        self._tile_forward(step if keep or not step.keeps else
+                                           self._recomputing(step), state, c, weights)
                         tick()
                     elif step.kind is StepKind.COMBINE:
                         self._combine(state.buffers[c], step.name, forward=True)
@@ -266,9 +270,12 @@ class Interpreter:
         cls = self.meta.classes[part.class_id]
         feeds = self._tile_feeds(cls, part, state, c)
         names = list(cls.outputs) + list(cls.partials)
-        values = backend.run(step, weights, feeds,
-                             [cls.outputs.get(n) or cls.partials[n] for n in names]
-                             + list(cls.emits))
+        graph_outputs = [cls.outputs.get(n) or cls.partials[n] for n in names] + list(cls.emits)
+        residuals = list(cls.residuals) if step.keeps else []
+        values = backend.run(step, weights, feeds, graph_outputs + residuals)
+        if step.keeps:
+            state.kept[(c, step.stage, step.tile)] = dict(zip(residuals,
+                                                              values[len(graph_outputs):]))
         store = state.buffers[c]
         for name, value in zip(names, values):
             target = self._buffer(store, name)
@@ -279,6 +286,11 @@ class Interpreter:
         for name, value in zip(cls.emits, values[len(names):]):
             band, box = part.bands[name]
             backend.write(self._buffer(store, band), self._index(band, box), value)
+
+    def _recomputing(self, step: Step) -> Step:
+        """A keeping unit's forward step as a plain one (no backward pass follows)."""
+        cls = self.meta.classes[self.meta.tiles[step.tile].parts[step.stage].class_id]
+        return replace(step, graph=cls.forward, keeps=False)
 
     def _single_chunk(self, chunks: Sequence[slice], what: str) -> None:
         if len(chunks) != 1:
@@ -437,6 +449,8 @@ class Interpreter:
         cls = self.meta.classes[part.class_id]
         feeds = self._tile_feeds(cls, part, state, c)
         feeds.update(prepared)
+        if step.keeps:
+            feeds.update(state.kept.pop((c, step.stage, step.tile)))
         for name, cot in cls.cotangents.items():
             if name in cls.outputs:  # the kept region of an output buffer
                 buffer, where = name, self._index(name, part.kept[name])
@@ -550,7 +564,7 @@ class Interpreter:
             ) -> tuple[list[Tensor], dict[str, Tensor]]:
         """A whole step: forward; with ``output_grads`` (the model's outputs -> their
         cotangents) also backward. Returns (outputs, parameter gradients, head and prefix)."""
-        inputs, state = self.prefix_forward(image, weights)
+        inputs, state = self.prefix_forward(image, weights, keep=output_grads is not None)
         outputs = self.head_forward(inputs, weights)
         if output_grads is None:
             return outputs, {}

@@ -177,8 +177,8 @@ class StreamingModel(nn.Module):
     providers, overriding the device's defaults. ``weights``: how ORT gets the weights:
     ``"initializers"`` (every session rebuilt once per optimizer step with the weights baked
     in, so ORT can fold BatchNorm, fuse and pre-pack), ``"inputs"`` (sessions built once,
-    weights fed on every run) or ``"auto"`` (default: forward graphs baked, backward graphs
-    fed, as ORT runs them unoptimised); see :mod:`streamc.runtime.sessions`.
+    weights fed on every run) or ``"auto"`` (default: forward graphs fed, backward graphs
+    baked only where ORT optimises them and they run often; :mod:`streamc.policy`).
     ``threads``: ORT intra-op threads (default ``torch.get_num_threads()``).
     ``gpu_mem_limit``: bytes for ORT's CUDA arena (default half the GPU). ``progress``: tqdm
     bars over tiles (default: only when stderr is a terminal). ``allocator`` (CPU memory):
@@ -186,6 +186,9 @@ class StreamingModel(nn.Module):
     what it took and holds 1.3-2.4x the memory plan (docs/memory.md); ``"system"`` turns the
     arena off and pins glibc's mmap threshold at 64 KiB, so every freed tensor goes back to the
     system and a step stays within the plan (1.00-1.16x measured), for steps 1.3-2.4x as long.
+    ``keep_activations``: the tile whose backward runs right after its forward (the last one,
+    or the only one) keeps its activations instead of recomputing them (default); False
+    recomputes them like every other tile.
 
     Images are ``(N, C, *size)`` float32 tensors or arrays with the compiled channels and size,
     or lazy :class:`~streamc.data.sources.ImageSource` s of that shape (each tile's crop read on
@@ -200,7 +203,8 @@ class StreamingModel(nn.Module):
                  providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None, *,
                  weights: WeightMode = "auto", threads: int | None = None,
                  gpu_mem_limit: int | None = None, progress: bool | None = None,
-                 allocator: Literal["arena", "system"] = "arena") -> None:
+                 allocator: Literal["arena", "system"] = "arena",
+                 keep_activations: bool = True) -> None:
         super().__init__()
         if not isinstance(program, Program):
             program = load(program)
@@ -215,7 +219,8 @@ class StreamingModel(nn.Module):
                 "programs: export the model with a float32 input."
             )
         self.program = program
-        policy = RuntimePolicy(weights=weights, allocator=allocator)
+        policy = RuntimePolicy(weights=weights, allocator=allocator,
+                               keep_activations=keep_activations)
         self._runtime = _Runtime(
             program,
             RuntimeOptions(policy=policy, threads=threads, gpu_mem_limit=gpu_mem_limit,
@@ -322,8 +327,8 @@ class StreamingModel(nn.Module):
                                   *tensors.values())
         else:
             with torch.no_grad():
-                outputs = interpreter.head_forward(interpreter.prefix_forward(x, weights)[0],
-                                                   weights)
+                cuts = interpreter.prefix_forward(x, weights, keep=False)[0]
+                outputs = interpreter.head_forward(cuts, weights)
         outputs = tuple(outputs)
         return outputs[0] if len(outputs) == 1 else outputs
 
@@ -337,7 +342,7 @@ class StreamingModel(nn.Module):
             cuts = _Prefix.apply(interpreter, weights, list(tensors), x, *tensors.values())
         else:
             with torch.no_grad():
-                cuts = interpreter.prefix_forward(x, weights)[0]
+                cuts = interpreter.prefix_forward(x, weights, keep=False)[0]
         cuts = tuple(cuts)
         return cuts[0] if len(cuts) == 1 else cuts
 

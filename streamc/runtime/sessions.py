@@ -66,6 +66,8 @@ def graph_roles(program: Program) -> dict[str, str]:
     meta = program.meta
     roles = {c.forward: "forward" for c in meta.classes}
     roles.update({c.backward: "backward" for c in meta.classes})
+    roles.update({c.kept_forward: "forward" for c in meta.classes if c.kept_forward})
+    roles.update({c.kept_backward: "backward" for c in meta.classes if c.kept_backward})
     roles[meta.head.forward] = "forward"
     roles[meta.head.backward] = "backward"
     for g in meta.globals:

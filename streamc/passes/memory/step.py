@@ -282,10 +282,12 @@ class _StepPlanner:
         globals_ = [(self.graph_plan(g.forward, "forward"), self.graph_plan(g.backward,
                                                                            "backward"))
                     for g in meta.globals]
-        graph_plans = [p for c in classes for p in (c.forward, c.backward)] + \
-            [head_fwd, head_bwd] + [p for pair in globals_ for p in pair]
-        trainable = sum(p.nbytes for p in meta.parameters if p.trainable)
         all_steps = [s for phase in PHASES for s in self.steps[phase]]
+        kept = [self.graph_plan(g, role) for g, role in
+                dict.fromkeys((s.graph, s.role) for s in all_steps if s.keeps)]
+        graph_plans = [p for c in classes for p in (c.forward, c.backward)] + \
+            [head_fwd, head_bwd] + [p for pair in globals_ for p in pair] + kept
+        trainable = sum(p.nbytes for p in meta.parameters if p.trainable)
         resident = Resident(
             image=meta.input.nbytes,
             parameters=sum(self.param_bytes.values()),
@@ -307,6 +309,12 @@ class _StepPlanner:
             order="exact" if self.exact else self.order, baked_sessions=baked_sessions,
             policy=self.policy, sessions=sessions, globals=globals_,
         )
+
+    def residual_bytes(self, step: Step) -> int:
+        """Bytes of the residuals a keeping unit hands from its forward to its backward."""
+        cls = self.meta.classes[self.meta.tiles[step.tile].parts[step.stage].class_id]
+        outputs = {o.name: o for o in self.program.graph(cls.kept_forward).graph.output}
+        return sum(value_bytes(outputs[r]) or 0 for r in cls.residuals)
 
     def combine_bytes(self, step: Step) -> int:
         """The scratch of a combine step: one copy of the buffer it reduces in place (the
@@ -348,13 +356,16 @@ class _StepPlanner:
         sessions: dict[str, list[str]] = {}
         baked_sessions = 0
         prepared = 0
+        kept = 0  # residuals held from a keeping unit's forward to its backward
         for position, step in enumerate(steps):
             if step.kind is StepKind.HEAD_BACKWARD and not baked_sessions:
                 baked_sessions = sum(held.values())
             if step.kind is StepKind.RELEASE:
                 held.pop(step.graph, None)
                 continue
-            base_here = base + prepared
+            if step.keeps and step.kind is StepKind.TILE_BACKWARD:
+                kept -= self.residual_bytes(step)  # inputs of its graph's plan from here
+            base_here = base + prepared + kept
             if step.kind is StepKind.PREPARE_WEIGHTS:
                 prepared = self.prepared_bytes  # the graph's plan counts them while it runs
             if step.kind in COMBINE_KINDS:
@@ -374,6 +385,8 @@ class _StepPlanner:
             if value > phases.get(label, -1):
                 phases[label] = value
                 sessions[label] = sorted(held)
+            if step.keeps and step.kind is StepKind.TILE_FORWARD:
+                kept += self.residual_bytes(step)  # outputs of its graph's plan until here
         if not baked_sessions:
             baked_sessions = sum(held.values())
         return phases, sessions, baked_sessions

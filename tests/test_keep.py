@@ -1,0 +1,119 @@
+"""Units that keep their activations from forward to backward (streamc.passes.keep): which units
+keep, that their backward graphs recompute nothing, and that a training step gives exactly the
+gradients of one that recomputes (and torch's)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import streamc
+from streamc.export import export_torch
+from streamc.passes.keep import kept_units
+from streamc.passes.memory import plan_program
+from streamc.policy import RuntimePolicy
+from streamc.runtime.backend import NumpyBackend
+from streamc.runtime.interpreter import Interpreter
+from streamc.runtime.module import StreamingModel
+from streamc.runtime.options import RuntimeOptions
+from streamc.runtime.weights import WeightSet
+from streamc.steps import StepKind, program_steps
+from tests.blocks import SENet
+from zoo.models import MiniResNet
+
+
+def _program(module, size: int, tile: int, halo: str = "reuse"):
+    torch.manual_seed(0)
+    module = module.eval()
+    model = export_torch(module, (1, 3, size, size))
+    return module, streamc.compile(model, tile, image=(size, size), halo=halo)
+
+
+def _step(program, image, keep: bool):
+    model = StreamingModel(program, keep_activations=keep)
+    out = model(image)
+    out.float().sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                          if p.grad is not None}
+
+
+def test_kept_units():
+    # grid order: the last tile of the last stage; one tile per stage: every stage's
+    assert kept_units([[0, 0], [1, 1], [2, None]], grid_order=True) == [(1, 1)]
+    assert kept_units([[0, 0]], grid_order=True) == [(0, 0), (1, 0)]
+    assert kept_units([[0], [1]], grid_order=False) == []
+    assert kept_units([[0]], grid_order=False) == [(0, 0)]
+
+
+@pytest.mark.parametrize("module,size,tile,halo", [
+    (MiniResNet, 128, 32, "reuse"),      # 4x4 tiles: the last one keeps (MaxPool's indices too)
+    (MiniResNet, 96, 96, "reuse"),       # one tile: no recompute at all
+    (MiniResNet, 96, 96, "recompute"),
+    (SENet, 64, 64, "reuse"),            # four stages of one tile each
+    (SENet, 64, 32, "reuse"),            # several tiles: the last stage's last tile
+])
+def test_keeping_gives_the_same_step(module, size, tile, halo):
+    torch_module, program = _program(module(), size, tile, halo)
+    meta = program.meta
+    assert meta.kept
+    for stage, i in meta.kept:
+        cls = meta.classes[meta.tiles[i].parts[stage].class_id]
+        assert cls.residuals and cls.kept_forward and cls.kept_backward
+        forward_ops = {n.output[0]: n.op_type for n in program.graph(cls.forward).graph.node}
+        backward = program.graph(cls.kept_backward).graph
+        recomputed = [n for n in backward.node if n.op_type in ("Conv", "MaxPool")
+                      and n.output[0] in forward_ops]
+        assert not recomputed, f"class {cls.id} recomputes {recomputed[0].name}"
+        assert set(cls.residuals) <= {i.name for i in backward.input}
+    image = torch.randn(1, 3, size, size)
+    kept_out, kept_grads = _step(program, image, keep=True)
+    out, grads = _step(program, image, keep=False)
+    assert torch.equal(kept_out, out)
+    assert kept_grads.keys() == grads.keys() and grads
+    for name in grads:
+        assert torch.equal(kept_grads[name], grads[name]), name
+    reference = torch_module(image)
+    assert torch.allclose(kept_out, reference, atol=1e-4)
+
+
+def test_steps_and_plan():
+    _, program = _program(MiniResNet(), 128, 32)
+    meta = program.meta
+    (stage, tile), = meta.kept
+    steps = program_steps(meta, RuntimePolicy())
+    forward = [s for s in steps["prefix_forward"] if s.kind is StepKind.TILE_FORWARD]
+    backward = [s for s in steps["prefix_backward"] if s.kind is StepKind.TILE_BACKWARD]
+    assert forward[-1].keeps and forward[-1].tile == tile and not any(s.keeps for s in forward[:-1])
+    assert backward[0].keeps and backward[0].tile == tile
+    cls = meta.classes[meta.tiles[tile].parts[stage].class_id]
+    assert forward[-1].graph == cls.kept_forward and backward[0].graph == cls.kept_backward
+    plain = program_steps(meta, RuntimePolicy(keep_activations=False))
+    assert not any(s.keeps for phase in plain.values() for s in phase)
+    # the plan holds the residuals through the head
+    kept_plan = plan_program(program, policy=RuntimePolicy())
+    plain_plan = plan_program(program, policy=RuntimePolicy(keep_activations=False))
+    assert kept_plan.phases["head forward"] > plain_plan.phases["head forward"]
+
+
+def test_one_tile_flops_have_no_recompute():
+    _, program = _program(MiniResNet(), 96, 96)
+    flops = program.meta.flops
+    assert flops.tiled_forward == flops.untiled_forward
+    # the untiled backward count includes one recompute of the forward; the kept unit has none
+    assert flops.tiled_backward == flops.untiled_backward - flops.untiled_forward
+
+
+def test_forward_without_backward_keeps_nothing():
+    _, program = _program(MiniResNet(), 96, 32)
+    backend = NumpyBackend(program, RuntimeOptions())
+    interpreter = Interpreter(program, backend, progress=False)
+    weights = WeightSet({s.name: np.asarray(program.parameters.get(s.name, np.zeros(s.shape)),
+                                            np.float32) for s in program.meta.parameters})
+    image = np.random.default_rng(0).standard_normal((1, 3, 96, 96)).astype(np.float32)
+    cuts, state = interpreter.prefix_forward(image, weights, keep=False)
+    assert not state.kept
+    kept_cuts, state = interpreter.prefix_forward(image, weights)
+    assert len(state.kept) == 1
+    for a, b in zip(cuts, kept_cuts):
+        np.testing.assert_array_equal(a, b)
