@@ -180,16 +180,9 @@ def part_exact(name: str, seed: int = 0, one_tile: bool = False) -> dict:
     size, tile = MODELS[name][3]
     module = build_module(name)
     model_proto = export(name, module)
-    from streamc.errors import CompileError
-
-    halo = "reuse"
-    try:
-        program = compile_program(model_proto, tile=tile, image=shape_of(name, size)[2:],
-                                  with_memory_plan=False)
-    except CompileError:  # a later stage's crops, widened by the skew, outgrow the tile
-        halo = "recompute"
-        program = compile_program(model_proto, tile=tile, image=shape_of(name, size)[2:],
-                                  with_memory_plan=False, halo=halo)
+    program = compile_program(model_proto, tile=tile, image=shape_of(name, size)[2:],
+                              with_memory_plan=False)
+    halo = program.meta.halo
     image = torch.from_numpy(np.random.default_rng(seed).standard_normal(
         shape_of(name, size)).astype(np.float32))
     streamed, cotangent, seconds = _streamed_step(program, image, seed)

@@ -188,3 +188,24 @@ def test_buffers_are_freed_after_their_last_use(monkeypatch) -> None:
     everything = 2 * sum(b.nbytes for b in program.meta.buffers)
     assert held and max(held) <= planned < everything
     assert states and not any(states[0].buffers)
+
+
+@pytest.mark.parametrize("name,tile", [("se_mobilenetv3", 8), ("instancenorm_unet_2d", 8)])
+def test_tiles_smaller_than_a_later_stages_halo(name: str, tile: int) -> None:
+    """Under halo reuse the tile counts what a tile owns of the image: a later stage's crop
+    (its input buffer's halo, widened by the skew of the owned boundaries at depth) may be far
+    wider than the tile, and the step is still exact."""
+    factory, shape, _, stages = CASES[name]
+    torch.manual_seed(0)
+    module = zoo.randomize_parameters(factory())
+    model = export_torch(module, shape)
+    program = compile_program(model, tile=tile, image=shape[2:], with_flops=False)
+    meta = program.meta
+    assert meta.halo == "reuse" and len(meta.stages) == stages
+    assert meta.grid == tuple(-(-s // tile) for s in shape[2:])
+    strides = {b.name: b.stride for b in meta.buffers}
+    widest = max((b - a) * strides[name][axis] for t in meta.tiles for part in t.parts[1:]
+                 if part for name, box in part.crops.items()
+                 for axis, (a, b) in enumerate(box))
+    assert widest > tile  # in image pixels: a later stage's crop is wider than the tile
+    assert_matches_torch(program, module, model, zoo.random_image(shape, seed=3))

@@ -280,47 +280,26 @@ def _owned_axis(analysis: Analysis, axis: int, bounds: Sequence[int]) -> AxisOwn
     return axis_ownership(analysis.graph, analysis.split, axis, bounds, _stage_targets(analysis))
 
 
-def _owned_width(analysis: Analysis, axis: int, own: AxisOwnership) -> int:
-    """The widest tile along ``axis``, in image pixels: what a tile owns of the image, or the
-    crop of a later stage's input (the image's crop adds the halo of the ops that read it,
-    a few pixels, which the tile size does not count)."""
-    width = 0
-    for k, io in enumerate(analysis.split.stage_io):
-        for tensor in io.inputs:
-            stride = analysis.tensors[tensor].stride[axis] if tensor in analysis.tensors else 1
-            reads = own.reads.get((tensor, k), ())
-            for j, read in enumerate(reads):
-                if read is None:
-                    continue
-                if tensor == analysis.input_name:
-                    read = own.owned(tensor, j)
-                elif tensor == io.inputs[0]:  # see _owned_schedule: the owned part is read too
-                    a, b = own.owned(tensor, j)
-                    if b > a:
-                        read = (min(read[0], a), max(read[1], b))
-                width = max(width, math.ceil((read[1] - read[0]) * stride))
-    return width
-
-
 def _owned_boundaries(analysis: Analysis, axis: int, tile: int) -> tuple[list[int],
                                                                           AxisOwnership]:
-    """The fewest aligned tiles of equal size along ``axis`` no wider than ``tile`` pixels
-    (:func:`_owned_width`), when tiles hand their halos on."""
+    """The fewest aligned tiles of equal size along ``axis`` owning at most ``tile`` pixels of
+    the image each, when tiles hand their halos on.
+
+    The crops add halos that the tile size does not count: the image's, a few pixels, and a
+    later stage's, whose input is a whole buffer computed before (its halo, and the skew of the
+    owned boundaries at depth, are read there, not computed again; the memory plan counts
+    them)."""
     size, align = analysis.image_size[axis], analysis.alignment[axis]
+    if align > tile and align < size:
+        raise CompileError(f"tile {tile} along axis {axis} is too small to make progress: one "
+                           f"aligned step of this network is {align} px. Use a tile of at "
+                           f"least {align}.")
     n = max(1, math.ceil(size / tile))
     while True:
         step = math.ceil(size / n / align) * align
-        bounds = sorted({min(i * step, size) for i in range(n)} | {size})
-        own = _owned_axis(analysis, axis, bounds)
-        width = _owned_width(analysis, axis, own)
-        if width <= tile:
-            return bounds, own
-        if step <= align:
-            why = (f"one aligned step of this network is {align} px" if width <= align else
-                   f"a tile of one aligned step of {align} px reads {width} px of a later "
-                   "stage's input with its halo")
-            raise CompileError(f"tile {tile} along axis {axis} is too small to make progress: "
-                               f"{why}. Use a tile of at least {width}.")
+        if step <= tile or step >= size:
+            bounds = sorted({min(i * step, size) for i in range(n)} | {size})
+            return bounds, _owned_axis(analysis, axis, bounds)
         n += 1
 
 
@@ -333,13 +312,10 @@ def _owned_schedule(analysis: Analysis, schedule: Schedule, max_tiles: int) -> S
         axes.append(own)
     total = math.prod(len(b) - 1 for b in bounds)
     if total > max_tiles:
-        # A later stage reading its whole input buffer far before its owned start (a residual
-        # around a skewed block) widens the crop by that skew times the input's stride.
         raise CompileError(
             f"tile {'x'.join(map(str, schedule.tile))} needs {total:,} tiles "
-            f"({' x '.join(str(len(b) - 1) for b in bounds)}) with halo reuse, more than the "
-            f"limit of {max_tiles:,}: some crops of this network's later stages are wider than "
-            "the tile. Use a larger tile, or halo='recompute' (--halo recompute).")
+            f"({' x '.join(str(len(b) - 1) for b in bounds)}), more than the limit of "
+            f"{max_tiles:,}: use a larger tile, or raise the limit (--max-tiles, max_tiles=).")
     ownership = Ownership(tuple(axes), dict(analysis.split.phase))
     schedule.boundaries = tuple(bounds)
     schedule.ownership = ownership
