@@ -62,6 +62,11 @@ VARIANTS: dict[str, dict] = {
 OPTION_VARIANTS: dict[str, dict] = {
     "shrink": {"shrink_arena": True},
     "no-shrink": {"shrink_arena": False},
+    "reserve2g": {"arena_reserve": 2**31 - 1, "arena_extend": "pow2"},
+    "reserve512m": {"arena_reserve": 2**29, "arena_extend": "pow2"},
+    "reserve256m": {"arena_reserve": 2**28, "arena_extend": "pow2"},
+    "reserve1g": {"arena_reserve": 2**30, "arena_extend": "pow2"},
+    "pow2": {"arena_extend": "pow2"},
 }
 #: model: (image size, tile sizes)
 CASES = {

@@ -12,8 +12,13 @@ from typing import Any
 SHARED_ARENAS: dict[str, bool] = {}
 
 
-def register_shared_cpu_arena(extend: str = "same") -> None:
-    """Register one process-wide CPU arena that every session opting in shares."""
+def register_shared_cpu_arena(extend: str = "same", reserve: int = 0) -> None:
+    """Register one process-wide CPU arena that every session opting in shares.
+
+    ``reserve``: bytes of the arena's first region (0: ORT's default; ORT honours it with
+    ``extend="pow2"`` only). Pages of it that no tensor ever used are never touched, so they
+    cost no resident memory.
+    """
     if "cpu" in SHARED_ARENAS:
         return
     import onnxruntime as ort
@@ -24,7 +29,8 @@ def register_shared_cpu_arena(extend: str = "same") -> None:
         # max_mem 0 = unlimited, extend strategy 1 = kSameAsRequested (0 = kNextPowerOfTwo),
         # default chunk settings.
         strategy = 0 if extend == "pow2" else 1
-        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, strategy, -1, -1))
+        initial = int(reserve) if reserve > 0 else -1
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, strategy, initial, -1))
     except Exception:  # noqa: BLE001 - e.g. the application registered one already: use it
         pass
     SHARED_ARENAS["cpu"] = True

@@ -44,6 +44,11 @@ class RuntimeOptions:
     #: growth of the shared CPU arena: ``"same"`` (kSameAsRequested) or ``"pow2"``
     #: (kNextPowerOfTwo). Only the first registration in a process counts.
     arena_extend: Literal["same", "pow2"] = "same"
+    #: bytes of the shared CPU arena's first region (0: ORT's default). ORT honours it only
+    #: with ``arena_extend="pow2"`` (kSameAsRequested allocates each region as requested).
+    #: Pages of the region that no tensor used are never touched and cost no memory. Only the
+    #: first registration in a process counts.
+    arena_reserve: int = 0
     #: glibc's mmap threshold in bytes (see :func:`~streamc.runtime.allocators.tune_malloc`);
     #: by default :data:`SYSTEM_MMAP_THRESHOLD` with the policy's ``"system"`` allocator, else
     #: malloc is left alone.

@@ -133,7 +133,7 @@ class SessionPool:
         shared = False
         arena = self.options.arena
         if arena == "shared":
-            register_shared_cpu_arena(self.options.arena_extend)
+            register_shared_cpu_arena(self.options.arena_extend, self.options.arena_reserve)
             so.enable_cpu_mem_arena = True
             shared = True
         else:

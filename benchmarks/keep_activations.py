@@ -1,0 +1,99 @@
+"""Keeping the last tile's activations against recomputing them: training steps of ResNet-18
+(width 64, frozen BN) through StreamingModel with ``keep_activations=True`` (the default) and
+``False``, and torch's own step, alternating in one process on one compiled program::
+
+    python -m benchmarks.keep_activations 1024:1024 1024:256 [--rounds 3]
+
+Each SIZE:TILE is one configuration. Prints one JSON line per round; the medians, ratios and
+the memory plan's peak of both settings go to ``benchmarks/results/keep_activations.json``
+(``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from benchmarks.streaming import _export, make_image, make_model
+from streamc.compiler import compile as compile_program
+from streamc.passes.memory import plan_program
+from streamc.policy import RuntimePolicy
+from streamc.runtime.module import StreamingModel
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def measure(size: int, tile: int, rounds: int) -> dict:
+    torch.set_num_threads(2)
+    module = make_model("2d", 64)
+    program = compile_program(_export("2d", module), tile, image=(size, size),
+                              with_memory_plan=False)
+    x = torch.from_numpy(make_image("2d", size))
+    label = torch.tensor([1])
+    runs = {}
+    for keep in (True, False):
+        sm = StreamingModel(program, threads=2, progress=False, keep_activations=keep)
+        sm.load_state_dict(module.state_dict(), strict=False)
+        runs[f"keep={keep}"] = (sm, torch.optim.SGD(sm.parameters(), lr=1e-4))
+    runs["torch"] = (module, torch.optim.SGD(module.parameters(), lr=1e-4))
+
+    def step(name: str) -> float:
+        model, opt = runs[name]
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), label).backward()
+        opt.step()
+        return time.perf_counter() - start
+
+    for name in runs:  # warm-up: builds the sessions
+        step(name)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(rounds):
+        for name in runs:
+            times[name].append(step(name))
+        print(json.dumps({"size": size, "tile": tile, "round": r,
+                          **{n: round(t[-1], 3) for n, t in times.items()}}), flush=True)
+    medians = {n: round(statistics.median(t), 3) for n, t in times.items()}
+    plans = {keep: plan_program(program, policy=RuntimePolicy(keep_activations=keep),
+                                optimizer_copies=0) for keep in (True, False)}
+    return {
+        "size": size, "tile": tile, "grid": list(program.meta.grid), "tiles": len(program.tiles),
+        "kept": [list(u) for u in program.meta.kept], "median_s": medians,
+        "kept_over_recompute": round(medians["keep=True"] / medians["keep=False"], 3),
+        "kept_over_torch": round(medians["keep=True"] / medians["torch"], 3),
+        "plan_peak_mib": {f"keep={k}": round(p.peak / 2**20, 1) for k, p in plans.items()},
+        "flops_overhead": round(program.meta.flops.overhead, 4),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("configs", nargs="+", help="SIZE:TILE")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", default=str(RESULTS / "keep_activations.json"))
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    results = []
+    for config in args.configs:
+        size, tile = (int(v) for v in config.split(":"))
+        results.append(measure(size, tile, args.rounds))
+        print(json.dumps(results[-1]), flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=Path(__file__).parent).stdout.strip()
+    Path(args.out).write_text(json.dumps({
+        "command": "python -m benchmarks.keep_activations " + " ".join(args.configs)
+                   + f" --rounds {args.rounds}",
+        "commit": commit, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "results": results}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
