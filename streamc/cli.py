@@ -219,9 +219,15 @@ def _print_program_summary(program, out: Path | None) -> None:
                    f"{meta.streamed['activations']:.0%} of the activation memory")
     if meta.flops is not None:
         click.echo(f"recompute:    forward {meta.flops.forward_overhead:.3f}x, backward "
-                   f"{meta.flops.backward_overhead:.3f}x the untiled FLOPs ("
+                   f"{meta.flops.backward_overhead:.3f}x the untiled FLOPs (whose backward "
+                   "recomputes the forward once; "
                    + ("halo reuse: every activation computed once per pass"
                       if meta.halo == "reuse" else "every tile recomputes its halo") + ")")
+    if meta.kept:
+        which = ("the one tile keeps its activations: a step recomputes nothing"
+                 if len(program.tiles) == 1 else
+                 "the last tile keeps its activations for the backward pass (no recompute there)")
+        click.echo(f"kept:         {which}")
     bands = [b for b in meta.buffers if b.kind == "band"]
     if bands:
         click.echo(f"strips:       {len(bands)} bands handed on between tiles "
