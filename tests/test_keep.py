@@ -19,6 +19,7 @@ from streamc.runtime.module import StreamingModel
 from streamc.runtime.options import RuntimeOptions
 from streamc.runtime.weights import WeightSet
 from streamc.steps import StepKind, program_steps
+from streamc.tile_search import search_tiles
 from tests.blocks import SENet
 from zoo.models import MiniResNet
 
@@ -117,3 +118,20 @@ def test_forward_without_backward_keeps_nothing():
     assert len(state.kept) == 1
     for a, b in zip(cuts, kept_cuts):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_budget_that_fits_the_whole_step_gets_one_kept_tile():
+    """The tile search tries the largest tile first: with room for the whole step, one tile
+    that keeps its activations (no recompute at all); with less, smaller tiles."""
+    torch.manual_seed(0)
+    model = export_torch(MiniResNet().eval(), (1, 3, 512, 512))
+    plans = {p.tile: p for p in search_tiles(model, (512, 512), tiles=[256, 512],
+                                             optimizer_copies=0).plans}
+    assert plans[512].tiles == 1 and plans[512].overhead < plans[256].overhead < 1.0
+    assert plans[256].peak < plans[512].peak
+    roomy = search_tiles(model, (512, 512), tiles=[256, 512], budget=plans[512].peak,
+                         optimizer_copies=0)
+    assert roomy.chosen.tile == 512 and roomy.chosen.program.meta.kept == ((0, 0),)
+    tight = search_tiles(model, (512, 512), tiles=[256, 512], budget=plans[512].peak - 1,
+                         optimizer_copies=0)
+    assert tight.chosen.tile == 256
