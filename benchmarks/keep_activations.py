@@ -16,13 +16,12 @@ import json
 import platform
 import statistics
 import subprocess
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
-from benchmarks.streaming import _export, make_image, make_model
+from benchmarks.streaming import _export, make_image, make_model, timed_step
 from streamc.compiler import compile as compile_program
 from streamc.passes.memory import plan_program
 from streamc.policy import RuntimePolicy
@@ -46,12 +45,7 @@ def measure(size: int, tile: int, rounds: int) -> dict:
     runs["torch"] = (module, torch.optim.SGD(module.parameters(), lr=1e-4))
 
     def step(name: str) -> float:
-        model, opt = runs[name]
-        start = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), label).backward()
-        opt.step()
-        return time.perf_counter() - start
+        return timed_step(*runs[name], x, label)
 
     for name in runs:  # warm-up: builds the sessions
         step(name)

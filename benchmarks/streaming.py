@@ -82,6 +82,17 @@ def make_image(kind: str, size: int):
     return np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
 
 
+def timed_step(model, optimizer, x, label) -> float:
+    """Seconds of one training step: forward, cross-entropy, backward, optimizer step."""
+    import torch
+
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(model(x), label).backward()
+    optimizer.step()
+    return time.perf_counter() - start
+
+
 def _export(kind: str, model):
     """The ONNX export of ``model`` with dynamic spatial axes (traced at 224² or 32³)."""
     from streamc.export import export_torch

@@ -13,12 +13,11 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import time
 import warnings
 
 import torch
 
-from benchmarks.streaming import _export, make_image, make_model
+from benchmarks.streaming import _export, make_image, make_model, timed_step
 from streamc.compiler import compile as compile_program
 from streamc.runtime.module import StreamingModel
 
@@ -40,12 +39,7 @@ def main() -> None:
         models[mode] = (sm, opt)
 
     def step(mode: str) -> float:
-        sm, opt = models[mode]
-        start = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(sm(x), label).backward()
-        opt.step()
-        return time.perf_counter() - start
+        return timed_step(*models[mode], x, label)
 
     for mode in models:  # warm-up: builds the fed sessions
         step(mode)
