@@ -66,13 +66,13 @@ MiB = 2**20
 #: name -> (library, input channels, spatial dims, exact (size, tile), plan (size, tile),
 #:          speed (size, tile))
 MODELS: dict[str, tuple] = {
-    "convnext_atto": ("timm", 3, 2, (2048, 1536), (4096, 2048), (2048, 1536)),
-    "efficientnet_b0": ("timm", 3, 2, (512, 256), (4096, 1024), (1024, 512)),
-    "mobilenetv3_large_100": ("timm", 3, 2, (512, 256), (4096, 1024), (1024, 512)),
-    "regnety_002": ("timm", 3, 2, (512, 256), (4096, 1024), (1024, 512)),
-    "basicunet": ("monai", 1, 2, (256, 128), (4096, 1024), (1024, 512)),
-    "segresnet_3d": ("monai", 1, 3, (64, 32), (256, 128), (128, 64)),
-    "unet_3d": ("monai", 1, 3, (64, 32), (256, 128), (128, 64)),
+    "convnext_atto": ("timm", 3, 2, (2048, 512), (4096, 2048), (2048, 1536)),
+    "efficientnet_b0": ("timm", 3, 2, (512, 128), (4096, 1024), (1024, 512)),
+    "mobilenetv3_large_100": ("timm", 3, 2, (512, 128), (4096, 1024), (1024, 512)),
+    "regnety_002": ("timm", 3, 2, (512, 128), (4096, 1024), (1024, 512)),
+    "basicunet": ("monai", 1, 2, (256, 64), (4096, 1024), (1024, 512)),
+    "segresnet_3d": ("monai", 1, 3, (64, 16), (256, 128), (128, 64)),
+    "unet_3d": ("monai", 1, 3, (64, 16), (256, 128), (128, 64)),
 }
 #: The issue's bound on a gradient's error: this many times torch float32's own error.
 FLOAT32_FACTOR = 10.0
