@@ -568,3 +568,23 @@ def test_progress_is_silent_off_terminal(capsys: pytest.CaptureFixture) -> None:
     with torch.no_grad():
         shown(images("vgg", batch=1))
     assert "tile" in capsys.readouterr().err
+
+
+def test_the_shared_arena_is_sized_from_the_plan() -> None:
+    """The default CPU arena grows by powers of two from a first region that holds the largest
+    planned graph run (docs/memory.md); without a plan ORT's default."""
+    from streamc.runtime.allocators import MAX_ARENA_REGION, arena_reserve_for
+    from streamc.runtime.options import RuntimeOptions
+
+    options = RuntimeOptions()
+    assert options.arena_extend == "pow2" and options.arena_reserve == "auto"
+    mib = 2**20
+    assert arena_reserve_for({"backward_peak": 273 * mib, "forward_peak": 70 * mib}) == 512 * mib
+    assert arena_reserve_for({"backward_peak": 1038 * mib, "forward_peak": 247 * mib}) \
+        == MAX_ARENA_REGION
+    assert arena_reserve_for({"backward_peak": 10 * mib, "forward_peak": 40 * mib}) == 64 * mib
+    assert arena_reserve_for(None) == arena_reserve_for({}) == 0
+    program = program_for("twocut")
+    planned = max(program.meta.memory_plan["backward_peak"],
+                  program.meta.memory_plan["forward_peak"])
+    assert planned < arena_reserve_for(program.meta.memory_plan) <= 2 * planned

@@ -41,14 +41,17 @@ class RuntimeOptions:
     #: the arena keeps, so every graph's peak is held about twice; off costs no measurable
     #: time (``benchmarks/tile_memory.py``, docs/memory-runtime.md).
     mem_pattern: bool = False
-    #: growth of the shared CPU arena: ``"same"`` (kSameAsRequested) or ``"pow2"``
-    #: (kNextPowerOfTwo). Only the first registration in a process counts.
-    arena_extend: Literal["same", "pow2"] = "same"
-    #: bytes of the shared CPU arena's first region (0: ORT's default). ORT honours it only
-    #: with ``arena_extend="pow2"`` (kSameAsRequested allocates each region as requested).
-    #: Pages of the region that no tensor used are never touched and cost no memory. Only the
-    #: first registration in a process counts.
-    arena_reserve: int = 0
+    #: growth of the shared CPU arena: ``"pow2"`` (kNextPowerOfTwo, each new region twice the
+    #: last) or ``"same"`` (kSameAsRequested). Only the first registration in a process counts.
+    arena_extend: Literal["same", "pow2"] = "pow2"
+    #: bytes of the shared CPU arena's first region, or ``"auto"``: sized from the program's
+    #: memory plan (:func:`~streamc.runtime.allocators.arena_reserve_for`); 0: ORT's default.
+    #: ORT honours it only with ``arena_extend="pow2"``. Pages of the region no tensor used are
+    #: never touched and cost no memory; one region that holds every run keeps the arena from
+    #: spreading over several (ResNet-18 at 4096², one step: 1.23-1.24x the plan against
+    #: 1.39x with kSameAsRequested regions, the same time; docs/memory.md). Only the first
+    #: registration in a process counts.
+    arena_reserve: int | Literal["auto"] = "auto"
     #: glibc's mmap threshold in bytes (see :func:`~streamc.runtime.allocators.tune_malloc`);
     #: by default :data:`SYSTEM_MMAP_THRESHOLD` with the policy's ``"system"`` allocator, else
     #: malloc is left alone.

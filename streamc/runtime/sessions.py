@@ -34,7 +34,12 @@ import onnx
 
 from streamc.errors import StreamcError
 from streamc.program import Program
-from streamc.runtime.allocators import malloc_trim, register_shared_cpu_arena, tune_malloc
+from streamc.runtime.allocators import (
+    arena_reserve_for,
+    malloc_trim,
+    register_shared_cpu_arena,
+    tune_malloc,
+)
 from streamc.runtime.options import RuntimeOptions
 from streamc.runtime.providers import (
     device_index,
@@ -133,7 +138,10 @@ class SessionPool:
         shared = False
         arena = self.options.arena
         if arena == "shared":
-            register_shared_cpu_arena(self.options.arena_extend, self.options.arena_reserve)
+            reserve = self.options.arena_reserve
+            if reserve == "auto":
+                reserve = arena_reserve_for(self.program.meta.memory_plan)
+            register_shared_cpu_arena(self.options.arena_extend, reserve)
             so.enable_cpu_mem_arena = True
             shared = True
         else:
