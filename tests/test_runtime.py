@@ -26,6 +26,7 @@ from streamc.compiler import compile as compile_program
 from streamc.errors import InputError, StreamcError
 from streamc.runtime.module import ESCAPED, MODEL_GRAPH, StreamingModel, escape, unescape
 from streamc.runtime.providers import DeviceError
+from streamc.runtime.sessions import SessionPool
 from streamc.runtime.weights import snapshot_weights
 
 # (zoo name, image size, tile): several tiles each, few shape classes (fast session builds).
@@ -579,12 +580,18 @@ def test_the_shared_arena_is_sized_from_the_plan() -> None:
     options = RuntimeOptions()
     assert options.arena_extend == "pow2" and options.arena_reserve == "auto"
     mib = 2**20
-    assert arena_reserve_for({"backward_peak": 273 * mib, "forward_peak": 70 * mib}) == 512 * mib
-    assert arena_reserve_for({"backward_peak": 1038 * mib, "forward_peak": 247 * mib}) \
-        == MAX_ARENA_REGION
-    assert arena_reserve_for({"backward_peak": 10 * mib, "forward_peak": 40 * mib}) == 64 * mib
-    assert arena_reserve_for(None) == arena_reserve_for({}) == 0
+    assert arena_reserve_for(273 * mib) == 512 * mib
+    assert arena_reserve_for(1038 * mib) == MAX_ARENA_REGION
+    assert arena_reserve_for(40 * mib) == 64 * mib and arena_reserve_for(0) == 0
+    # from the stored plan, or planned at once for a program compiled without one
     program = program_for("twocut")
-    planned = max(program.meta.memory_plan["backward_peak"],
-                  program.meta.memory_plan["forward_peak"])
-    assert planned < arena_reserve_for(program.meta.memory_plan) <= 2 * planned
+    stored = program.meta.memory_plan
+    planned = max(stored["backward_peak"], stored["forward_peak"])
+    pool = SessionPool(program)
+    assert pool._largest_graph_peak() == planned
+    assert planned < arena_reserve_for(planned) <= 2 * planned
+    size, tile = CONFIGS["twocut"]
+    bare = compile_program(zoo.build("twocut", (1, 3, *size)).onnx_model, tile=tile, image=size,
+                           with_flops=False, with_memory_plan=False)
+    assert bare.meta.memory_plan is None
+    assert SessionPool(bare)._largest_graph_peak() == planned

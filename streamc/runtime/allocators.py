@@ -40,20 +40,21 @@ def register_shared_cpu_arena(extend: str = "same", reserve: int = 0) -> None:
 MAX_ARENA_REGION = 2**31 - 1
 
 
-def arena_reserve_for(memory_plan: dict[str, Any] | None) -> int:
-    """The first region of the shared CPU arena for a program: the smallest power of two above
-    its largest tile graph's planned peak (so the largest run fits in one region, with room
-    for the smaller graphs' tensors that come and go beside it), at most
-    :data:`MAX_ARENA_REGION`; 0 (ORT's default) without a plan. Measured on ResNet-18 at 4096²
-    (``benchmarks/results/arena_reserve.json``): tile 512 (largest graph 273 MiB) was best of
-    512 MiB / 1 / 2 GiB at 512 MiB, tile 1024 (1038 MiB) at 2 GiB."""
-    if not memory_plan:
+def arena_reserve_for(largest_graph: int) -> int:
+    """The first region of the shared CPU arena for a program whose largest tile graph run is
+    planned at ``largest_graph`` bytes: the smallest power of two above it (so the largest run
+    fits in one region, with room for the smaller graphs' tensors that come and go beside it),
+    at most :data:`MAX_ARENA_REGION`; 0 (ORT's default) when unknown. Measured on ResNet-18 at
+    4096² (``benchmarks/results/arena_reserve.json``): tile 512 (largest graph 273 MiB) was
+    best of 512 MiB / 1 / 2 GiB at 512 MiB, tile 1024 (1038 MiB) at 2 GiB."""
+    if largest_graph <= 0:
         return 0
-    largest = max(int(memory_plan.get("backward_peak") or 0),
-                  int(memory_plan.get("forward_peak") or 0))
-    if largest <= 0:
-        return 0
-    return min(1 << largest.bit_length(), MAX_ARENA_REGION)
+    return min(1 << int(largest_graph).bit_length(), MAX_ARENA_REGION)
+
+
+def shared_arena_registered(device: str = "cpu") -> bool:
+    """Whether this process registered its shared arena for ``device`` already."""
+    return device in SHARED_ARENAS
 
 
 _MALLOC_TUNED: dict[str, Any] = {}

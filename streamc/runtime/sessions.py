@@ -38,6 +38,7 @@ from streamc.runtime.allocators import (
     arena_reserve_for,
     malloc_trim,
     register_shared_cpu_arena,
+    shared_arena_registered,
     tune_malloc,
 )
 from streamc.runtime.options import RuntimeOptions
@@ -138,10 +139,11 @@ class SessionPool:
         shared = False
         arena = self.options.arena
         if arena == "shared":
-            reserve = self.options.arena_reserve
-            if reserve == "auto":
-                reserve = arena_reserve_for(self.program.meta.memory_plan)
-            register_shared_cpu_arena(self.options.arena_extend, reserve)
+            if not shared_arena_registered("cpu"):
+                reserve = self.options.arena_reserve
+                if reserve == "auto":
+                    reserve = arena_reserve_for(self._largest_graph_peak())
+                register_shared_cpu_arena(self.options.arena_extend, reserve)
             so.enable_cpu_mem_arena = True
             shared = True
         else:
@@ -153,6 +155,18 @@ class SessionPool:
         if shared:
             so.add_session_config_entry("session.use_env_allocators", "1")
         return so
+
+    def _largest_graph_peak(self) -> int:
+        """The largest tile graph's planned peak: from the program's memory plan, else planned
+        now (a program compiled without one; an inference program has none to plan: 0)."""
+        plan = self.program.meta.memory_plan
+        if not plan and self.program.meta.mode != "inference":
+            from streamc.passes.memory import plan_program
+
+            plan = plan_program(self.program, policy=self.policy).to_dict()
+        if not plan:
+            return 0
+        return max(int(plan.get("backward_peak") or 0), int(plan.get("forward_peak") or 0))
 
     def _weight_inputs(self, relative: str) -> list[str]:
         """Parameter inputs of the graph that some node reads (ORT drops unread initializers
