@@ -183,9 +183,10 @@ class StreamingModel(nn.Module):
     ``gpu_mem_limit``: bytes for ORT's CUDA arena (default half the GPU). ``progress``: tqdm
     bars over tiles (default: only when stderr is a terminal). ``allocator`` (CPU memory):
     ``"arena"`` (default, the fastest) shares one ORT arena between all sessions, which keeps
-    what it took and holds 1.3-2.4x the memory plan (docs/memory.md); ``"system"`` turns the
-    arena off and pins glibc's mmap threshold at 64 KiB, so every freed tensor goes back to the
-    system and a step stays within the plan (1.00-1.16x measured), for steps 1.3-2.4x as long.
+    what it took and holds 1.2-1.9x the memory plan (1.25x at 4096², docs/memory.md);
+    ``"system"`` turns the arena off and pins glibc's mmap threshold at 64 KiB, so every freed
+    tensor goes back to the system and a step stays within the plan (1.00-1.16x measured), for
+    steps 1.3-2.4x as long.
     ``keep_activations``: the tile whose backward runs right after its forward (the last one,
     or the only one) keeps its activations instead of recomputing them (default); False
     recomputes them like every other tile.

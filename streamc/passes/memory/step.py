@@ -200,7 +200,7 @@ def _allocator_note(policy: RuntimePolicy) -> str:
     if policy.allocator == "system":
         return "the process peak with StreamingModel(allocator='system')"
     return ("the process peak with StreamingModel(allocator='system'); ORT's default CPU arena "
-            "keeps more, measured 1.3-2.4x: docs/memory.md")
+            "keeps more, measured 1.2-1.9x: docs/memory.md")
 
 
 def plan_program(program, conventional: ConventionalPlan | None = None,
