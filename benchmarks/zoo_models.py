@@ -71,8 +71,8 @@ MODELS: dict[str, tuple] = {
     "mobilenetv3_large_100": ("timm", 3, 2, (512, 128), (4096, 1024), (1024, 512)),
     "regnety_002": ("timm", 3, 2, (512, 128), (4096, 1024), (1024, 512)),
     "basicunet": ("monai", 1, 2, (256, 64), (4096, 1024), (1024, 512)),
-    "segresnet_3d": ("monai", 1, 3, (64, 16), (256, 128), (128, 64)),
-    "unet_3d": ("monai", 1, 3, (64, 16), (256, 128), (128, 64)),
+    "segresnet_3d": ("monai", 1, 3, (64, 16), (256, 64), (128, 64)),
+    "unet_3d": ("monai", 1, 3, (64, 16), (256, 64), (128, 64)),
 }
 #: The issue's bound on a gradient's error: this many times torch float32's own error.
 FLOAT32_FACTOR = 10.0
