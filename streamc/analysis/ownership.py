@@ -93,6 +93,16 @@ def axis_ownership(graph: Graph, split: Split, axis: int, bounds: Sequence[int],
     n = len(bounds) - 1
     steps = list(reversed(_steps(graph, split)))  # topological order
     boundaries: dict[str, tuple[int, ...]] = {split.input_name: tuple(bounds)}
+    image_extent = bounds[-1]
+
+    def start(tensor: str, extent: int, stage: int) -> tuple[int, ...]:
+        # A tensor of an earlier stage is a whole buffer: a later stage may read any of it, so
+        # its nodes start from boundaries at the image's, scaled, not from the skew the
+        # earlier stage's layers accumulated (which would grow the last tile stage by stage).
+        if split.phase.get(tensor, stage) < stage and tensor != split.input_name:
+            return tuple(min(extent, round(b * extent / image_extent)) for b in bounds)
+        return boundaries[tensor]
+
     for step in steps:
         if step.out_extent is None or not step.inputs:
             continue
@@ -101,7 +111,8 @@ def axis_ownership(graph: Graph, split: Split, axis: int, bounds: Sequence[int],
         reading = [_reading_range(ax, extent[axis], extent_out) for _, extent in step.inputs]
         inner = []
         for i in range(1, n):
-            inner.append(min(_owned_end(ax, boundaries[tensor][i], extent[axis], extent_out, r)
+            inner.append(min(_owned_end(ax, start(tensor, extent[axis], step.stage)[i],
+                                        extent[axis], extent_out, r)
                              for (tensor, extent), r in zip(step.inputs, reading)))
         result = (0, *inner, extent_out)
         for out in step.outputs:
