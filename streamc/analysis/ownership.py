@@ -109,11 +109,11 @@ def axis_ownership(graph: Graph, split: Split, axis: int, bounds: Sequence[int],
         extent_out = step.out_extent[axis]
         ax = step.op.axes[axis]
         reading = [_reading_range(ax, extent[axis], extent_out) for _, extent in step.inputs]
+        starts = [start(tensor, extent[axis], step.stage) for tensor, extent in step.inputs]
         inner = []
         for i in range(1, n):
-            inner.append(min(_owned_end(ax, start(tensor, extent[axis], step.stage)[i],
-                                        extent[axis], extent_out, r)
-                             for (tensor, extent), r in zip(step.inputs, reading)))
+            inner.append(min(_owned_end(ax, b[i], extent[axis], extent_out, r)
+                             for (_, extent), b, r in zip(step.inputs, starts, reading)))
         result = (0, *inner, extent_out)
         for out in step.outputs:
             boundaries[out] = result

@@ -215,7 +215,7 @@ class _Differentiator:
 
     def _assemble(self, forward: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto],
                   outputs: list[onnx.ValueInfoProto]) -> onnx.ModelProto:
-        nodes, used = _live_nodes(forward + self.ctx.nodes, [v.name for v in outputs])
+        nodes, used = live_nodes(forward + self.ctx.nodes, [v.name for v in outputs])
         initializers = [
             init
             for init in list(self.graph.initializer) + self.ctx.initializers
@@ -313,16 +313,17 @@ def _all_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-def _live_nodes(
+def live_nodes(
     nodes: list[onnx.NodeProto], outputs: Sequence[str]
 ) -> tuple[list[onnx.NodeProto], set[str]]:
     """The nodes some output depends on, in their original (topological) order, and the names
-    they read (with ``outputs``)."""
+    they read (with ``outputs``; a node's subgraphs' outer-scope reads included)."""
     wanted = set(outputs)
     live = []
     for node in reversed(nodes):
         if not wanted.isdisjoint(node.output):
             live.append(node)
             wanted.update(node.input)
+            wanted.update(captured_names(node))
     live.reverse()
     return live, wanted

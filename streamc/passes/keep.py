@@ -24,7 +24,7 @@ import onnx
 from onnx import helper, shape_inference
 
 from streamc.ops.attrs import captured_names
-from streamc.passes.autodiff import BackwardGraph
+from streamc.passes.autodiff import BackwardGraph, live_nodes
 
 
 @dataclass
@@ -84,7 +84,8 @@ def split_recompute(forward: onnx.ModelProto, backward: BackwardGraph) -> KeptGr
     if not recomputed:
         return KeptGraphs(forward, backward, [])
     done = {id(n) for n in recomputed}
-    rest = _live([n for n in bgraph.node if id(n) not in done], [o.name for o in bgraph.output])
+    rest, _ = live_nodes([n for n in bgraph.node if id(n) not in done],
+                         [o.name for o in bgraph.output])
     read_later = {i for n in rest for i in (*n.input, *captured_names(n))}
     read_later |= {o.name for o in bgraph.output}
     residuals = [o for n in recomputed for o in n.output if o and o in read_later]
@@ -130,17 +131,6 @@ def _backward_from(backward: BackwardGraph, nodes: list[onnx.NodeProto],
     graph.initializer.extend(t for t in source.initializer if t.name in read)
     return BackwardGraph(model, dict(backward.cotangents), dict(backward.gradients),
                          dict(backward.outputs))
-
-
-def _live(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:
-    """The nodes some output depends on, in their order."""
-    wanted, live = set(outputs), []
-    for node in reversed(nodes):
-        if not wanted.isdisjoint(node.output):
-            live.append(node)
-            wanted.update(node.input)
-            wanted.update(captured_names(node))
-    return live[::-1]
 
 
 def _value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:

@@ -19,7 +19,7 @@ def register_shared_cpu_arena(extend: str = "same", reserve: int = 0) -> None:
     ``extend="pow2"`` only). Pages of it that no tensor ever used are never touched, so they
     cost no resident memory.
     """
-    if "cpu" in SHARED_ARENAS:
+    if shared_arena_registered("cpu"):
         return
     import onnxruntime as ort
 
