@@ -8,7 +8,7 @@ from onnx import TensorProto
 
 from streamc.errors import UnsupportedModelError
 from streamc.ops.attrs import attribute
-from streamc.ops.vjp.common import input_at, scaled, where_positive
+from streamc.ops.vjp.common import input_at, masked, scaled, where_positive
 from streamc.ops.vjp.table import ALL_SLOTS, vjp
 
 # --------------------------------------------------------------------------------------------
@@ -20,7 +20,7 @@ def relu(ctx, node, dys):
     # Y > 0 exactly where X > 0: reading the output lets X die after the forward (X is
     # often a BatchNormalization output that nothing else in the backward pass needs).
     y = node.output[0]
-    return [where_positive(ctx, y, dys[0], ctx.scalar(0.0, y))]
+    return [masked(ctx, ctx.op("Greater", y, ctx.scalar(0.0, y)), dys[0], y)]
 
 
 @vjp("LeakyRelu")
@@ -84,7 +84,7 @@ def clip(ctx, node, dys):
     if not masks:
         return [dys[0]]
     inside = masks[0] if len(masks) == 1 else ctx.op("And", *masks)
-    return [ctx.op("Where", inside, dys[0], ctx.scalar(0.0, x))]
+    return [masked(ctx, inside, dys[0], x)]
 
 
 @vjp("Elu")
