@@ -2,8 +2,9 @@
 
 :func:`search_tiles` analyses the model once, plans conventional training once, and compiles
 each candidate tile once (its memory plan comes from the compiler's memory-plan pass), from the
-largest down when a budget is given, stopping at the first that fits: larger tiles recompute
-less, so that is the tile a budget picks, and the small tiles, whose compilation is the slowest
+largest down when a budget is given, stopping at the first that fits: larger tiles run fewer
+tile graphs (and, with recomputed halos, recompute less), so that is the tile a budget picks, and
+the small tiles, whose compilation is the slowest
 (many tiles and shape classes), are compiled only when nothing larger fits. The chosen
 :class:`TilePlan` carries its compiled :class:`~streamc.program.Program`: nothing is compiled
 twice. ``streamc compile --memory-budget`` and ``streamc plan --memory-budget`` both use it, so
@@ -37,11 +38,13 @@ Progress = Callable[[str], None]
 
 @dataclass
 class TilePlan:
-    """One candidate tile size of a model: its recompute overhead and predicted memory (bytes).
+    """One candidate tile size of a model: its FLOPs and predicted memory (bytes).
 
-    ``overhead`` is tiled over untiled FLOPs of forward and backward together (1.0 = no
-    recompute); ``peak`` is :attr:`MemoryPlan.peak`; ``conventional`` the full-image figure of
-    the same model. ``program`` is the compiled program itself.
+    ``overhead`` is tiled over untiled FLOPs of forward and backward together, the untiled
+    backward recomputing the forward once (1.0: each activation computed twice, as recomputing
+    untiled training does; below 1 where a tile keeps its activations); ``peak`` is
+    :attr:`MemoryPlan.peak`; ``conventional`` the full-image figure of the same model.
+    ``program`` is the compiled program itself.
     """
 
     tile: int
@@ -79,27 +82,43 @@ class TileSearch:
     seconds: float
 
 
-def candidate_tiles(analysis: Analysis, factor: float = 2 ** 0.5) -> list[int]:
-    """Tile sizes worth planning: from the smallest whose kept region is as wide as its halo
-    (twice :func:`~streamc.passes.schedule.smallest_tile` less one alignment step: below it a
-    tile recomputes more than it keeps, and a large image needs tens of thousands of tiles) up
-    by ``factor`` each step (multiples of the alignment) to the first that holds the whole image
-    in one tile.
+#: Under halo reuse, candidate tiles go down to this many elements (pixels, voxels) of the
+#: image at least (256² in 2-D, 41³ in 3-D), however wide the receptive field: below it a step
+#: pays more for its many tile runs than for its arithmetic (ResNet-18 at 1024²,
+#: ``benchmarks/results/halo_step_1024_keep.json``: tile 512 1.76x torch's step, 256 2.47x).
+REUSE_FLOOR_ELEMENTS = 2 ** 16
 
-    Tiles below that floor do not need less memory in general either, since every shape class
-    adds a baked session holding a copy of the weights (ResNet-18 at 2048²: the smallest tile
-    the schedule accepts, 448, has 196 classes and a 9.45 GiB plan; tile 864, the floor, 9
-    classes and 731 MiB).
+
+def candidate_tiles(analysis: Analysis, factor: float = 2 ** 0.5,
+                    halo: str = DEFAULT_HALO) -> list[int]:
+    """Tile sizes worth planning, from a floor up by ``factor`` each step (multiples of the
+    alignment) to the first that holds the whole image in one tile.
+
+    With ``halo="recompute"`` the floor is the smallest tile whose kept region is as wide as
+    its halo (twice :func:`~streamc.passes.schedule.smallest_tile` less one alignment step):
+    below it a tile recomputes more than it keeps, and needs no less memory either, since every
+    shape class adds a baked session holding a copy of the weights (ResNet-18 at 2048²: tile
+    448 has 196 classes and a 9.45 GiB plan; tile 864, the floor, 9 classes and 731 MiB).
+    With ``halo="reuse"`` a tile computes only what it owns, so the floor is at most
+    :data:`REUSE_FLOOR_ELEMENTS`: tiles smaller than the receptive field are candidates too
+    (DenseNet-121 at 4096², whose recompute floor is the whole image, plans tile 256 up), and
+    of the tiles that split the image into the same grid only the smallest is kept.
     """
     align = max(analysis.alignment)
     largest = -(-max(analysis.image_size) // align) * align
-    tiles: list[int] = []
     smallest = smallest_tile(analysis)
     t = float(max(smallest, 2 * smallest - align))
+    if halo == "reuse":
+        t = min(t, max(float(align), REUSE_FLOOR_ELEMENTS ** (1 / analysis.n_spatial)))
+    tiles: list[int] = []
+    grids: set[tuple[int, ...]] = set()
     while True:
         snapped = min(largest, -(-int(t) // align) * align)
-        if not tiles or snapped > tiles[-1]:
+        # Tiles that own equal shares of the image give one program: plan it once.
+        grid = tuple(-(-size // snapped) for size in analysis.image_size)
+        if (not tiles or snapped > tiles[-1]) and not (halo == "reuse" and grid in grids):
             tiles.append(snapped)
+            grids.add(grid)
         if snapped >= largest:
             return tiles
         t *= factor
@@ -135,7 +154,8 @@ def search_tiles(model: str | Path | onnx.ModelProto, image: Sequence[int] | Non
             _refuse_hopeless(analysis, conventional, limit)
         # Halo reuse makes progress on any tile its schedule accepts (it names the least).
         smallest = smallest_tile(analysis) if halo == "recompute" else 1
-        sizes = sorted({int(t) for t in tiles}) if tiles else candidate_tiles(analysis)
+        sizes = (sorted({int(t) for t in tiles}) if tiles
+                 else candidate_tiles(analysis, halo=halo))
         usable = [t for t in sizes if t >= smallest]
         if not usable:
             raise CompileError(
@@ -220,7 +240,7 @@ def select_tile(plans: Sequence[TilePlan], budget: int | str) -> TilePlan:
 
 def plans_table(plans: Sequence[TilePlan], chosen: TilePlan | None = None) -> list[str]:
     """Text lines for the CLI: one row per tile size, the chosen one marked."""
-    lines = [f"{'tile':>6} {'tiles':>6} {'classes':>7} {'recompute':>9} {'forward':>11} "
+    lines = [f"{'tile':>6} {'tiles':>6} {'classes':>7} {'FLOPs':>9} {'forward':>11} "
              f"{'backward':>11} {'peak':>11}"]
     for p in plans:
         mark = " <" if chosen is not None and p.tile == chosen.tile else ""
@@ -228,6 +248,8 @@ def plans_table(plans: Sequence[TilePlan], chosen: TilePlan | None = None) -> li
                      f"{format_bytes(p.forward_peak):>11} {format_bytes(p.backward_peak):>11} "
                      f"{format_bytes(p.peak):>11}{mark}")
     if plans:
+        lines.append("FLOPs: a step's over the untiled step's with one recompute (below 1 where "
+                     "a tile keeps its activations)")
         lines.append(f"conventional (full image, all activations kept): "
                      f"{format_bytes(plans[0].conventional)}")
     return lines

@@ -392,6 +392,37 @@ def test_too_small_a_budget_names_the_smallest_that_works(vgg, vgg_plans):
     assert plan.peak == int(match.group(1))
 
 
+def test_with_halo_reuse_a_budget_gets_tiles_smaller_than_the_receptive_field():
+    """Recomputing halos, the candidates start at twice the halo (here all of the 512² image);
+    with halo reuse a tile costs no recompute, so they go down to 256² and a budget below the
+    one-tile plan gets a 2x2 grid instead of an error. Tiles giving the same grid are planned
+    once."""
+    import torch
+
+    from streamc.export import export_torch
+    from streamc.tile_search import candidate_tiles
+
+    torch.manual_seed(0)
+    layers: list = []
+    for k in range(4):
+        layers += [torch.nn.Conv2d(3 if k == 0 else 4, 4, 3, 2, 1), torch.nn.ReLU()]
+    for _ in range(10):                     # at stride 16: the receptive field reaches 351 px
+        layers += [torch.nn.Conv2d(4, 4, 3, 1, 1), torch.nn.ReLU()]
+    net = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(4, 2)).eval()
+    model = export_torch(net, (1, 3, 512, 512))
+    analysis = streamc.analyze(model, (512, 512))
+    assert candidate_tiles(analysis, halo="recompute") == [512]
+    assert candidate_tiles(analysis, halo="reuse") == [256, 512]
+    one_tile = search_tiles(model, (512, 512), tiles=[512], optimizer_copies=0).plans[0]
+    with pytest.raises(CompileError, match="too small"):
+        search_tiles(model, (512, 512), budget=one_tile.peak - 1, optimizer_copies=0,
+                     halo="recompute")
+    search = search_tiles(model, (512, 512), budget=one_tile.peak - 1, optimizer_copies=0)
+    assert search.chosen.tile == 256 and search.chosen.grid == [2, 2]
+    assert search.chosen.peak < one_tile.peak and search.compiled == 2
+
+
 def test_a_hopeless_budget_is_refused_before_compiling(vgg, monkeypatch):
     """What every tiling keeps resident (image, weights, gradients, optimizer state, cut
     tensors) above the budget: refused at once, naming it, with no compilation."""
