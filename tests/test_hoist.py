@@ -98,10 +98,15 @@ def test_hoisted_backward_graphs_give_the_same_gradients(halo):
     params = set(state["parameters"].names)
     _check_classes(graphs, params)
     hoisted = state["hoisted"]
-    # the Conv weights flipped for their input gradients, and the 3x3 stride-1 convs' weight
-    # gradients in their Gemm layout
+    # the Conv weights flipped for their input gradients, and the convs' weight gradients in
+    # their Gemm layout, strided ones too (their taps reordered by a Gather, once per pass)
     assert hoisted.prepare is not None and len(hoisted.prepared) >= 10
     assert "layer1.0.conv1.weight" in hoisted.raw or "layer1.conv1.weight" in hoisted.raw
+    if halo == "reuse":
+        assert {"conv1.weight", "layer2.0.conv1.weight"} <= set(hoisted.raw)
+        assert any(n.op_type == "Gather" for n in hoisted.layout.graph.node)
+        for graph in hoisted.backward:
+            assert "Gather" not in {n.op_type for n in graph.model.graph.node}
     # each weight's work is done once for all classes: no two prepare nodes alike
     signatures = [(n.op_type, tuple(n.input), tuple(a.SerializeToString() for a in n.attribute))
                   for n in hoisted.prepare.graph.node]

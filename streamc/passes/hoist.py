@@ -40,8 +40,9 @@ from streamc.passes.memory.allocator import value_bytes
 #: Ops that only re-lay a tensor out: free to leave in a graph, and what a gradient layout chain
 #: is made of.
 VIEW_OPS = frozenset({"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
-#: A gradient layout chain moves out only when it copies (a Transpose).
-_LAYOUT_OPS = VIEW_OPS | {"Transpose"}
+#: A gradient layout chain moves out only when it copies (a Transpose; a Gather with constant
+#: indices reorders like one).
+_LAYOUT_OPS = VIEW_OPS | {"Transpose", "Gather"}
 #: Ops whose result is not a function of their inputs (never hoisted).
 _IMPURE = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
                      "Multinomial", "Bernoulli", "Dropout"})

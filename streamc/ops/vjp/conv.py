@@ -222,11 +222,14 @@ def _dense_weight_grad(ctx, images, rows: int, c: int, m: int, kernel: Sequence[
                            for sh in shifts]
                 moved = shifted[0] if len(shifted) == 1 else ctx.op("Concat", *shifted, axis=0)
                 partials.append(ctx.op("Gemm", patches, moved, transB=1))  # (keys·C, js·M)
-        total = partials[0] if len(partials) == 1 else ctx.op("Sum", *partials)
-        grid = ctx.reshape(total, [len(keys), c, len(js), m])
-        per_lane[lane] = ctx.op("Transpose", grid, perm=[3, 1, 0, 2])  # (M, C, keys, js)
+        per_lane[lane] = partials[0] if len(partials) == 1 else ctx.op("Sum", *partials)
+    # Every lane's product is (keys·C, js·M): side by side they hold every tap j, in lane
+    # order. What follows is one chain of layout nodes on the tile's product, which
+    # passes.hoist moves out of the tile graphs (run once on the sum over tiles).
     order = [j for lane in lanes for j in lanes[lane]]
-    joined = per_lane[0] if len(lanes) == 1 else ctx.op("Concat", *per_lane.values(), axis=3)
+    product = per_lane[0] if len(lanes) == 1 else ctx.op("Concat", *per_lane.values(), axis=1)
+    grid = ctx.reshape(product, [len(keys), c, kernel[last], m])
+    joined = ctx.op("Transpose", grid, perm=[3, 1, 0, 2])  # (M, C, keys, taps j in lane order)
     if order != sorted(order):
         joined = ctx.op("Gather", joined, ctx.ints(list(np.argsort(order))), axis=3)
     return ctx.reshape(joined, [m, c, *kernel])
