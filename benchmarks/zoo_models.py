@@ -37,7 +37,9 @@ part's size. Parts:
   (:mod:`streamc.passes.memory`, Adam's state) against conventional training's, FLOP overhead.
 - ``measure``: one training step of that program in a fresh process, peak RSS growth against
   the plan as ``benchmarks/memory_plan_accuracy.py`` defines it (``predicted = plan.peak −
-  parameters − image``, SGD's state), for the lean (``allocator="system"``) and default runtime.
+  parameters − image``, SGD's state), for the lean (``allocator="system"``) and default runtime;
+  not run when the prediction exceeds the memory available. ``--measure-size 2048:512``
+  measures at another size (a row of its own).
 - ``speed``: one size where torch fits (1024², 128³): a training step of torch and of streamc,
   each in its own process, side by side (seconds, peak RSS), with FLOP overhead and stages.
 
@@ -259,10 +261,13 @@ def part_exact(name: str, seed: int = 0, one_tile: bool = False) -> dict:
     }
 
 
-def compile_at_plan_size(name: str, tmp: Path | None = None):
+def compile_at_plan_size(name: str, tmp: Path | None = None,
+                         size_tile: tuple[int, int] | None = None):
+    """The program of ``name`` at the plan part's size and tile (or ``size_tile``), saved
+    under ``tmp`` when given."""
     from streamc.compiler import compile as compile_program
 
-    size, tile = MODELS[name][4]
+    size, tile = size_tile or MODELS[name][4]
     module = build_module(name)
     started = time.perf_counter()
     program = compile_program(export(name, module), tile=tile,
@@ -292,7 +297,8 @@ def part_plan(name: str, program=None, seconds: float | None = None) -> dict:
 
 
 def part_measure(name: str, program_dir: Path, steps: int = 1) -> dict:
-    """Peak RSS of training steps against the plan, as memory_plan_accuracy.py measures."""
+    """Peak RSS of training steps against the plan, as memory_plan_accuracy.py measures; not
+    run (an ``error`` in the row) when the prediction exceeds the memory available now."""
     from streamc.passes.memory import plan_program
     from streamc.program import load
 
@@ -300,8 +306,15 @@ def part_measure(name: str, program_dir: Path, steps: int = 1) -> dict:
     plan = plan_program(program, optimizer_copies=0)
     r = plan.resident
     predicted = plan.peak - r.parameters - r.image
-    row = {"predicted": predicted, "plan_phase": plan.peak_phase, "measured": {}}
+    row = {"image": program.meta.image_size[0], "tile": program.meta.tile[0],
+           "predicted": predicted, "plan_phase": plan.peak_phase, "measured": {}}
     del program
+    available = _meminfo("MemAvailable")
+    if predicted > available:
+        error = (f"not run: the plan predicts {predicted / MiB:.0f} MiB, more than the "
+                 f"{available / MiB:.0f} MiB this machine has available")
+        row["measured"] = {v: {"error": error} for v in ("lean", "default")}
+        return row
     script = ROOT / "benchmarks" / "memory_plan_accuracy.py"
     for variant in ("lean", "default"):
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH",
@@ -357,6 +370,14 @@ def speed_child(spec: dict) -> dict:
         times.append(round(time.perf_counter() - started, 2))
     out.update(warmup_s=times[0], times_s=times[1:], peak=_rss("VmHWM") - base)
     return out
+
+
+def _meminfo(field: str) -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def _rss(field: str) -> int:
@@ -441,15 +462,18 @@ def markdown(report: dict) -> str:
     if measured:
         lines += _table_head(
             "Measured peak of one training step vs the plan (SGD)",
-            ["model", "predicted", "lean measured", "lean ratio", "default measured",
-             "default ratio", "lean step s"])
-        for name, r in measured.items():
+            ["model", "image", "tile", "predicted", "lean measured", "lean ratio",
+             "default measured", "default ratio", "lean step s"])
+        for key, r in measured.items():
             lean, default = r["measured"].get("lean", {}), r["measured"].get("default", {})
+            name = key.split(" at ")[0]
 
             def cell(m, key):
                 return f"{m[key] / MiB:.0f} MiB" if key in m else m.get("error", "")
 
-            lines.append(f"| {name} | {r['predicted'] / MiB:.0f} MiB | {cell(lean, 'steps')} "
+            image, tile = r.get("image", MODELS[name][4][0]), r.get("tile", MODELS[name][4][1])
+            lines.append(f"| {name} | {image} | {tile} | {r['predicted'] / MiB:.0f} MiB "
+                         f"| {cell(lean, 'steps')} "
                          f"| {lean.get('ratio', '')} | {cell(default, 'steps')} "
                          f"| {default.get('ratio', '')} | {lean.get('seconds', [''])[0]} |")
         lines.append("")
@@ -481,8 +505,13 @@ def main() -> None:
                         help="exact part: image and cotangent seeds, e.g. 0,1,2,3")
     parser.add_argument("--one-tile", action="store_true",
                         help="exact part: also run the model compiled as one tile")
+    parser.add_argument("--measure-size", metavar="SIZE:TILE",
+                        help="measure part only: this image size and tile instead of the plan "
+                             "part's (the row is kept apart, e.g. 'basicunet at 2048')")
     parser.add_argument("--out", default=str(RESULTS / "zoo_models.json"))
     args = parser.parse_args()
+    measure_size = (tuple(int(v) for v in args.measure_size.split(":"))
+                    if args.measure_size else None)
     out = Path(args.out)
     report = json.loads(out.read_text()) if out.exists() else {}
     parts = args.parts.split(",")
@@ -505,7 +534,7 @@ def main() -> None:
                           f"{r['tiles']} tiles, {r['stages']} stages, {r['step_s']} s"
                           + (f", one tile {r['one_tile']}" if "one_tile" in r else ""),
                           flush=True)
-            if "plan" in parts or "measure" in parts:
+            if "plan" in parts or ("measure" in parts and not measure_size):
                 program, seconds = compile_at_plan_size(name, Path(tmp))
                 r = report.setdefault("plan", {})[name] = part_plan(name, program, seconds)
                 del program
@@ -513,8 +542,12 @@ def main() -> None:
                       f"{r['conventional'] / MiB:.0f} MiB (ratio {r['ratio']}), "
                       f"{r['stages']} stages, overhead {r['overhead']}", flush=True)
             if "measure" in parts:
-                r = report.setdefault("measure", {})[name] = part_measure(name, Path(tmp) / name)
-                print(f"{name}: measured {r['measured']}, predicted "
+                key = name
+                if measure_size:
+                    compile_at_plan_size(name, Path(tmp), measure_size)
+                    key = f"{name} at {measure_size[0]}"
+                r = report.setdefault("measure", {})[key] = part_measure(name, Path(tmp) / name)
+                print(f"{key}: measured {r['measured']}, predicted "
                       f"{r['predicted'] / MiB:.0f} MiB", flush=True)
             if "speed" in parts:
                 r = report.setdefault("speed", {})[name] = part_speed(name, args.steps)
