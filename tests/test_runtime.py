@@ -124,18 +124,22 @@ def test_weights_as_inputs_equal_initializers_and_sessions_rebuild_once_per_step
     assert rel(outs[0], outs[1]) <= 1e-5
     pool_a = a._runtime.interpreter(a.device).backend.pool
     pool_b = b._runtime.interpreter(b.device).backend.pool
-    # Per tile class, the global graph that combines the pooled partials, and the head.
+    # Per tile class, the global graph that combines the pooled partials, and the head; and
+    # the strided conv's gradient layout graph, which reads no weights (no prepare graph).
     forward_graphs = len(program.classes) + len(program.meta.globals) + 1
+    work = program.meta.weight_work
+    assert work.layout and not work.prepare
     n_graphs = 2 * forward_graphs
-    assert pool_b.builds == n_graphs  # built once
-    # initializers: every graph per step (2 steps), then the forward graphs for the last call.
-    assert pool_a.builds == 2 * n_graphs + forward_graphs
+    assert pool_b.builds == n_graphs + 1  # built once
+    # initializers: every graph with weights per step (2 steps), then the forward graphs for
+    # the last call; the layout graph once.
+    assert pool_a.builds == 2 * n_graphs + forward_graphs + 1
     with torch.no_grad():
         a(x)  # the unit that keeps its activations runs its plain forward graph here
         built = pool_a.builds
         for _ in range(2):
             a(x)
-    assert built == 2 * n_graphs + forward_graphs + len(program.meta.kept)
+    assert built == 2 * n_graphs + forward_graphs + 1 + len(program.meta.kept)
     assert pool_a.builds == built  # unchanged weights: reused
 
 
