@@ -231,6 +231,9 @@ POSITIVE = {"low": 0.5, "high": 2.0}
 POINTWISE_CASES = [
     Case("relu", "Relu", [In("x", X)], F.relu, fd_check=True),
     Case("leaky_relu", "LeakyRelu", [In("x", X)], lambda x: F.leaky_relu(x, 0.1), {"alpha": 0.1}),
+    # a slope outside (0, 1): the Where form, not the max(mask, alpha) one
+    Case("leaky_relu_steep", "LeakyRelu", [In("x", X)], lambda x: F.leaky_relu(x, 1.5),
+         {"alpha": 1.5}),
     Case("prelu_channel", "PRelu", [In("x", X), In("slope", (3, 1, 1), init=True)],
          lambda x, s: torch.where(x > 0, x, x * s)),
     Case("prelu_scalar", "PRelu", [In("x", X), In("slope", (1,), init=True)],

@@ -34,7 +34,7 @@ def where_positive(ctx: VjpContext, x: str, yes: str, no: str) -> str:
 def masked(ctx: VjpContext, mask: str, dy: str, like: str) -> str:
     """``dy`` (with the element type of ``like``) where the boolean ``mask`` holds, zero
     elsewhere, as ``dy · float(mask)``: equal to ``Where(mask, dy, 0)`` for finite ``dy`` (up
-    to the sign of a zero) and 4-10x faster on ONNX Runtime's CPU provider (16-256 MiB ReLU
+    to the sign of a zero) and 3.5-10x faster on ONNX Runtime's CPU provider (16-256 MiB ReLU
     gradients, 2 threads: ``python benchmarks/vjp_mask.py``).
     """
     return ctx.op("Mul", dy, ctx.op("Cast", mask, to=ctx.dtype(like)))

@@ -25,8 +25,13 @@ def relu(ctx, node, dys):
 
 @vjp("LeakyRelu")
 def leaky_relu(ctx, node, dys):
-    x, dy = node.input[0], dys[0]
-    return [where_positive(ctx, x, dy, scaled(ctx, dy, attribute(node, "alpha", 0.01), x))]
+    x, dy, alpha = node.input[0], dys[0], attribute(node, "alpha", 0.01)
+    if 0.0 < alpha < 1.0:
+        # dy · max(float(x > 0), alpha): exactly dy or dy · alpha, without ORT's slow Where
+        # (6-9x faster for 16-256 MiB, bitwise equal: benchmarks/vjp_mask.py).
+        mask = ctx.op("Cast", ctx.op("Greater", x, ctx.scalar(0.0, x)), to=ctx.dtype(x))
+        return [ctx.op("Mul", dy, ctx.op("Max", mask, ctx.scalar(alpha, x)))]
+    return [where_positive(ctx, x, dy, scaled(ctx, dy, alpha, x))]
 
 
 @vjp("PRelu", trainable=(1,), unbroadcast=ALL_SLOTS)
