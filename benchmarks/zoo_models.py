@@ -372,20 +372,21 @@ def speed_child(spec: dict) -> dict:
     return out
 
 
-def _meminfo(field: str) -> int:
-    with open("/proc/meminfo") as f:
+def _proc_bytes(path: str, field: str) -> int:
+    """A ``kB`` field of a /proc file (``/proc/meminfo``, ``/proc/self/status``), in bytes."""
+    with open(path) as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def _meminfo(field: str) -> int:
+    return _proc_bytes("/proc/meminfo", field)
 
 
 def _rss(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _proc_bytes("/proc/self/status", field)
 
 
 def part_speed(name: str, steps: int) -> dict:
