@@ -64,6 +64,7 @@ from streamc.passes.schedule import (
 from streamc.passes.tile_graph import (
     HaloReuseUnplaceable,
     TileLayout,
+    emit_position,
     emit_tile_graph,
     layout_owned,
     layout_tile,
@@ -599,8 +600,10 @@ def _stage_specs(analysis: Analysis, tiles: list[TileSpec], grid_order: bool = F
 
 
 def _band_buffers(analysis: Analysis, schedule: Schedule, layouts: Layouts) -> list[BufferSpec]:
-    """Halo reuse: one buffer per band a tile reads its strips from (see
-    :class:`~streamc.analysis.ownership.Ownership`)."""
+    """Halo reuse: one buffer per band a tile reads its strips from or hands strips on to (see
+    :class:`~streamc.analysis.ownership.Ownership`). A band can be handed on and never read
+    (no tile at its index reads a strip of it; ``test_a_band_handed_on_that_no_tile_reads``):
+    its buffer is still where the strips go."""
     ownership = schedule.ownership
     if ownership is None:
         return []
@@ -610,11 +613,16 @@ def _band_buffers(analysis: Analysis, schedule: Schedule, layouts: Layouts) -> l
         for layout in row:
             if layout is None:
                 continue
-            for name, tensor, axis, _size in layout.strips:
+            read = [(name, tensor, axis, tile.index[axis])
+                    for name, tensor, axis, _size in layout.strips]
+            handed_on = [(name, tensor, axis, tile.index[axis] + ahead + 1)
+                         for name, tensor, _local in layout.emits
+                         for axis, ahead in [emit_position(name)]]
+            for name, tensor, axis, i in read + handed_on:
                 band = layout.bands[name][0]
                 if band in result:
                     continue
-                lo, hi = ownership.band(tensor, axis, tile.index[axis])
+                lo, hi = ownership.band(tensor, axis, i)
                 shape = list(graph.shape(tensor))
                 positions = split.layout(tensor)
                 shape[positions[axis]] = hi - lo

@@ -223,6 +223,42 @@ def resolve_reuse_tile(analysis: streamc.Analysis, tile: list[int]) -> list[int]
     raise AssertionError(f"no workable tile found from {tile}")
 
 
+def test_a_band_handed_on_that_no_tile_reads():
+    """Found by the random nets: on a 4x4 grid of a 10x10 image the third row of tiles hands
+    on strips (band 3 along axis 0) that no tile of the fourth row reads. They still need a
+    buffer to go to (the runtime failed writing them)."""
+    def conv(k, s, d, c, bias=True):
+        return dict(kernel=list(k), stride=list(s), dilation=list(d), padding=[0, 0],
+                    groups=1, bias=bias)
+
+    L = randnet.Layer
+    spec = randnet.NetSpec(dims=2, layers=[
+        L("input", (), {}, 1, (10, 10)),
+        L("bn", (0,), {}, 1, (10, 10)),
+        L("conv", (1,), conv((3, 1), (1, 3), (2, 1), 4), 4, (6, 4)),
+        L("pad", (2,), {"pads": [(0, 1), (0, 0)]}, 4, (7, 4)),
+        L("conv", (3,), conv((2, 1), (1, 1), (1, 1), 2), 2, (6, 4)),
+        L("conv", (4,), conv((1, 1), (1, 1), (1, 1), 4), 4, (6, 4)),
+        L("add", (5, 2), {}, 4, (6, 4)),
+        L("act", (6,), {"fn": "tanh"}, 4, (6, 4)),
+        L("conv", (7,), conv((1, 1), (3, 1), (1, 1), 2), 2, (2, 4)),
+        L("conv", (8,), conv((1, 1), (1, 1), (1, 1), 5), 5, (2, 4)),
+        L("conv", (8,), conv((1, 1), (1, 1), (1, 1), 5, bias=False), 5, (2, 4)),
+        L("add", (9, 10), {}, 5, (2, 4)),
+        L("act", (11,), {"fn": "tanh"}, 5, (2, 4)),
+    ], cuts=[11, 12])
+    module = randnet.build_module(spec, 0)
+    model = export_torch(module, spec.image_shape, dynamic=False)
+    program = compile_program(model, [3, 3], image=(10, 10), with_flops=False, halo="reuse")
+    assert program.meta.halo == "reuse" and len(program.tiles) == 16
+    bands = {b.name for b in program.meta.buffers if b.kind == "band"}
+    for tile in program.meta.tiles:
+        for part in filter(None, tile.parts):
+            cls = program.meta.classes[part.class_id]
+            assert {part.bands[n][0] for n in cls.emits} <= bands
+    assert_matches_torch(program, module, model, zoo.random_image(spec.image_shape, seed=0))
+
+
 def _random_case(data, dims: int, halo: str = "recompute") -> None:
     src = randnet.HypothesisSource(data.draw)
     net = randnet.random_net(src, dims=dims, max_blocks=6 if dims == 2 else 4)

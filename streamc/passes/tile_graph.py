@@ -108,6 +108,12 @@ def emit_name(tensor: str, axis: int, ahead: int) -> str:
     return f"{tensor}:band{axis}+{ahead}"
 
 
+def emit_position(name: str) -> tuple[int, int]:
+    """(axis, ahead) of an :func:`emit_name`."""
+    axis, ahead = name.rsplit(":band", 1)[1].split("+")
+    return int(axis), int(ahead)
+
+
 def layout_owned(analysis: Analysis, tile: Tile, stage: int, ownership: Ownership
                  ) -> TileLayout:
     """The layout of ``tile`` in ``stage`` under halo reuse: every node computes its owned
