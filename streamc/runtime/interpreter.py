@@ -183,8 +183,11 @@ class Interpreter:
         """``store[name]``, created as the buffer's identity (zeros) on first use."""
         if name not in store:
             spec = self.buffers.get(name)
-            if spec is None:  # the image's gradient (a saliency program)
+            if spec is None and name == self.image_name:  # its gradient (a saliency program)
                 store[name] = self.backend.full(self.meta.input.shape, 0.0, np.float32)
+            elif spec is None:
+                raise InputError(f"internal: the program has no buffer {name!r}; please "
+                                 "report this.")
             else:
                 store[name] = self.backend.full(spec.shape, spec.identity,
                                                 helper.tensor_dtype_to_np_dtype(spec.elem_type))
