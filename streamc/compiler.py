@@ -64,7 +64,6 @@ from streamc.passes.schedule import (
 from streamc.passes.tile_graph import (
     HaloReuseUnplaceable,
     TileLayout,
-    emit_position,
     emit_tile_graph,
     layout_owned,
     layout_tile,
@@ -609,17 +608,11 @@ def _band_buffers(analysis: Analysis, schedule: Schedule, layouts: Layouts) -> l
         return []
     graph, split = analysis.graph, analysis.split
     result: dict[str, BufferSpec] = {}
-    for tile, row in zip(schedule.tiles, layouts.tiles):
+    for row in layouts.tiles:
         for layout in row:
             if layout is None:
                 continue
-            read = [(name, tensor, axis, tile.index[axis])
-                    for name, tensor, axis, _size in layout.strips]
-            handed_on = [(name, tensor, axis, tile.index[axis] + ahead + 1)
-                         for name, tensor, _local in layout.emits
-                         for axis, ahead in [emit_position(name)]]
-            for name, tensor, axis, i in read + handed_on:
-                band = layout.bands[name][0]
+            for band, (tensor, axis, i) in layout.band_places.items():
                 if band in result:
                     continue
                 lo, hi = ownership.band(tensor, axis, i)

@@ -68,6 +68,9 @@ class TileLayout:
     computed: dict[str, Box] = field(default_factory=dict, compare=False)
     #: halo reuse: graph input or output -> (band buffer, full-image box) on this tile
     bands: dict[str, tuple[str, Box]] = field(default_factory=dict, compare=False)
+    #: halo reuse: band buffer -> (tensor, axis, tile index along it) of every band the tile
+    #: reads or hands on
+    band_places: dict[str, tuple[str, int, int]] = field(default_factory=dict, compare=False)
 
     @property
     def input_size(self) -> tuple[int, ...]:
@@ -108,12 +111,6 @@ def emit_name(tensor: str, axis: int, ahead: int) -> str:
     return f"{tensor}:band{axis}+{ahead}"
 
 
-def emit_position(name: str) -> tuple[int, int]:
-    """(axis, ahead) of an :func:`emit_name`."""
-    axis, ahead = name.rsplit(":band", 1)[1].split("+")
-    return int(axis), int(ahead)
-
-
 def layout_owned(analysis: Analysis, tile: Tile, stage: int, ownership: Ownership
                  ) -> TileLayout:
     """The layout of ``tile`` in ``stage`` under halo reuse: every node computes its owned
@@ -128,6 +125,7 @@ def layout_owned(analysis: Analysis, tile: Tile, stage: int, ownership: Ownershi
     strips: list[tuple[str, str, int, tuple[int, ...]]] = []
     emits: list[tuple[str, str, Local]] = []
     bands: dict[str, tuple[str, Box]] = {}
+    places: dict[str, tuple[str, int, int]] = {}
     needed = _needed_nodes(analysis, stage)
     nodes = []
     for name in io.nodes:
@@ -166,24 +164,27 @@ def layout_owned(analysis: Analysis, tile: Tile, stage: int, ownership: Ownershi
                 if part is not None:
                     name_ = strip_name(o, axis)
                     strips.append((name_, o, axis, tuple(b - a for a, b in part)))
-                    bands[name_] = (band_name(o, axis, index[axis]), part)
+                    band = band_name(o, axis, index[axis])
+                    bands[name_] = (band, part)
+                    places[band] = (o, axis, index[axis])
             if not is_empty(owned):
-                for name_, band, box in _hand_on(ownership, o, index, owned):
+                for name_, band, box, axis, i in _hand_on(ownership, o, index, owned):
                     emits.append((name_, o, local_box(box, held) or _whole(box)))
                     bands[name_] = (band, box)
+                    places[band] = (o, axis, i)
     targets = {t: tile.kept[t] for t in io.targets if t in tile.kept}
     outputs = tuple((t, local_box(targets[t], regions[t])) for t in io.outputs if t in targets)
     partials = tuple((r.output, local_box(targets[r.tensor], regions[r.tensor]))
                      for r in io.reductions if r.tensor in targets)
     inputs = tuple((t, tuple(b - a for a, b in crops[t])) for t in io.inputs if t in crops)
     return TileLayout(stage, inputs, tuple(nodes), outputs, partials, tuple(strips),
-                      tuple(emits), {**regions}, computed, bands)
+                      tuple(emits), {**regions}, computed, bands, places)
 
 
 def _hand_on(ownership: Ownership, tensor: str, index: Sequence[int], owned: Box
-             ) -> list[tuple[str, str, Box]]:
-    """(graph output, band buffer, box) of each band of ``tensor`` that later tiles read and
-    the tile's owned box meets."""
+             ) -> list[tuple[str, str, Box, int, int]]:
+    """(graph output, band buffer, box, axis, tile index along it) of each band of ``tensor``
+    that later tiles read and the tile's owned box meets."""
     result = []
     for axis, ax in enumerate(ownership.axes):
         n = len(ax.boundaries[tensor]) - 1
@@ -197,7 +198,7 @@ def _hand_on(ownership: Ownership, tensor: str, index: Sequence[int], owned: Box
             if hi > lo:
                 box = tuple((lo, hi) if a == axis else iv for a, iv in enumerate(owned))
                 result.append((emit_name(tensor, axis, i - index[axis] - 1),
-                               band_name(tensor, axis, i), box))
+                               band_name(tensor, axis, i), box, axis, i))
     return result
 
 
