@@ -2,10 +2,13 @@
 
 For each (channels, size, stride) a 3×3 Conv (pads 1, N=1, float32) is differentiated with
 :func:`streamc.passes.autodiff.build_backward`, once for dX (wrt the input; W stays an
-initializer) and once for dW (wrt W). Each emitted graph runs on ONNX Runtime's CPU provider and
+initializer) and once for dW (wrt W). Each emitted graph runs on ONNX Runtime's CPU provider, at the
+optimisation level streamc runs backward graphs at (``RuntimePolicy.backward_optimization``), and
 is timed against torch's own kernels (``aten.convolution_backward`` with one output mask, which
-is what autograd calls). Forward convolutions are timed too, for scale. All variants are timed in
-interleaved rounds (so that background load hits them alike); the table reports medians.
+is what autograd calls). Forward convolutions are timed too, for scale, and so is the copy-free
+alternative for dW: one Conv with batch and channel axes swapped (:func:`swapped_dw_model`).
+All variants are timed in interleaved rounds (so that background load hits them alike); the
+table reports medians.
 
     python benchmarks/conv_backward.py            # default shapes, under 3 minutes
     python benchmarks/conv_backward.py --full     # adds 64 channels at 1024²
@@ -33,6 +36,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from streamc.ops.vjp import conv as conv_vjp
 from streamc.passes.autodiff import build_backward
+from streamc.policy import DEFAULT_POLICY
+from streamc.runtime.sessions import ORT_LEVELS
 
 DEFAULT_SHAPES = [(64, 256, 1), (64, 256, 2), (128, 512, 1), (128, 512, 2)]
 FULL_SHAPES = DEFAULT_SHAPES + [(64, 1024, 1), (64, 1024, 2)]
@@ -54,10 +59,39 @@ def conv_model(channels: int, size: int, stride: int) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+def swapped_dw_model(channels: int, size: int, stride: int) -> onnx.ModelProto:
+    """dW of :func:`conv_model` as one Conv with batch and channel axes swapped, no window copies.
+
+    X (1, C, H, W) read as C one-channel images (C, 1, H, W), dY (1, M, h, w) as M one-channel
+    kernels (M, 1, h, w) dilated by the stride: their Conv, cropped to the first 3×3 positions
+    (a stride that does not divide the padded extent leaves one more), is (C, M, 3, 3), W's
+    gradient with its two leading axes swapped."""
+    out = (size + 2 - 3) // stride + 1
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["images"], perm=[1, 0, 2, 3]),
+        helper.make_node("Transpose", ["dy"], ["kernels"], perm=[1, 0, 2, 3]),
+        helper.make_node("Conv", ["images", "kernels"], ["full"], pads=[1, 1, 1, 1],
+                         dilations=[stride, stride]),
+        helper.make_node("Slice", ["full", "zeros", "threes", "axes"], ["swapped"]),
+        helper.make_node("Transpose", ["swapped"], ["dw"], perm=[1, 0, 2, 3]),
+    ]
+    graph = helper.make_graph(
+        nodes, "conv_dw_swapped",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, size, size]),
+         helper.make_tensor_value_info("dy", TensorProto.FLOAT, [1, channels, out, out])],
+        [helper.make_tensor_value_info("dw", TensorProto.FLOAT, [channels, channels, 3, 3])],
+        [numpy_helper.from_array(np.array(v, np.int64), name)
+         for name, v in (("zeros", [0, 0]), ("threes", [3, 3]), ("axes", [2, 3]))],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def session(model: onnx.ModelProto, threads: int, level: str = "all") -> ort.InferenceSession:
+    """A CPU session at ONNX Runtime optimisation ``level`` (streamc's policy names)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[level])
     return ort.InferenceSession(model.SerializeToString(), options,
                                 providers=["CPUExecutionProvider"])
 
@@ -96,8 +130,12 @@ def measure(channels: int, size: int, stride: int, reps: int, threads: int,
     dx_graph = build_backward(model, ["x"])
     dw_graph = build_backward(model, ["w"])
     forward = session(model, threads)
-    dx_session = session(dx_graph.model, threads)
-    dw_session = session(dw_graph.model, threads)
+    # the backward graphs at the level streamc runs them (its default policy)
+    level = DEFAULT_POLICY.backward_optimization
+    dx_session = session(dx_graph.model, threads, level)
+    dw_session = session(dw_graph.model, threads, level)
+    swapped_session = session(swapped_dw_model(channels, size, stride), threads, level)
+    swapped_feeds = {"x": x, "dy": dy}
     dx_feeds = {"x": x, dx_graph.cotangents["y"]: dy}
     dw_feeds = {"x": x, "w": weight, dw_graph.cotangents["y"]: dy}
     dw_feeds = {k: v for k, v in dw_feeds.items()
@@ -118,6 +156,7 @@ def measure(channels: int, size: int, stride: int, reps: int, threads: int,
             "torch_dx": torch_backward([True, False, False]),
             "ort_dw": lambda: dw_session.run(None, dw_feeds),
             "torch_dw": torch_backward([False, True, False]),
+            "ort_dw_swapped": lambda: swapped_session.run(None, swapped_feeds),
         }
         times = timed_rounds(runs, reps, clock)
         ms = {name: statistics.median(values) for name, values in times.items()}
@@ -128,10 +167,13 @@ def measure(channels: int, size: int, stride: int, reps: int, threads: int,
     errors = {
         "dx": relative_error(dx_session.run(None, dx_feeds)[0], torch_dx.numpy()),
         "dw": relative_error(dw_session.run(None, dw_feeds)[0], torch_dw.numpy()),
+        "dw_swapped": relative_error(swapped_session.run(None, swapped_feeds)[0],
+                                     torch_dw.numpy()),
     }
     return {
         "channels": channels, "size": size, "stride": stride, "ms": ms,
         "dx_ratio": ms["ort_dx"] / ms["torch_dx"], "dw_ratio": ms["ort_dw"] / ms["torch_dw"],
+        "dw_swapped_ratio": ms["ort_dw_swapped"] / ms["torch_dw"],
         "ms_min": best, "dx_ratio_min": best["ort_dx"] / best["torch_dx"],
         "dw_ratio_min": best["ort_dw"] / best["torch_dw"], "ms_all": times,
         "relative_error": errors,
@@ -141,8 +183,9 @@ def measure(channels: int, size: int, stride: int, reps: int, threads: int,
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| ch, size, stride | ORT fwd | torch fwd | ORT dX | torch dX | dX ratio "
-        "| ORT dW | torch dW | dW ratio | ratio of minima dX / dW | rel. err dX / dW |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| ORT dW | torch dW | dW ratio | swapped dW | swapped ratio | ratio of minima dX / dW "
+        "| rel. err dX / dW / swapped dW |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ms = r["ms"]
@@ -150,9 +193,10 @@ def markdown(rows: list[dict]) -> str:
             f"| {r['channels']}, {r['size']}², s{r['stride']} | {ms['ort_forward']:.0f} "
             f"| {ms['torch_forward']:.0f} | {ms['ort_dx']:.0f} | {ms['torch_dx']:.0f} "
             f"| {r['dx_ratio']:.2f} | {ms['ort_dw']:.0f} | {ms['torch_dw']:.0f} "
-            f"| {r['dw_ratio']:.2f} | {r['dx_ratio_min']:.2f} / {r['dw_ratio_min']:.2f} "
+            f"| {r['dw_ratio']:.2f} | {ms['ort_dw_swapped']:.0f} | {r['dw_swapped_ratio']:.2f} "
+            f"| {r['dx_ratio_min']:.2f} / {r['dw_ratio_min']:.2f} "
             f"| {r['relative_error']['dx']:.0e} / "
-            f"{r['relative_error']['dw']:.0e} |"
+            f"{r['relative_error']['dw']:.0e} / {r['relative_error']['dw_swapped']:.0e} |"
         )
     return "\n".join(lines)
 

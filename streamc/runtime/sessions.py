@@ -51,7 +51,8 @@ from streamc.runtime.providers import (
 )
 from streamc.runtime.weights import WeightSet
 
-_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED",
+#: ONNX Runtime's GraphOptimizationLevel member for each policy level name.
+ORT_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED",
            "basic": "ORT_ENABLE_BASIC", "none": "ORT_DISABLE_ALL"}
 
 
@@ -128,7 +129,7 @@ class SessionPool:
 
         so = ort.SessionOptions()
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
-                                              _LEVELS[self.policy.level(role)])
+                                              ORT_LEVELS[self.policy.level(role)])
         so.log_severity_level = 3
         so.enable_mem_pattern = bool(self.options.mem_pattern)
         if self.options.threads is not None:
