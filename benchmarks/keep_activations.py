@@ -2,11 +2,12 @@
 (width 64, frozen BN) through StreamingModel with ``keep_activations=True`` (the default) and
 ``False``, and torch's own step, alternating in one process on one compiled program::
 
-    python -m benchmarks.keep_activations 1024:1024 1024:256 [--rounds 3]
+    python -m benchmarks.keep_activations 1024:1024 1024:256 [--rounds 3] [--keep-tiles N]
 
-Each SIZE:TILE is one configuration. Prints one JSON line per round; the medians, ratios and
-the memory plan's peak of both settings go to ``benchmarks/results/keep_activations.json``
-(``--out``).
+Each SIZE:TILE is one configuration. ``--keep-tiles N`` adds a program compiled with
+``keep_tiles=N`` (N tiles keep their activations; ``all`` for every tile) to the alternation.
+Prints one JSON line per round; the medians, ratios and the memory plan's peak of each setting
+go to ``benchmarks/results/keep_activations.json`` (``--out``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from streamc.runtime.module import StreamingModel
 RESULTS = Path(__file__).parent / "results"
 
 
-def measure(size: int, tile: int, rounds: int) -> dict:
+def measure(size: int, tile: int, rounds: int, keep_tiles: str | None = None) -> dict:
     torch.set_num_threads(2)
     module = make_model("2d", 64)
     program = compile_program(_export("2d", module), tile, image=(size, size),
@@ -42,6 +43,14 @@ def measure(size: int, tile: int, rounds: int) -> dict:
         sm = StreamingModel(program, threads=2, progress=False, keep_activations=keep)
         sm.load_state_dict(module.state_dict(), strict=False)
         runs[f"keep={keep}"] = (sm, torch.optim.SGD(sm.parameters(), lr=1e-4))
+    more = None
+    if keep_tiles is not None:
+        count = len(program.tiles) if keep_tiles == "all" else int(keep_tiles)
+        more = compile_program(_export("2d", module), tile, image=(size, size),
+                               with_memory_plan=False, keep_tiles=count)
+        sm = StreamingModel(more, threads=2, progress=False)
+        sm.load_state_dict(module.state_dict(), strict=False)
+        runs[f"keep_tiles={count}"] = (sm, torch.optim.SGD(sm.parameters(), lr=1e-4))
     runs["torch"] = (module, torch.optim.SGD(module.parameters(), lr=1e-4))
 
     def step(name: str) -> float:
@@ -56,15 +65,23 @@ def measure(size: int, tile: int, rounds: int) -> dict:
         print(json.dumps({"size": size, "tile": tile, "round": r,
                           **{n: round(t[-1], 3) for n, t in times.items()}}), flush=True)
     medians = {n: round(statistics.median(t), 3) for n, t in times.items()}
-    plans = {keep: plan_program(program, policy=RuntimePolicy(keep_activations=keep),
-                                optimizer_copies=0) for keep in (True, False)}
+    plans = {f"keep={keep}": plan_program(program, policy=RuntimePolicy(keep_activations=keep),
+                                          optimizer_copies=0) for keep in (True, False)}
+    extra = {}
+    if more is not None:
+        name = f"keep_tiles={len({i for _, i in more.meta.kept})}"
+        plans[name] = plan_program(more, optimizer_copies=0)
+        extra = {"more_kept": [list(u) for u in more.meta.kept],
+                 "more_over_recompute": round(medians[name] / medians["keep=False"], 3),
+                 "more_over_torch": round(medians[name] / medians["torch"], 3),
+                 "more_flops_overhead": round(more.meta.flops.overhead, 4)}
     return {
         "size": size, "tile": tile, "grid": list(program.meta.grid), "tiles": len(program.tiles),
         "kept": [list(u) for u in program.meta.kept], "median_s": medians,
         "kept_over_recompute": round(medians["keep=True"] / medians["keep=False"], 3),
         "kept_over_torch": round(medians["keep=True"] / medians["torch"], 3),
-        "plan_peak_mib": {f"keep={k}": round(p.peak / 2**20, 1) for k, p in plans.items()},
-        "flops_overhead": round(program.meta.flops.overhead, 4),
+        "plan_peak_mib": {k: round(p.peak / 2**20, 1) for k, p in plans.items()},
+        "flops_overhead": round(program.meta.flops.overhead, 4), **extra,
     }
 
 
@@ -72,19 +89,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="+", help="SIZE:TILE")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--keep-tiles", default=None,
+                        help="also a program whose N tiles keep their activations (or 'all')")
     parser.add_argument("--out", default=str(RESULTS / "keep_activations.json"))
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     results = []
     for config in args.configs:
         size, tile = (int(v) for v in config.split(":"))
-        results.append(measure(size, tile, args.rounds))
+        results.append(measure(size, tile, args.rounds, args.keep_tiles))
         print(json.dumps(results[-1]), flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=Path(__file__).parent).stdout.strip()
     Path(args.out).write_text(json.dumps({
         "command": "python -m benchmarks.keep_activations " + " ".join(args.configs)
-                   + f" --rounds {args.rounds}",
+                   + f" --rounds {args.rounds}"
+                   + (f" --keep-tiles {args.keep_tiles}" if args.keep_tiles else ""),
         "commit": commit, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "results": results}, indent=1) + "\n")
 

@@ -224,9 +224,16 @@ def _print_program_summary(program, out: Path | None) -> None:
                    + ("halo reuse: every activation computed once per pass"
                       if meta.halo == "reuse" else "every tile recomputes its halo") + ")")
     if meta.kept:
-        which = ("the one tile keeps its activations: a step recomputes nothing"
-                 if len(program.tiles) == 1 else
-                 "the last tile keeps its activations for the backward pass (no recompute there)")
+        kept_tiles = len({i for _, i in meta.kept})
+        if len(program.tiles) == 1:
+            which = "the one tile keeps its activations: a step recomputes nothing"
+        elif kept_tiles == len(program.tiles):
+            which = "every tile keeps its activations for the backward pass: no recompute"
+        elif kept_tiles == 1:
+            which = "the last tile keeps its activations for the backward pass (no recompute there)"
+        else:
+            which = (f"{kept_tiles} tiles keep their activations for the backward pass (no "
+                     "recompute there)")
         click.echo(f"kept:         {which}")
     bands = [b for b in meta.buffers if b.kind == "band"]
     if bands:
@@ -264,12 +271,16 @@ def _print_program_summary(program, out: Path | None) -> None:
 @click.option("--saliency", is_flag=True,
               help="Backward graphs that give the image's gradient instead of the weights'.")
 @_HALO
+@click.option("--keep-tiles", type=click.IntRange(min=0), default=None,
+              help="Tiles (of the last stage, those whose backward runs first) that keep their "
+                   "activations instead of recomputing them: memory for time. Default: the ones "
+                   "that cost no memory (the last tile).")
 @_WORKERS
 @_fail_cleanly
 def compile_command(model: str, tile: str | None, image: str | None, input_name: str | None,
                     output: str | None, memory_budget: str | None, force: bool,
                     max_tiles: int, inference: bool, saliency: bool, halo: str,
-                    workers: int) -> None:
+                    keep_tiles: int | None, workers: int) -> None:
     """Compile MODEL into a tiled training (or inference, or saliency) program directory."""
     from streamc.compiler import compile as compile_program
     from streamc.program import check_target
@@ -278,6 +289,12 @@ def compile_command(model: str, tile: str | None, image: str | None, input_name:
         raise StreamcError("give either --tile or --memory-budget, not both.")
     if inference and saliency:
         raise StreamcError("give either --inference or --saliency, not both.")
+    if memory_budget and keep_tiles is not None:
+        raise StreamcError("--memory-budget picks the tile with the default kept tiles: give a "
+                           "tile (--tile) with --keep-tiles.")
+    if keep_tiles is not None and (inference or saliency):
+        raise StreamcError("--keep-tiles keeps activations for training steps; an inference or "
+                           "saliency program has no use for it.")
     if memory_budget and (inference or saliency):
         raise StreamcError("--memory-budget plans training steps: give a tile (--tile) with "
                            "--inference or --saliency.")
@@ -299,7 +316,8 @@ def compile_command(model: str, tile: str | None, image: str | None, input_name:
                    f"each once)")
     else:
         program = compile_program(model, tile, image=parse_image(image), input=input_name,
-                                  max_tiles=max_tiles, mode=mode, halo=halo)
+                                  max_tiles=max_tiles, mode=mode, halo=halo,
+                                  keep_tiles=keep_tiles)
     out = program.save(target, force=force)
     _print_program_summary(program, out)
     _print_worker_shares(program, workers)

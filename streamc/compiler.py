@@ -86,6 +86,7 @@ def compile(
     mode: ProgramMode = "train",
     reduce_final: bool = True,
     halo: str = DEFAULT_HALO,
+    keep_tiles: int | None = None,
 ) -> Program:
     """Compile ``model`` into a tiled program for images of size ``image`` ((H, W) or (D, H, W)).
 
@@ -102,7 +103,11 @@ def compile(
     the feature map, :func:`streamc.predict.predict` with ``features``). ``halo``:
     ``"reuse"`` computes every activation once (tiles hand the strips around them on to the
     tiles after them, docs/architecture.md "Halo reuse"); ``"recompute"``: every tile
-    recomputes its halo from the image.
+    recomputes its halo from the image. ``keep_tiles``: how many tiles of the last stage keep
+    their activations from forward to backward instead of recomputing them (the ones whose
+    backward runs first); default: those for which that costs no memory (the last tile under
+    halo reuse, the only one of a one-tile grid). Each more trades its residuals for its
+    recompute; the memory plan counts them.
     """
     with paused_gc():
         started = time.perf_counter()
@@ -111,7 +116,7 @@ def compile(
         return compile_analysis(analysis, tile, source_of(model, serialized),
                                 with_flops=with_flops, with_memory_plan=with_memory_plan,
                                 policy=policy, max_tiles=max_tiles, started=started, mode=mode,
-                                halo=halo)
+                                halo=halo, keep_tiles=keep_tiles)
 
 
 def source_of(model: str | Path | onnx.ModelProto, serialized: bytes) -> SourceSpec:
@@ -127,12 +132,13 @@ def compile_analysis(analysis: Analysis, tile: int | str | Sequence[int], source
                      conventional: ConventionalPlan | None = None,
                      policy: RuntimePolicy = DEFAULT_POLICY, max_tiles: int = MAX_TILES,
                      started: float | None = None, mode: ProgramMode = "train",
-                     halo: str = DEFAULT_HALO) -> Program:
+                     halo: str = DEFAULT_HALO, keep_tiles: int | None = None) -> Program:
     """Compile an analysed model (see :func:`compile`)."""
     started = time.perf_counter() if started is None else started
     state = compile_state(analysis, tile, source, with_flops=with_flops,
                           with_memory_plan=with_memory_plan, conventional=conventional,
-                          policy=policy, max_tiles=max_tiles, mode=mode, halo=halo)
+                          policy=policy, max_tiles=max_tiles, mode=mode, halo=halo,
+                          keep_tiles=keep_tiles)
     program: Program = state["program"]
     program.meta.compile_seconds = round(time.perf_counter() - started, 3)
     return program
@@ -143,13 +149,18 @@ def compile_state(analysis: Analysis, tile: int | str | Sequence[int], source: S
                   conventional: ConventionalPlan | None = None,
                   policy: RuntimePolicy = DEFAULT_POLICY, exact: bool = False,
                   optimizer_copies: int = 2, max_tiles: int = MAX_TILES,
-                  mode: ProgramMode = "train", halo: str = DEFAULT_HALO) -> dict[str, Any]:
+                  mode: ProgramMode = "train", halo: str = DEFAULT_HALO,
+                  keep_tiles: int | None = None) -> dict[str, Any]:
     """Run the compiler's passes on ``analysis`` and return their results by name
     (``"program"``, ``"memory_plan"`` ...); the program's description holds the memory plan.
     An inference program has no memory plan (the planner plans training steps)."""
     if mode not in PROGRAM_MODES:
         raise CompileError(f"mode={mode!r}: choose one of {', '.join(map(repr, PROGRAM_MODES))}.")
     with_memory_plan = with_memory_plan and mode != "inference"
+    if keep_tiles is not None and (isinstance(keep_tiles, bool) or not isinstance(keep_tiles, int)
+                                   or keep_tiles < 0):
+        raise CompileError(f"keep_tiles={keep_tiles!r}: give a number of tiles, 0 or more "
+                           "(or None for the tiles that keep at no memory cost).")
     if any(s is None for s in analysis.image_size):
         raise CompileError(
             "the model's spatial size is dynamic: pass the image size (--image HxW, or "
@@ -165,7 +176,8 @@ def compile_state(analysis: Analysis, tile: int | str | Sequence[int], source: S
         state: dict[str, Any] = {"analysis": analysis, "tile": tile, "source": source,
                                  "policy": policy, "conventional": conventional,
                                  "exact": exact, "optimizer_copies": optimizer_copies,
-                                 "max_tiles": max_tiles, "mode": mode, "halo": halo}
+                                 "max_tiles": max_tiles, "mode": mode, "halo": halo,
+                                 "keep_tiles": keep_tiles}
         try:
             PassManager(compile_passes(with_flops, with_memory_plan)).run(state)
         except HaloReuseUnplaceable as exc:
@@ -188,7 +200,7 @@ def compile_state(analysis: Analysis, tile: int | str | Sequence[int], source: S
 
 #: What the compile state holds before the first pass.
 _INPUTS = ("analysis", "tile", "source", "policy", "conventional", "exact", "optimizer_copies",
-           "max_tiles", "mode", "halo")
+           "max_tiles", "mode", "halo", "keep_tiles")
 
 #: What a program's backward graphs differentiate: ``"train"`` the weights, ``"saliency"`` the
 #: image, ``"inference"``: there are no backward graphs.
@@ -323,7 +335,8 @@ def _kept(s: Mapping[str, Any]) -> Kept:
     if not backward:
         return Kept()
     class_of = s["layouts"].class_of
-    units = [(k, i) for k, i in kept_units(class_of, s["schedule"].ownership is not None)
+    units = [(k, i) for k, i in kept_units(class_of, s["schedule"].ownership is not None,
+                                           s["keep_tiles"])
              if backward[class_of[i][k]].gradients]
     graphs = {}
     for k, i in units:
@@ -691,7 +704,8 @@ def compile_passes(with_flops: bool = True, with_memory_plan: bool = True) -> li
              _check_tile_graphs, doc="one forward ONNX graph per shape class"),
         Pass("autodiff", ("tile_graphs", "parameters", "analysis", "mode"), "backward_graphs",
              _backward_graphs, _check_backward, doc="the backward graph of each tile graph"),
-        Pass("keep", ("backward_graphs", "tile_graphs", "layouts", "schedule"), "kept", _kept,
+        Pass("keep", ("backward_graphs", "tile_graphs", "layouts", "schedule", "keep_tiles"),
+             "kept", _kept,
              _check_kept, doc="the tiles whose backward reads their forward's activations"),
         Pass("hoist", ("backward_graphs", "kept", "parameters"), "hoisted", _hoisted,
              _check_hoisted,

@@ -102,6 +102,23 @@ def test_compile_then_load(model_file: Path, tmp_path: Path) -> None:
     assert load(out_dir).meta.requested_tile == (96, 96)
 
 
+def test_compile_keep_tiles(model_file: Path, tmp_path: Path) -> None:
+    code, out, err = run("compile", str(model_file), "--image", "256x256", "--tile", "64",
+                         "--keep-tiles", "3", "-o", str(tmp_path / "p"))
+    assert code == 0, err
+    assert "kept:         3 tiles keep their activations" in out
+    assert len(load(tmp_path / "p").meta.kept) == 3
+    code, out, err = run("compile", str(model_file), "--image", "256x256", "--tile", "64",
+                         "--keep-tiles", "99", "-o", str(tmp_path / "p"))
+    assert code == 0 and "every tile keeps its activations" in out, err
+    code, _, err = run("compile", str(model_file), "--image", "256x256", "--memory-budget",
+                       "1GiB", "--keep-tiles", "2", "-o", str(tmp_path / "q"))
+    assert_one_line_error(code, err, "--keep-tiles", "--memory-budget")
+    code, _, err = run("compile", str(model_file), "--image", "256x256", "--tile", "64",
+                       "--keep-tiles", "-1", "-o", str(tmp_path / "q"))
+    assert code == 2 and "--keep-tiles" in err and not (tmp_path / "q").exists()
+
+
 def test_compile_with_a_budget_compiles_each_candidate_once(model_file: Path, tmp_path: Path
                                                             ) -> None:
     code, out, err = run("compile", str(model_file), "--image", "512x512",

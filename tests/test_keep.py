@@ -24,11 +24,12 @@ from tests.blocks import SENet
 from zoo.models import MiniResNet
 
 
-def _program(module, size: int, tile: int, halo: str = "reuse"):
+def _program(module, size: int, tile: int, halo: str = "reuse", keep_tiles: int | None = None):
     torch.manual_seed(0)
     module = module.eval()
     model = export_torch(module, (1, 3, size, size))
-    return module, streamc.compile(model, tile, image=(size, size), halo=halo)
+    return module, streamc.compile(model, tile, image=(size, size), halo=halo,
+                                   keep_tiles=keep_tiles)
 
 
 def _step(program, image, keep: bool):
@@ -45,19 +46,34 @@ def test_kept_units():
     assert kept_units([[0, 0]], grid_order=True) == [(0, 0), (1, 0)]
     assert kept_units([[0], [1]], grid_order=False) == []
     assert kept_units([[0]], grid_order=False) == [(0, 0)]
+    # a count: the last stage's tiles whose backward runs first
+    grid = [[0, 0], [1, 1], [2, 2]]
+    assert kept_units(grid, grid_order=True, count=2) == [(1, 1), (1, 2)]
+    assert kept_units(grid, grid_order=False, count=2) == [(1, 0), (1, 1)]
+    assert kept_units(grid, grid_order=True, count=5) == [(1, 0), (1, 1), (1, 2)]
+    assert kept_units(grid, grid_order=True, count=0) == []
+    assert kept_units([[0]], grid_order=True, count=0) == []
+    with pytest.raises(ValueError):
+        kept_units(grid, grid_order=True, count=-1)
 
 
-@pytest.mark.parametrize("module,size,tile,halo", [
-    (MiniResNet, 128, 32, "reuse"),      # 4x4 tiles: the last one keeps (MaxPool's indices too)
-    (MiniResNet, 96, 96, "reuse"),       # one tile: no recompute at all
-    (MiniResNet, 96, 96, "recompute"),
-    (SENet, 64, 64, "reuse"),            # four stages of one tile each
-    (SENet, 64, 32, "reuse"),            # several tiles: the last stage's last tile
+@pytest.mark.parametrize("module,size,tile,halo,keep_tiles", [
+    (MiniResNet, 128, 32, "reuse", None),  # 4x4 tiles: the last keeps (MaxPool's indices too)
+    (MiniResNet, 96, 96, "reuse", None),   # one tile: no recompute at all
+    (MiniResNet, 96, 96, "recompute", None),
+    (SENet, 64, 64, "reuse", None),        # four stages of one tile each
+    (SENet, 64, 32, "reuse", None),        # several tiles: the last stage's last tile
+    (MiniResNet, 128, 32, "reuse", 16),    # every tile keeps: nothing recomputed
+    (MiniResNet, 192, 64, "recompute", 3),  # the first three (their backward runs first)
+    (SENet, 64, 32, "reuse", 3),           # three tiles of the last stage
 ])
-def test_keeping_gives_the_same_step(module, size, tile, halo):
-    torch_module, program = _program(module(), size, tile, halo)
+def test_keeping_gives_the_same_step(module, size, tile, halo, keep_tiles):
+    torch_module, program = _program(module(), size, tile, halo, keep_tiles)
     meta = program.meta
     assert meta.kept
+    if keep_tiles is not None:
+        assert len(meta.kept) == keep_tiles
+        assert {s for s, _ in meta.kept} == {len(meta.stages) - 1}
     for stage, i in meta.kept:
         cls = meta.classes[meta.tiles[i].parts[stage].class_id]
         assert cls.residuals and cls.kept_forward and cls.kept_backward
@@ -95,6 +111,24 @@ def test_steps_and_plan():
     kept_plan = plan_program(program, policy=RuntimePolicy())
     plain_plan = plan_program(program, policy=RuntimePolicy(keep_activations=False))
     assert kept_plan.phases["head forward"] > plain_plan.phases["head forward"]
+
+
+def test_more_kept_tiles_trade_memory_for_recompute():
+    _, default = _program(MiniResNet(), 128, 32)
+    _, four = _program(MiniResNet(), 128, 32, keep_tiles=4)
+    _, every = _program(MiniResNet(), 128, 32, keep_tiles=16)
+    _, none = _program(MiniResNet(), 128, 32, keep_tiles=0)
+    assert len(default.meta.kept) == 1 and len(four.meta.kept) == 4 and not none.meta.kept
+    assert four.meta.kept[-1] == default.meta.kept[0]  # the last tile keeps in both
+    backward = [p.meta.flops.tiled_backward for p in (none, default, four, every)]
+    assert backward == sorted(backward, reverse=True) and len(set(backward)) == 4
+    # no recompute at all: the untiled backward without its forward, plus the few per cent of
+    # the input gradients that land on the strips around each tile
+    flops = every.meta.flops
+    assert flops.tiled_backward < 1.05 * (flops.untiled_backward - flops.untiled_forward)
+    assert default.meta.flops.tiled_backward > flops.untiled_backward - flops.untiled_forward / 8
+    peaks = [plan_program(p).peak for p in (none, default, four, every)]
+    assert peaks == sorted(peaks) and peaks[1] < peaks[2] < peaks[3]
 
 
 def test_one_tile_flops_have_no_recompute():

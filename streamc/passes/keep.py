@@ -45,14 +45,27 @@ class Kept:
     graphs: dict[int, KeptGraphs] = field(default_factory=dict)
 
 
-def kept_units(class_of: Sequence[Sequence[int | None]], grid_order: bool) -> list[tuple[int, int]]:
-    """The (stage, tile) units whose backward follows their forward with nothing but later
-    units' work in between: the last tile of the last stage when tiles run in grid order (its
-    backward runs first, in reverse grid order), and when every stage has one tile, each of
-    them. ``class_of[tile][stage]``: the tile's class in the stage (None: no part)."""
+def kept_units(class_of: Sequence[Sequence[int | None]], grid_order: bool,
+               count: int | None = None) -> list[tuple[int, int]]:
+    """The (stage, tile) units that keep their activations. ``class_of[tile][stage]``: the
+    tile's class in the stage (None: no part); ``grid_order``: the backward pass runs the tiles
+    in reverse grid order (halo reuse).
+
+    By default (``count=None``) the units whose backward follows their forward with nothing but
+    later units' work in between, which keeping costs no more memory than recomputing: the last
+    tile of the last stage when tiles run in grid order, and when every stage has one tile, each
+    of them. ``count=N`` instead keeps the N tiles of the last stage whose backward runs first
+    (the last N in grid order, the first N otherwise): each holds its residuals from its forward
+    to its backward, memory traded for its recompute."""
     stages = max((len(row) for row in class_of), default=0)
     per_stage = [[i for i, row in enumerate(class_of) if k < len(row) and row[k] is not None]
                  for k in range(stages)]
+    if count is not None:
+        if count < 0:
+            raise ValueError(f"count={count}: a number of tiles, 0 or more")
+        last = per_stage[-1] if per_stage else []
+        chosen = last[max(len(last) - count, 0):] if grid_order else last[:count]
+        return [(stages - 1, i) for i in chosen] if count else []
     if per_stage and all(len(tiles) == 1 for tiles in per_stage):
         return [(k, tiles[0]) for k, tiles in enumerate(per_stage)]
     if grid_order and per_stage and per_stage[-1]:
