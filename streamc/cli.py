@@ -189,6 +189,37 @@ _HALO = click.option(
     help="reuse: every activation computed once, tiles hand on the strips around them; "
          "recompute: every tile recomputes its halo (independent tiles, for --workers).")
 
+def _parse_keep_tiles(ctx: click.Context, param: click.Parameter, value: str | None
+                      ) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise click.BadParameter(f"{value!r}: give a number of tiles (0 or more) or 'auto'.")
+    return count
+
+
+_KEEP_TILES = click.option(
+    "--keep-tiles", default=None, callback=_parse_keep_tiles, metavar="N|auto",
+    help="Tiles (of the last stage, those whose backward runs first) that keep their "
+         "activations instead of recomputing them: memory for time. auto (with "
+         "--memory-budget): as many as the budget leaves room for. Default: the ones that cost "
+         "no memory (the last tile).")
+
+
+def _check_keep_tiles(keep_tiles: int | str | None, memory_budget: str | None,
+                      mode: str = "train") -> None:
+    if keep_tiles == "auto" and not memory_budget:
+        raise StreamcError("--keep-tiles auto spends what a memory budget leaves: give "
+                           "--memory-budget too, or a number of tiles.")
+    if keep_tiles is not None and mode != "train":
+        raise StreamcError("--keep-tiles keeps activations for training steps; an inference or "
+                           "saliency program has no use for it.")
+
+
 _WORKERS = click.option(
     "--workers", type=click.IntRange(min=1), default=1, show_default=True,
     help="Tile-parallel workers per image: show each one's tiles, FLOPs and peak memory.")
@@ -271,16 +302,13 @@ def _print_program_summary(program, out: Path | None) -> None:
 @click.option("--saliency", is_flag=True,
               help="Backward graphs that give the image's gradient instead of the weights'.")
 @_HALO
-@click.option("--keep-tiles", type=click.IntRange(min=0), default=None,
-              help="Tiles (of the last stage, those whose backward runs first) that keep their "
-                   "activations instead of recomputing them: memory for time. Default: the ones "
-                   "that cost no memory (the last tile).")
+@_KEEP_TILES
 @_WORKERS
 @_fail_cleanly
 def compile_command(model: str, tile: str | None, image: str | None, input_name: str | None,
                     output: str | None, memory_budget: str | None, force: bool,
                     max_tiles: int, inference: bool, saliency: bool, halo: str,
-                    keep_tiles: int | None, workers: int) -> None:
+                    keep_tiles: int | str | None, workers: int) -> None:
     """Compile MODEL into a tiled training (or inference, or saliency) program directory."""
     from streamc.compiler import compile as compile_program
     from streamc.program import check_target
@@ -289,12 +317,8 @@ def compile_command(model: str, tile: str | None, image: str | None, input_name:
         raise StreamcError("give either --tile or --memory-budget, not both.")
     if inference and saliency:
         raise StreamcError("give either --inference or --saliency, not both.")
-    if memory_budget and keep_tiles is not None:
-        raise StreamcError("--memory-budget picks the tile with the default kept tiles: give a "
-                           "tile (--tile) with --keep-tiles.")
-    if keep_tiles is not None and (inference or saliency):
-        raise StreamcError("--keep-tiles keeps activations for training steps; an inference or "
-                           "saliency program has no use for it.")
+    _check_keep_tiles(keep_tiles, memory_budget,
+                      "inference" if inference else "saliency" if saliency else "train")
     if memory_budget and (inference or saliency):
         raise StreamcError("--memory-budget plans training steps: give a tile (--tile) with "
                            "--inference or --saliency.")
@@ -309,7 +333,7 @@ def compile_command(model: str, tile: str | None, image: str | None, input_name:
 
         search = search_tiles(model, parse_image(image), budget=parse_bytes(memory_budget),
                               input=input_name, progress=_say, max_tiles=max_tiles,
-                              halo=halo)
+                              halo=halo, keep_tiles=keep_tiles)
         program = search.chosen.program
         click.echo(f"memory budget {memory_budget}: chose tile {search.chosen.tile} "
                    f"({search.compiled} candidate{'s' if search.compiled > 1 else ''} compiled, "
@@ -402,11 +426,12 @@ def _print_check(report, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--plot", type=click.Path(), help="Write memory and recompute vs tile size (PNG).")
 @_HALO
+@_KEEP_TILES
 @_WORKERS
 @_fail_cleanly
 def plan(model: str, image: str | None, tile: str | None, memory_budget: str | None,
          input_name: str | None, exact: bool, as_json: bool, plot: str | None, halo: str,
-         workers: int) -> None:
+         keep_tiles: int | str | None, workers: int) -> None:
     """Predict peak memory per training step for tile sizes of MODEL, before running anything."""
     from streamc import tile_search as ts
 
@@ -415,13 +440,15 @@ def plan(model: str, image: str | None, tile: str | None, memory_budget: str | N
     if workers > 1 and not (tile or memory_budget):
         raise StreamcError("--workers plans one tile: give --tile or --memory-budget too.")
     _refuse_workers_with_reuse(workers, halo)
+    _check_keep_tiles(keep_tiles, memory_budget)
     if plot:  # before any work: a missing dependency or a bad path is known now
         ts.require_matplotlib()
         _check_writable(Path(plot))
     budget = parse_bytes(memory_budget) if memory_budget else None
     tiles = [max(parse_extent(tile, "tile size"))] if tile else None
     search = ts.search_tiles(model, parse_image(image), tiles=tiles, budget=budget,
-                             input=input_name, exact=exact, progress=_say, halo=halo)
+                             input=input_name, exact=exact, progress=_say, halo=halo,
+                             keep_tiles=keep_tiles)
     plans, chosen = search.plans, search.chosen
     if tile:
         plan_ = plans[0].plan
@@ -448,7 +475,9 @@ def plan(model: str, image: str | None, tile: str | None, memory_budget: str | N
                 click.echo(f"note: {note}")
         click.echo("\n".join(ts.plans_table(plans, chosen)))
         if chosen is not None:
-            click.echo(f"memory budget {memory_budget}: tile {chosen.tile} "
+            kept = (f", {chosen.kept_tiles} tiles keep their activations"
+                    if chosen.kept_tiles > 1 and chosen.tiles > 1 else "")
+            click.echo(f"memory budget {memory_budget}: tile {chosen.tile}{kept} "
                        f"(peak {format_bytes(chosen.peak)})")
             _print_worker_shares(chosen.program, workers)
     if plot:

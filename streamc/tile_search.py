@@ -8,16 +8,17 @@ the small tiles, whose compilation is the slowest
 (many tiles and shape classes), are compiled only when nothing larger fits. The chosen
 :class:`TilePlan` carries its compiled :class:`~streamc.program.Program`: nothing is compiled
 twice. ``streamc compile --memory-budget`` and ``streamc plan --memory-budget`` both use it, so
-one budget gives one tile.
+one budget gives one tile. With ``keep_tiles="auto"`` the chosen tile then spends what is left of
+the budget on tiles that keep their activations (:func:`keep_within`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import onnx
 
@@ -27,7 +28,7 @@ from streamc.analysis.analyze import analyze_checked
 from streamc.compiler import compile_state, source_of
 from streamc.errors import CompileError, StreamcError
 from streamc.graph import load_model_serialized
-from streamc.passes.memory import ConventionalPlan, MemoryPlan, plan_conventional
+from streamc.passes.memory import ConventionalPlan, MemoryPlan, plan_conventional, plan_program
 from streamc.passes.schedule import DEFAULT_HALO, MAX_TILES, smallest_tile
 from streamc.policy import DEFAULT_POLICY, RuntimePolicy
 from streamc.program import Program
@@ -43,11 +44,13 @@ class TilePlan:
     ``overhead`` is tiled over untiled FLOPs of forward and backward together, the untiled
     backward recomputing the forward once (1.0: each activation computed twice, as recomputing
     untiled training does; below 1 where a tile keeps its activations); ``peak`` is
-    :attr:`MemoryPlan.peak`; ``conventional`` the full-image figure of the same model.
+    :attr:`MemoryPlan.peak`; ``conventional`` the full-image figure of the same model;
+    ``kept_tiles``: how many tiles keep their activations from forward to backward.
     ``program`` is the compiled program itself.
     """
 
     tile: int
+    kept_tiles: int
     tile_size: list[int]
     grid: list[int]
     tiles: int
@@ -128,7 +131,8 @@ def search_tiles(model: str | Path | onnx.ModelProto, image: Sequence[int] | Non
                  tiles: Sequence[int] | None = None, budget: int | str | None = None,
                  input: str | None = None, exact: bool = False, optimizer_copies: int = 2,
                  policy: RuntimePolicy = DEFAULT_POLICY, progress: Progress | None = None,
-                 max_tiles: int = MAX_TILES, halo: str = DEFAULT_HALO) -> TileSearch:
+                 max_tiles: int = MAX_TILES, halo: str = DEFAULT_HALO,
+                 keep_tiles: int | Literal["auto"] | None = None) -> TileSearch:
     """Compile and plan ``model`` at each tile size in ``tiles`` (default
     :func:`candidate_tiles`); with ``budget`` (bytes or a size such as ``'8GiB'``) from the
     largest down, stopping at the first that fits, which is :attr:`TileSearch.chosen`.
@@ -137,10 +141,15 @@ def search_tiles(model: str | Path | onnx.ModelProto, image: Sequence[int] | Non
     does not fit the budget (naming the least budget that would), and at once, before any
     compilation, when what every tiling keeps resident (image, weights, gradients, optimizer
     state, cut tensors and their gradients) already exceeds it. ``progress`` receives one line
-    per candidate. ``halo``: as :func:`streamc.compile`.
+    per candidate. ``halo``: as :func:`streamc.compile`. ``keep_tiles``: a number, as
+    :func:`streamc.compile`, for every candidate; ``"auto"`` (with a budget): the candidates keep
+    the default tiles, and the chosen one then keeps as many more as the budget allows.
     """
     started = time.perf_counter()
     limit = parse_bytes(budget) if budget is not None else None
+    if keep_tiles == "auto" and limit is None:
+        raise StreamcError("keep_tiles='auto' spends what a memory budget leaves: give a budget.")
+    fixed = None if keep_tiles == "auto" else keep_tiles
     say = progress or (lambda _line: None)
     with paused_gc():
         proto, serialized = load_model_serialized(model)
@@ -167,27 +176,79 @@ def search_tiles(model: str | Path | onnx.ModelProto, image: Sequence[int] | Non
         for k, t in enumerate(order):
             say(f"planning tile {t} ({k + 1} of at most {len(order)})")
             plan = _plan_tile(analysis, t, source, conventional, policy, exact,
-                              optimizer_copies, max_tiles, halo)
+                              optimizer_copies, max_tiles, halo, fixed)
             plans.append(plan)
             if limit is not None and plan.peak <= limit:
                 break
     plans.sort(key=lambda p: p.tile)
     chosen = select_tile(plans, limit) if limit is not None else None
-    return TileSearch(analysis, conventional, plans, chosen, len(plans),
+    compiled = len(plans)
+    if chosen is not None and keep_tiles == "auto":
+        with paused_gc():
+            filled, extra = keep_within(chosen, limit, analysis, source, conventional, policy,
+                                        exact, optimizer_copies, max_tiles, halo, say)
+        compiled += extra
+        plans = [filled if p is chosen else p for p in plans]
+        chosen = filled
+    return TileSearch(analysis, conventional, plans, chosen, compiled,
                       time.perf_counter() - started)
+
+
+def keep_within(chosen: TilePlan, limit: int, analysis: Analysis, source,
+                conventional: ConventionalPlan, policy: RuntimePolicy, exact: bool,
+                optimizer_copies: int, max_tiles: int, halo: str,
+                say: Progress) -> tuple[TilePlan, int]:
+    """``chosen`` with as many tiles keeping their activations as ``limit`` allows, and how
+    many programs that compiled (0 when no more fit or every tile keeps already).
+
+    The tile is compiled once with every tile of its last stage keeping; the plans of keeping
+    the last n of them (those whose backward runs first) are made from that program alone,
+    searching n by bisection (the peak grows with n); the tile is then compiled with the n
+    found."""
+    before = len({i for _, i in chosen.program.meta.kept})
+    if before >= len(chosen.program.tiles):
+        return chosen, 0
+    say(f"keeping more tiles' activations at tile {chosen.tile} within the budget")
+    every = _plan_tile(analysis, chosen.tile, source, conventional, policy, exact,
+                       optimizer_copies, max_tiles, halo, len(chosen.program.tiles))
+    kept = every.program.meta.kept
+    if every.program.meta.halo != "reuse":  # kept in run order: the first ones go back first
+        kept = tuple(reversed(kept))
+
+    graph_plans: dict = {}  # the same graphs for every n: plan each once
+
+    def peak(n: int) -> int:
+        view = replace(every.program,
+                       meta=replace(every.program.meta, kept=tuple(sorted(kept[len(kept) - n:]))))
+        return plan_program(view, conventional, policy=policy, optimizer_copies=optimizer_copies,
+                            exact=exact, graph_plans=graph_plans).peak
+
+    if every.peak <= limit:
+        return every, 1
+    low, high = before, len(kept)  # peak(low) fits (the chosen plan), peak(high) does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if peak(middle) <= limit else (low, middle)
+    if low == before:
+        return chosen, 1
+    filled = _plan_tile(analysis, chosen.tile, source, conventional, policy, exact,
+                        optimizer_copies, max_tiles, halo, low)
+    return (filled, 2) if filled.peak <= limit else (chosen, 2)
 
 
 def _plan_tile(analysis: Analysis, tile: int, source, conventional: ConventionalPlan,
                policy: RuntimePolicy, exact: bool, optimizer_copies: int,
-               max_tiles: int, halo: str) -> TilePlan:
+               max_tiles: int, halo: str, keep_tiles: int | None = None) -> TilePlan:
     state = compile_state(analysis, tile, source, with_flops=True, with_memory_plan=True,
                           conventional=conventional, policy=policy, exact=exact,
-                          optimizer_copies=optimizer_copies, max_tiles=max_tiles, halo=halo)
+                          optimizer_copies=optimizer_copies, max_tiles=max_tiles, halo=halo,
+                          keep_tiles=keep_tiles)
     program: Program = state["program"]
     plan: MemoryPlan = state["memory_plan"]
     flops = program.meta.flops
     return TilePlan(
-        tile=tile, tile_size=list(program.meta.tile), grid=list(program.meta.grid),
+        tile=tile, kept_tiles=len({i for _, i in program.meta.kept}),
+        tile_size=list(program.meta.tile), grid=list(program.meta.grid),
         tiles=len(program.tiles), classes=len(program.classes),
         forward_overhead=flops.forward_overhead, backward_overhead=flops.backward_overhead,
         overhead=flops.overhead, forward_peak=plan.forward_peak,

@@ -111,12 +111,27 @@ def test_compile_keep_tiles(model_file: Path, tmp_path: Path) -> None:
     code, out, err = run("compile", str(model_file), "--image", "256x256", "--tile", "64",
                          "--keep-tiles", "99", "-o", str(tmp_path / "p"))
     assert code == 0 and "every tile keeps its activations" in out, err
-    code, _, err = run("compile", str(model_file), "--image", "256x256", "--memory-budget",
-                       "1GiB", "--keep-tiles", "2", "-o", str(tmp_path / "q"))
-    assert_one_line_error(code, err, "--keep-tiles", "--memory-budget")
     code, _, err = run("compile", str(model_file), "--image", "256x256", "--tile", "64",
-                       "--keep-tiles", "-1", "-o", str(tmp_path / "q"))
-    assert code == 2 and "--keep-tiles" in err and not (tmp_path / "q").exists()
+                       "--keep-tiles", "auto", "-o", str(tmp_path / "q"))
+    assert_one_line_error(code, err, "--keep-tiles auto", "--memory-budget")
+    for bad in ("-1", "many"):
+        code, _, err = run("compile", str(model_file), "--image", "256x256", "--tile", "64",
+                           "--keep-tiles", bad, "-o", str(tmp_path / "q"))
+        assert code == 2 and "--keep-tiles" in err and not (tmp_path / "q").exists()
+    code, _, err = run("compile", str(model_file), "--image", "256x256", "--tile", "64",
+                       "--keep-tiles", "2", "--inference", "-o", str(tmp_path / "q"))
+    assert_one_line_error(code, err, "--keep-tiles", "inference")
+    # with a budget: the tile first, then as many kept tiles as fit
+    code, out, err = run("plan", str(model_file), "--image", "256x256", "--tile", "64", "--json")
+    default = json.loads(out)["peak"]
+    budget = str(default + (64 << 20))
+    code, out, err = run("plan", str(model_file), "--image", "256x256", "--memory-budget",
+                         budget, "--keep-tiles", "auto")
+    assert code == 0, err
+    code, out, err = run("compile", str(model_file), "--image", "256x256", "--memory-budget",
+                         budget, "--keep-tiles", "auto", "-o", str(tmp_path / "r"))
+    assert code == 0, err
+    assert load(tmp_path / "r").meta.memory_plan["peak"] <= int(budget)
 
 
 def test_compile_with_a_budget_compiles_each_candidate_once(model_file: Path, tmp_path: Path

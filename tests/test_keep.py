@@ -169,3 +169,26 @@ def test_a_budget_that_fits_the_whole_step_gets_one_kept_tile():
     tight = search_tiles(model, (512, 512), tiles=[256, 512], budget=plans[512].peak - 1,
                          optimizer_copies=0)
     assert tight.chosen.tile == 256
+
+
+def test_keep_tiles_auto_fills_the_budget():
+    """With keep_tiles='auto' the chosen tile keeps as many tiles as the budget leaves room
+    for: one more would not fit."""
+    torch.manual_seed(0)
+    model = export_torch(MiniResNet().eval(), (1, 3, 128, 128))
+
+    def plan(**kwargs):
+        return search_tiles(model, (128, 128), tiles=[32], optimizer_copies=0, **kwargs)
+
+    default, every = plan().plans[0], plan(keep_tiles=16).plans[0]
+    assert default.kept_tiles == 1 and every.kept_tiles == 16 and default.peak < every.peak
+    budget = (default.peak + every.peak) // 2
+    chosen = plan(budget=budget, keep_tiles="auto").chosen
+    assert 1 < chosen.kept_tiles < 16 and chosen.peak <= budget
+    assert chosen.program.meta.kept[-1] == default.program.meta.kept[0]
+    assert plan(keep_tiles=chosen.kept_tiles + 1).plans[0].peak > budget
+    assert plan(budget=every.peak, keep_tiles="auto").chosen.kept_tiles == 16
+    assert plan(budget=default.peak, keep_tiles="auto").chosen.kept_tiles == 1
+    with pytest.raises(streamc.StreamcError, match="budget"):
+        plan(keep_tiles="auto")
+
