@@ -214,6 +214,8 @@ def main() -> None:
     parser.add_argument("--tiles", default=None, help="comma-separated tile sizes (all models)")
     parser.add_argument("--image", type=int, default=None, help="image size (all models)")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--keep-tiles", type=int, default=None,
+                        help="compile with keep_tiles=N (N tiles keep their activations)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated subset of {','.join([*VARIANTS, *OPTION_VARIANTS])}")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/memory_plan_accuracy.json"))
@@ -244,7 +246,7 @@ def main() -> None:
             model = export(name, size)
             for tile in tiles:
                 program = compile(model, tile=tile, image=(size, size), with_flops=True,
-                                  with_memory_plan=False)
+                                  with_memory_plan=False, keep_tiles=args.keep_tiles)
                 directory = Path(tmp) / f"{name}_{tile}"
                 program.save(directory)
                 # The default runtime policy (constant folding in forward graphs only), plain
@@ -256,6 +258,7 @@ def main() -> None:
                     "model": name, "image": size, "tile": tile,
                     "grid": list(program.meta.grid),
                     "classes": len(program.classes), "tiles": len(program.tiles),
+                    "kept_tiles": len({i for _, i in program.meta.kept}),
                     "overhead": round(program.meta.flops.overhead, 3),
                     "plan_peak": plan.peak, "plan_phase": plan.peak_phase,
                     "resident": r.to_dict(),
@@ -281,7 +284,7 @@ def main() -> None:
     import onnxruntime
 
     report = {
-        "command": "python benchmarks/memory_plan_accuracy.py",
+        "command": " ".join(["python benchmarks/memory_plan_accuracy.py", *sys.argv[1:]]),
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                     "onnxruntime": onnxruntime.__version__, "platform": platform.platform()},
         "load_average_1min": [round(x[0], 2) for x in load],
