@@ -301,16 +301,18 @@ def select_tile(plans: Sequence[TilePlan], budget: int | str) -> TilePlan:
 
 def plans_table(plans: Sequence[TilePlan], chosen: TilePlan | None = None) -> list[str]:
     """Text lines for the CLI: one row per tile size, the chosen one marked."""
-    lines = [f"{'tile':>6} {'tiles':>6} {'classes':>7} {'FLOPs':>9} {'forward':>11} "
+    lines = [f"{'tile':>6} {'tiles':>6} {'classes':>7} {'kept':>5} {'FLOPs':>9} {'forward':>11} "
              f"{'backward':>11} {'peak':>11}"]
     for p in plans:
         mark = " <" if chosen is not None and p.tile == chosen.tile else ""
-        lines.append(f"{p.tile:>6} {p.tiles:>6} {p.classes:>7} {p.overhead:>8.2f}x "
+        lines.append(f"{p.tile:>6} {p.tiles:>6} {p.classes:>7} {p.kept_tiles:>5} "
+                     f"{p.overhead:>8.2f}x "
                      f"{format_bytes(p.forward_peak):>11} {format_bytes(p.backward_peak):>11} "
                      f"{format_bytes(p.peak):>11}{mark}")
     if plans:
-        lines.append("FLOPs: a step's over the untiled step's with one recompute (below 1 where "
-                     "a tile keeps its activations)")
+        lines.append("kept: tiles that keep their activations for the backward pass; FLOPs: a "
+                     "step's over the untiled step's with one recompute (below 1 where a tile "
+                     "keeps its activations)")
         lines.append(f"conventional (full image, all activations kept): "
                      f"{format_bytes(plans[0].conventional)}")
     return lines
