@@ -599,6 +599,25 @@ def test_per_tap_weight_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
         test_rule_matches_torch(case)
 
 
+def test_dense_weight_gradient_layout_uses_fast_transposes() -> None:
+    """An ungrouped Conv's weight gradient reaches W's layout through Transposes that ONNX
+    Runtime runs fast (a leading-axes swap of whole rows, then a 2-D Transpose), never through
+    one Transpose with the combined permutation (5-8x slower, benchmarks/weight_layout.py)."""
+    for case in CONV_CASES:
+        model, *_ = make_model(case)
+        if any(a.name == "group" and a.i > 1 for a in model.graph.node[0].attribute):
+            continue
+        backward = build_backward(model, ["w"])
+        after_gemm: set[str] = set()  # values computed from the Gemm products
+        perms = []
+        for n in backward.model.graph.node:  # in topological order
+            if n.op_type == "Gemm" or after_gemm & set(n.input):
+                after_gemm.update(n.output)
+                perms += [tuple(a.ints) for a in n.attribute
+                          if n.op_type == "Transpose" and a.name == "perm"]
+        assert perms and set(perms) <= {(1, 0), (1, 0, 2)}, (case.id, perms)
+
+
 def test_every_emitted_graph_uses_standard_ops() -> None:
     case = CONV_CASES[0]
     model, *_ = make_model(case)
