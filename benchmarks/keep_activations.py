@@ -69,7 +69,7 @@ def measure(size: int, tile: int, rounds: int, keep_tiles: str | None = None) ->
                                           optimizer_copies=0) for keep in (True, False)}
     extra = {}
     if more is not None:
-        name = f"keep_tiles={len({i for _, i in more.meta.kept})}"
+        name = f"keep_tiles={more.meta.kept_tiles}"
         plans[name] = plan_program(more, optimizer_copies=0)
         extra = {"more_kept": [list(u) for u in more.meta.kept],
                  "more_over_recompute": round(medians[name] / medians["keep=False"], 3),

@@ -258,7 +258,7 @@ def main() -> None:
                     "model": name, "image": size, "tile": tile,
                     "grid": list(program.meta.grid),
                     "classes": len(program.classes), "tiles": len(program.tiles),
-                    "kept_tiles": len({i for _, i in program.meta.kept}),
+                    "kept_tiles": program.meta.kept_tiles,
                     "overhead": round(program.meta.flops.overhead, 3),
                     "plan_peak": plan.peak, "plan_phase": plan.peak_phase,
                     "resident": r.to_dict(),

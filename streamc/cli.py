@@ -255,7 +255,7 @@ def _print_program_summary(program, out: Path | None) -> None:
                    + ("halo reuse: every activation computed once per pass"
                       if meta.halo == "reuse" else "every tile recomputes its halo") + ")")
     if meta.kept:
-        kept_tiles = len({i for _, i in meta.kept})
+        kept_tiles = meta.kept_tiles
         if len(program.tiles) == 1:
             which = "the one tile keeps its activations: a step recomputes nothing"
         elif kept_tiles == len(program.tiles):

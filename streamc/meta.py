@@ -372,6 +372,11 @@ class ProgramMeta:
     def grid(self) -> tuple[int, ...]:
         return tuple(len(b) - 1 for b in self.boundaries)
 
+    @property
+    def kept_tiles(self) -> int:
+        """How many tiles keep their activations (in some stage)."""
+        return len({tile for _, tile in self.kept})
+
     def buffer(self, name: str) -> BufferSpec:
         return self._buffers[name]
 

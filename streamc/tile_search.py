@@ -199,13 +199,14 @@ def keep_within(chosen: TilePlan, limit: int, analysis: Analysis, source,
                 optimizer_copies: int, max_tiles: int, halo: str,
                 say: Progress) -> tuple[TilePlan, int]:
     """``chosen`` with as many tiles keeping their activations as ``limit`` allows, and how
-    many programs that compiled (0 when no more fit or every tile keeps already).
+    many programs that compiled (0 when every tile keeps already, 1 when every tile keeping
+    fits or no more than before does, else 2).
 
     The tile is compiled once with every tile of its last stage keeping; the plans of keeping
     the last n of them (those whose backward runs first) are made from that program alone,
     searching n by bisection (the peak grows with n); the tile is then compiled with the n
     found."""
-    before = len({i for _, i in chosen.program.meta.kept})
+    before = chosen.program.meta.kept_tiles
     if before >= len(chosen.program.tiles):
         return chosen, 0
     say(f"keeping more tiles' activations at tile {chosen.tile} within the budget")
@@ -247,7 +248,7 @@ def _plan_tile(analysis: Analysis, tile: int, source, conventional: Conventional
     plan: MemoryPlan = state["memory_plan"]
     flops = program.meta.flops
     return TilePlan(
-        tile=tile, kept_tiles=len({i for _, i in program.meta.kept}),
+        tile=tile, kept_tiles=program.meta.kept_tiles,
         tile_size=list(program.meta.tile), grid=list(program.meta.grid),
         tiles=len(program.tiles), classes=len(program.classes),
         forward_overhead=flops.forward_overhead, backward_overhead=flops.backward_overhead,

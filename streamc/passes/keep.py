@@ -65,7 +65,7 @@ def kept_units(class_of: Sequence[Sequence[int | None]], grid_order: bool,
             raise ValueError(f"count={count}: a number of tiles, 0 or more")
         last = per_stage[-1] if per_stage else []
         chosen = last[max(len(last) - count, 0):] if grid_order else last[:count]
-        return [(stages - 1, i) for i in chosen] if count else []
+        return [(stages - 1, i) for i in chosen]
     if per_stage and all(len(tiles) == 1 for tiles in per_stage):
         return [(k, tiles[0]) for k, tiles in enumerate(per_stage)]
     if grid_order and per_stage and per_stage[-1]:

@@ -262,8 +262,8 @@ def _weight_grad_product(ctx, views: list[str], dy: str, c: int, m: int, group: 
 def _m_first(ctx, product: str, a: int, b: int, r: int, m: int) -> str:
     """A product laid out as (A, B, R, M), in W's order (M, B, A, R): the (A, B) swap moves
     whole rows of R·M values, then one 2-D Transpose puts M first. ONNX Runtime runs these two
-    5-6x faster than the one Transpose with the combined permutation (a 512x512x3x3 weight:
-    6 against 36 ms)."""
+    5-8x faster than the one Transpose with the combined permutation (a 512x512x3x3 weight:
+    4.5 against 28 ms; ``python benchmarks/weight_layout.py``)."""
     rows = ctx.op("Transpose", ctx.reshape(product, [a, b, r * m]), perm=[1, 0, 2])
     flat = ctx.op("Transpose", ctx.reshape(rows, [b * a * r, m]), perm=[1, 0])
     return ctx.reshape(flat, [m, b, a, r])
