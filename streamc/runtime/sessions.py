@@ -134,6 +134,8 @@ class SessionPool:
         so.enable_mem_pattern = bool(self.options.mem_pattern)
         if self.options.threads is not None:
             so.intra_op_num_threads = int(self.options.threads)
+        so.add_session_config_entry("session.intra_op.allow_spinning",
+                                    "1" if self.options.spin_threads else "0")
         # Weights are allocated outside the arena: sessions are rebuilt once per step, and
         # their initializers would otherwise fragment the arena that the activations reuse.
         so.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
