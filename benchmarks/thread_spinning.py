@@ -1,11 +1,13 @@
 """ORT's intra-op threads spinning or sleeping between parallel sections: training steps of
-ResNet-18 (width 64, frozen BN) through StreamingModel with ``RuntimeOptions.spin_threads``
-on and off, and torch's own step, alternating in one process on one compiled program::
+ResNet-18 (width 64, frozen BN) through StreamingModel with each ``RuntimeOptions.spin_threads``
+setting, and torch's own step, alternating in one process on one compiled program::
 
     python -m benchmarks.thread_spinning 1024:256 1024:1024 [--rounds 3] [--threads 2]
 
-Each SIZE:TILE is one configuration. Prints one JSON line per round; the medians and ratios go
-to ``benchmarks/results/thread_spinning.json`` (``--out``). Every session has its own ORT
+Each SIZE:TILE is one configuration, run in a process of its own (ORT's shared arena is sized
+by the first program of a process); the order of the three alternates between rounds. Prints
+one JSON line per round; the medians and ratios go to
+``benchmarks/results/thread_spinning.json`` (``--out``). Every session has its own ORT
 thread pool, so the setting decides whether the pools of the sessions not running (and
 torch's) take cores from the one that is.
 """
@@ -19,6 +21,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -29,9 +32,10 @@ from streamc.compiler import compile as compile_program
 from streamc.runtime.module import StreamingModel
 
 RESULTS = Path(__file__).parent / "results"
+SPIN = ("run", "always", "never")
 
 
-def streaming_model(program, module, threads: int, spin: bool) -> StreamingModel:
+def streaming_model(program, module, threads: int, spin: str) -> StreamingModel:
     sm = StreamingModel(program, threads=threads, progress=False)
     # StreamingModel takes no RuntimeOptions; set the one knob before any session exists.
     sm._runtime.options = dataclasses.replace(sm._runtime.options, spin_threads=spin)
@@ -47,15 +51,16 @@ def measure(size: int, tile: int, rounds: int, threads: int) -> dict:
     x = torch.from_numpy(make_image("2d", size))
     label = torch.tensor([1])
     runs = {}
-    for spin in (False, True):
+    for spin in SPIN:
         sm = streaming_model(program, module, threads, spin)
-        runs[f"spin={spin}"] = (sm, torch.optim.SGD(sm.parameters(), lr=1e-4))
+        runs[spin] = (sm, torch.optim.SGD(sm.parameters(), lr=1e-4))
     runs["torch"] = (module, torch.optim.SGD(module.parameters(), lr=1e-4))
     for name in runs:  # warm-up: builds the sessions
         timed_step(*runs[name], x, label)
     times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
     for r in range(rounds):
-        for name in runs:
+        for name in names[r % len(names):] + names[:r % len(names)]:
             times[name].append(timed_step(*runs[name], x, label))
         print(json.dumps({"size": size, "tile": tile, "round": r,
                           **{n: round(t[-1], 3) for n, t in times.items()}}), flush=True)
@@ -63,9 +68,8 @@ def measure(size: int, tile: int, rounds: int, threads: int) -> dict:
     return {
         "size": size, "tile": tile, "tiles": len(program.tiles),
         "sessions": len(program.graphs), "times_s": times, "median_s": medians,
-        "no_spin_over_spin": round(medians["spin=False"] / medians["spin=True"], 3),
-        "no_spin_over_torch": round(medians["spin=False"] / medians["torch"], 3),
-        "spin_over_torch": round(medians["spin=True"] / medians["torch"], 3),
+        "over_always": {s: round(medians[s] / medians["always"], 3) for s in SPIN},
+        "over_torch": {s: round(medians[s] / medians["torch"], 3) for s in SPIN},
     }
 
 
@@ -74,13 +78,22 @@ def main() -> None:
     parser.add_argument("configs", nargs="+", help="SIZE:TILE, e.g. 1024:256")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch and ORT threads")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(RESULTS / "thread_spinning.json"))
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    if args.child:
+        size, tile = (int(v) for v in args.configs[0].split(":"))
+        print(json.dumps(measure(size, tile, args.rounds, args.threads)), flush=True)
+        return
     results = []
     for config in args.configs:
-        size, tile = (int(v) for v in config.split(":"))
-        results.append(measure(size, tile, args.rounds, args.threads))
+        child = subprocess.run([sys.executable, "-m", "benchmarks.thread_spinning", config,
+                                "--child", "--rounds", str(args.rounds), "--threads",
+                                str(args.threads)], capture_output=True, text=True, check=True)
+        lines = child.stdout.strip().splitlines()
+        print("\n".join(lines[:-1]), flush=True)
+        results.append(json.loads(lines[-1]))
         print(json.dumps({k: v for k, v in results[-1].items() if k != "times_s"}), flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()

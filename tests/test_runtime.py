@@ -212,6 +212,26 @@ def test_arena_shrinkage_gives_the_same_step() -> None:
         assert torch.equal(value, grads[1][name]), name
 
 
+def test_session_threads_spin_only_while_their_session_runs() -> None:
+    program = program_for("twocut")
+    grads = []
+    expected = {"run": ("1", "1"), "always": ("1", "0"), "never": ("0", "0")}
+    for spin, (allow, stop) in expected.items():
+        model = StreamingModel(program)
+        model._runtime.options = dataclasses.replace(model._runtime.options, spin_threads=spin)
+        pool = model._runtime.interpreter(model.device).backend.pool
+        for role in ("forward", "backward"):
+            options = pool._session_options(role)
+            assert options.get_session_config_entry("session.intra_op.allow_spinning") == allow
+            assert options.get_session_config_entry("session.force_spinning_stop") == stop
+        model(images("twocut", batch=2)).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.onnx_parameters.items()})
+    assert StreamingModel(program)._runtime.options.spin_threads == "run"
+    for other in grads[1:]:
+        for name, value in grads[0].items():
+            assert torch.equal(value, other[name]), name
+
+
 def test_stream_gradients_match_torch() -> None:
     program = program_for("vgg", reduce_final=False)  # the head reads the feature map whole
     model = StreamingModel(program)

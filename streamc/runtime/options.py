@@ -65,12 +65,13 @@ class RuntimeOptions:
     #: Measured at 4096²/tile 512: the step's peak is unchanged, what the process holds after
     #: the step halves, the step takes 1.2x as long (``benchmarks/results/arena_shrink.json``).
     shrink_arena: bool = False
-    #: let ORT's intra-op threads spin-wait for work after a parallel section instead of
-    #: sleeping. Every session has its own thread pool, so with spinning the idle pools of the
-    #: other sessions (a program has one per shape class and pass) and torch's compete with the
-    #: running one for the cores: off, a ResNet-18 step at 1024² tile 256 on 2 cores took 0.82x
-    #: as long (``benchmarks/results/thread_spinning.json``).
-    spin_threads: bool = False
+    #: when ORT's intra-op threads spin-wait for work instead of sleeping: ``"run"`` while a run
+    #: of their session goes on, stopping when it returns (ORT's ``session.force_spinning_stop``);
+    #: ``"always"`` (ORT's default) also after it; ``"never"``. Every session has its own pool
+    #: (a program has one session per shape class and pass), so with ``"always"`` the pools of
+    #: the sessions that just ran take the cores from the one running now
+    #: (``benchmarks/results/thread_spinning.json``).
+    spin_threads: Literal["run", "always", "never"] = "run"
 
     @property
     def arena(self) -> bool | Literal["shared"]:

@@ -134,8 +134,10 @@ class SessionPool:
         so.enable_mem_pattern = bool(self.options.mem_pattern)
         if self.options.threads is not None:
             so.intra_op_num_threads = int(self.options.threads)
+        spin = self.options.spin_threads
         so.add_session_config_entry("session.intra_op.allow_spinning",
-                                    "1" if self.options.spin_threads else "0")
+                                    "0" if spin == "never" else "1")
+        so.add_session_config_entry("session.force_spinning_stop", "1" if spin == "run" else "0")
         # Weights are allocated outside the arena: sessions are rebuilt once per step, and
         # their initializers would otherwise fragment the arena that the activations reuse.
         so.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
