@@ -4,7 +4,9 @@
 
     python -m benchmarks.keep_activations 1024:1024 1024:256 [--rounds 3] [--keep-tiles N]
 
-Each SIZE:TILE is one configuration. ``--keep-tiles N`` adds a program compiled with
+Each SIZE:TILE is one configuration. ``--keep-stride S[,S...]`` adds, for each S, a program
+compiled with ``keep_stride=S`` (every tile keeps its activations at cumulative stride S or
+more). ``--keep-tiles N`` adds a program compiled with
 ``keep_tiles=N`` (N tiles keep their activations; ``all`` for every tile) to the alternation.
 Prints one JSON line per round; the medians, ratios and the memory plan's peak of each setting
 go to ``benchmarks/results/keep_activations.json`` (``--out``).
@@ -31,7 +33,8 @@ from streamc.runtime.module import StreamingModel
 RESULTS = Path(__file__).parent / "results"
 
 
-def measure(size: int, tile: int, rounds: int, keep_tiles: str | None = None) -> dict:
+def measure(size: int, tile: int, rounds: int, keep_tiles: str | None = None,
+            keep_strides: tuple[int, ...] = ()) -> dict:
     torch.set_num_threads(2)
     module = make_model("2d", 64)
     program = compile_program(_export("2d", module), tile, image=(size, size),
@@ -51,6 +54,13 @@ def measure(size: int, tile: int, rounds: int, keep_tiles: str | None = None) ->
         sm = StreamingModel(more, threads=2, progress=False)
         sm.load_state_dict(module.state_dict(), strict=False)
         runs[f"keep_tiles={count}"] = (sm, torch.optim.SGD(sm.parameters(), lr=1e-4))
+    deep = {}
+    for stride in keep_strides:
+        deep[stride] = compile_program(_export("2d", module), tile, image=(size, size),
+                                       with_memory_plan=False, keep_stride=stride)
+        sm = StreamingModel(deep[stride], threads=2, progress=False)
+        sm.load_state_dict(module.state_dict(), strict=False)
+        runs[f"keep_stride={stride}"] = (sm, torch.optim.SGD(sm.parameters(), lr=1e-4))
     runs["torch"] = (module, torch.optim.SGD(module.parameters(), lr=1e-4))
 
     def step(name: str) -> float:
@@ -68,10 +78,18 @@ def measure(size: int, tile: int, rounds: int, keep_tiles: str | None = None) ->
     plans = {f"keep={keep}": plan_program(program, policy=RuntimePolicy(keep_activations=keep),
                                           optimizer_copies=0) for keep in (True, False)}
     extra = {}
+    for stride, p in deep.items():
+        name = f"keep_stride={stride}"
+        plans[name] = plan_program(p, optimizer_copies=0)
+        extra[name] = {"over_recompute": round(medians[name] / medians["keep=False"], 3),
+                       "over_default": round(medians[name] / medians["keep=True"], 3),
+                       "over_torch": round(medians[name] / medians["torch"], 3),
+                       "flops_overhead": round(p.meta.flops.overhead, 4),
+                       "kept_units": len(p.meta.kept)}
     if more is not None:
         name = f"keep_tiles={more.meta.kept_tiles}"
         plans[name] = plan_program(more, optimizer_copies=0)
-        extra = {"more_kept": [list(u) for u in more.meta.kept],
+        extra |= {"more_kept": [list(u) for u in more.meta.kept],
                  "more_over_recompute": round(medians[name] / medians["keep=False"], 3),
                  "more_over_torch": round(medians[name] / medians["torch"], 3),
                  "more_flops_overhead": round(more.meta.flops.overhead, 4)}
@@ -91,20 +109,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--keep-tiles", default=None,
                         help="also a program whose N tiles keep their activations (or 'all')")
+    parser.add_argument("--keep-stride", default="",
+                        help="also programs compiled with keep_stride=S, comma-separated")
     parser.add_argument("--out", default=str(RESULTS / "keep_activations.json"))
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     results = []
     for config in args.configs:
         size, tile = (int(v) for v in config.split(":"))
-        results.append(measure(size, tile, args.rounds, args.keep_tiles))
+        strides = tuple(int(s) for s in args.keep_stride.split(",") if s)
+        results.append(measure(size, tile, args.rounds, args.keep_tiles, strides))
         print(json.dumps(results[-1]), flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=Path(__file__).parent).stdout.strip()
     Path(args.out).write_text(json.dumps({
         "command": "python -m benchmarks.keep_activations " + " ".join(args.configs)
                    + f" --rounds {args.rounds}"
-                   + (f" --keep-tiles {args.keep_tiles}" if args.keep_tiles else ""),
+                   + (f" --keep-tiles {args.keep_tiles}" if args.keep_tiles else "")
+                   + (f" --keep-stride {args.keep_stride}" if args.keep_stride else ""),
         "commit": commit, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "results": results}, indent=1) + "\n")
 

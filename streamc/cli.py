@@ -256,7 +256,10 @@ def _print_program_summary(program, out: Path | None) -> None:
                       if meta.halo == "reuse" else "every tile recomputes its halo") + ")")
     if meta.kept:
         kept_tiles = meta.kept_tiles
-        if len(program.tiles) == 1:
+        if meta.keep_stride is not None:
+            which = (f"{kept_tiles} tiles keep their activations at stride "
+                     f"{meta.keep_stride} or more for the backward pass and recompute the rest")
+        elif len(program.tiles) == 1:
             which = "the one tile keeps its activations: a step recomputes nothing"
         elif kept_tiles == len(program.tiles):
             which = "every tile keeps its activations for the backward pass: no recompute"
@@ -303,12 +306,17 @@ def _print_program_summary(program, out: Path | None) -> None:
               help="Backward graphs that give the image's gradient instead of the weights'.")
 @_HALO
 @_KEEP_TILES
+@click.option("--keep-stride", type=click.IntRange(min=1), default=None, metavar="S",
+              help="Every other tile of the last stage keeps the activations at cumulative "
+                   "stride S or more (the deep, small ones) instead of recomputing them: "
+                   "memory for time. With --tile.")
 @_WORKERS
 @_fail_cleanly
 def compile_command(model: str, tile: str | None, image: str | None, input_name: str | None,
                     output: str | None, memory_budget: str | None, force: bool,
                     max_tiles: int, inference: bool, saliency: bool, halo: str,
-                    keep_tiles: int | str | None, workers: int) -> None:
+                    keep_tiles: int | str | None, keep_stride: int | None,
+                    workers: int) -> None:
     """Compile MODEL into a tiled training (or inference, or saliency) program directory."""
     from streamc.compiler import compile as compile_program
     from streamc.program import check_target
@@ -319,6 +327,10 @@ def compile_command(model: str, tile: str | None, image: str | None, input_name:
         raise StreamcError("give either --inference or --saliency, not both.")
     _check_keep_tiles(keep_tiles, memory_budget,
                       "inference" if inference else "saliency" if saliency else "train")
+    if keep_stride is not None and (memory_budget or inference or saliency):
+        raise StreamcError("--keep-stride keeps activations of a training program compiled for "
+                           "a tile: give --tile, without --memory-budget, --inference or "
+                           "--saliency.")
     if memory_budget and (inference or saliency):
         raise StreamcError("--memory-budget plans training steps: give a tile (--tile) with "
                            "--inference or --saliency.")
@@ -341,7 +353,7 @@ def compile_command(model: str, tile: str | None, image: str | None, input_name:
     else:
         program = compile_program(model, tile, image=parse_image(image), input=input_name,
                                   max_tiles=max_tiles, mode=mode, halo=halo,
-                                  keep_tiles=keep_tiles)
+                                  keep_tiles=keep_tiles, keep_stride=keep_stride)
     out = program.save(target, force=force)
     _print_program_summary(program, out)
     _print_worker_shares(program, workers)

@@ -87,6 +87,7 @@ def compile(
     reduce_final: bool = True,
     halo: str = DEFAULT_HALO,
     keep_tiles: int | None = None,
+    keep_stride: int | None = None,
 ) -> Program:
     """Compile ``model`` into a tiled program for images of size ``image`` ((H, W) or (D, H, W)).
 
@@ -107,7 +108,10 @@ def compile(
     their activations from forward to backward instead of recomputing them (the ones whose
     backward runs first); default: those for which that costs no memory (the last tile under
     halo reuse, the only one of a one-tile grid). Each more trades its residuals for its
-    recompute; the memory plan counts them.
+    recompute; the memory plan counts them. ``keep_stride``: every other tile of the last stage
+    keeps the activations of its tensors whose cumulative stride is at least this many pixels
+    (the deep layers: small, and as costly to recompute as the large shallow ones) and
+    recomputes only the rest.
     """
     with paused_gc():
         started = time.perf_counter()
@@ -116,7 +120,7 @@ def compile(
         return compile_analysis(analysis, tile, source_of(model, serialized),
                                 with_flops=with_flops, with_memory_plan=with_memory_plan,
                                 policy=policy, max_tiles=max_tiles, started=started, mode=mode,
-                                halo=halo, keep_tiles=keep_tiles)
+                                halo=halo, keep_tiles=keep_tiles, keep_stride=keep_stride)
 
 
 def source_of(model: str | Path | onnx.ModelProto, serialized: bytes) -> SourceSpec:
@@ -132,13 +136,14 @@ def compile_analysis(analysis: Analysis, tile: int | str | Sequence[int], source
                      conventional: ConventionalPlan | None = None,
                      policy: RuntimePolicy = DEFAULT_POLICY, max_tiles: int = MAX_TILES,
                      started: float | None = None, mode: ProgramMode = "train",
-                     halo: str = DEFAULT_HALO, keep_tiles: int | None = None) -> Program:
+                     halo: str = DEFAULT_HALO, keep_tiles: int | None = None,
+                     keep_stride: int | None = None) -> Program:
     """Compile an analysed model (see :func:`compile`)."""
     started = time.perf_counter() if started is None else started
     state = compile_state(analysis, tile, source, with_flops=with_flops,
                           with_memory_plan=with_memory_plan, conventional=conventional,
                           policy=policy, max_tiles=max_tiles, mode=mode, halo=halo,
-                          keep_tiles=keep_tiles)
+                          keep_tiles=keep_tiles, keep_stride=keep_stride)
     program: Program = state["program"]
     program.meta.compile_seconds = round(time.perf_counter() - started, 3)
     return program
@@ -150,7 +155,8 @@ def compile_state(analysis: Analysis, tile: int | str | Sequence[int], source: S
                   policy: RuntimePolicy = DEFAULT_POLICY, exact: bool = False,
                   optimizer_copies: int = 2, max_tiles: int = MAX_TILES,
                   mode: ProgramMode = "train", halo: str = DEFAULT_HALO,
-                  keep_tiles: int | None = None) -> dict[str, Any]:
+                  keep_tiles: int | None = None,
+                  keep_stride: int | None = None) -> dict[str, Any]:
     """Run the compiler's passes on ``analysis`` and return their results by name
     (``"program"``, ``"memory_plan"`` ...); the program's description holds the memory plan.
     An inference program has no memory plan (the planner plans training steps)."""
@@ -161,6 +167,10 @@ def compile_state(analysis: Analysis, tile: int | str | Sequence[int], source: S
                                    or keep_tiles < 0):
         raise CompileError(f"keep_tiles={keep_tiles!r}: give a number of tiles, 0 or more "
                            "(or None for the tiles that keep at no memory cost).")
+    if keep_stride is not None and (isinstance(keep_stride, bool)
+                                    or not isinstance(keep_stride, int) or keep_stride < 1):
+        raise CompileError(f"keep_stride={keep_stride!r}: give a cumulative stride in pixels, "
+                           "1 or more (or None to recompute every tile's activations).")
     if any(s is None for s in analysis.image_size):
         raise CompileError(
             "the model's spatial size is dynamic: pass the image size (--image HxW, or "
@@ -177,7 +187,7 @@ def compile_state(analysis: Analysis, tile: int | str | Sequence[int], source: S
                                  "policy": policy, "conventional": conventional,
                                  "exact": exact, "optimizer_copies": optimizer_copies,
                                  "max_tiles": max_tiles, "mode": mode, "halo": halo,
-                                 "keep_tiles": keep_tiles}
+                                 "keep_tiles": keep_tiles, "keep_stride": keep_stride}
         try:
             PassManager(compile_passes(with_flops, with_memory_plan)).run(state)
         except HaloReuseUnplaceable as exc:
@@ -200,7 +210,7 @@ def compile_state(analysis: Analysis, tile: int | str | Sequence[int], source: S
 
 #: What the compile state holds before the first pass.
 _INPUTS = ("analysis", "tile", "source", "policy", "conventional", "exact", "optimizer_copies",
-           "max_tiles", "mode", "halo", "keep_tiles")
+           "max_tiles", "mode", "halo", "keep_tiles", "keep_stride")
 
 #: What a program's backward graphs differentiate: ``"train"`` the weights, ``"saliency"`` the
 #: image, ``"inference"``: there are no backward graphs.
@@ -335,15 +345,30 @@ def _kept(s: Mapping[str, Any]) -> Kept:
     if not backward:
         return Kept()
     class_of = s["layouts"].class_of
-    units = [(k, i) for k, i in kept_units(class_of, s["schedule"].ownership is not None,
-                                           s["keep_tiles"])
+    grid_order = s["schedule"].ownership is not None
+    units = [(k, i) for k, i in kept_units(class_of, grid_order, s["keep_tiles"])
              if backward[class_of[i][k]].gradients]
     graphs = {}
     for k, i in units:
         c = class_of[i][k]
         if c not in graphs:
             graphs[c] = split_recompute(s["tile_graphs"][c], backward[c])
-    units = [(k, i) for k, i in units if graphs[class_of[i][k]].residuals]
+    if s["keep_stride"] is not None:
+        # A class has one pair of kept graphs: its other tiles recompute when one keeps all.
+        stride = {t: min(info.stride) for t, info in s["analysis"].tensors.items()}
+
+        def deep(node: onnx.NodeProto) -> bool:
+            return stride.get(node.output[0], 0) >= s["keep_stride"]
+
+        for k, i in kept_units(class_of, grid_order, count=len(class_of)):
+            c = class_of[i][k]
+            if backward[c].gradients and (c not in graphs or graphs[c].moved is not None):
+                if c not in graphs:
+                    graphs[c] = split_recompute(s["tile_graphs"][c], backward[c], keep=deep)
+                if (k, i) not in units:
+                    units.append((k, i))
+    units = [(k, i) for k, i in sorted(units, key=lambda u: (u[0], u[1]))
+             if graphs[class_of[i][k]].residuals]
     graphs = {c: g for c, g in graphs.items() if g.residuals}  # else nothing is recomputed
     return Kept(units, graphs)
 
@@ -437,8 +462,11 @@ def _flops(s: Mapping[str, Any]) -> FlopCounts:
         untiled_fwd += count_flops(untiled)
         untiled_bwd += backward_flops(untiled, set(_differentiated(s, untiled)))
     used = [k for row in layouts.class_of for k in row if k is not None]
-    # A unit that keeps its activations does not recompute its forward.
-    not_recomputed = sum(per_class[layouts.class_of[i][k]][0] for k, i in s["kept"].units)
+    # A unit that keeps its activations does not recompute its forward, or the part it keeps.
+    kept: Kept = s["kept"]
+    saved = {c: per_class[c][0] if g.moved is None else count_flops(s["tile_graphs"][c], g.moved)
+             for c, g in kept.graphs.items()}
+    not_recomputed = sum(saved[layouts.class_of[i][k]] for k, i in kept.units)
     return FlopCounts(
         untiled_forward=untiled_fwd, untiled_backward=untiled_bwd,
         tiled_forward=sum(per_class[k][0] for k in used),
@@ -514,6 +542,8 @@ def _program(s: Mapping[str, Any]) -> Program:
         halo="recompute" if schedule.ownership is None else "reuse",
         weight_work=weight_work,
         kept=tuple(kept.units),
+        keep_stride=s["keep_stride"] if any(g.moved is not None for g in kept.graphs.values())
+        else None,
     )
     return Program(meta, graphs, parameter_values(analysis.graph.constants, params.names))
 
@@ -704,7 +734,8 @@ def compile_passes(with_flops: bool = True, with_memory_plan: bool = True) -> li
              _check_tile_graphs, doc="one forward ONNX graph per shape class"),
         Pass("autodiff", ("tile_graphs", "parameters", "analysis", "mode"), "backward_graphs",
              _backward_graphs, _check_backward, doc="the backward graph of each tile graph"),
-        Pass("keep", ("backward_graphs", "tile_graphs", "layouts", "schedule", "keep_tiles"),
+        Pass("keep", ("backward_graphs", "tile_graphs", "layouts", "schedule", "keep_tiles",
+                      "keep_stride", "analysis"),
              "kept", _kept,
              _check_kept, doc="the tiles whose backward reads their forward's activations"),
         Pass("hoist", ("backward_graphs", "kept", "parameters"), "hoisted", _hoisted,
@@ -719,7 +750,8 @@ def compile_passes(with_flops: bool = True, with_memory_plan: bool = True) -> li
              _flops if with_flops else (lambda s: None),
              doc="tiled, untiled and whole-model FLOPs: the recompute overhead"),
         Pass("program", ("analysis", "schedule", "layouts", "parameters", "tile_graphs",
-                         "kept", "hoisted", "globals", "head", "flops", "source", "mode"),
+                         "kept", "hoisted", "globals", "head", "flops", "source", "mode",
+                         "keep_stride"),
              "program",
              _program, doc="the program: graphs, parameters and its typed description"),
     ]

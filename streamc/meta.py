@@ -367,6 +367,9 @@ class ProgramMeta:
     #: (stage, tile) units that keep their activations from forward to backward (their class's
     #: ``kept_forward`` and ``kept_backward`` graphs) instead of recomputing them
     kept: tuple[tuple[int, int], ...] = ()
+    #: the kept units other than those keeping everything keep only their activations at this
+    #: cumulative stride or more (``compile(..., keep_stride=...)``); None: they keep everything
+    keep_stride: int | None = None
 
     @property
     def grid(self) -> tuple[int, ...]:
@@ -475,6 +478,7 @@ class ProgramMeta:
             "halo": self.halo,
             "weight_work": self.weight_work.to_json(),
             "kept": [list(unit) for unit in self.kept],
+            "keep_stride": self.keep_stride,
         }
 
     @classmethod
@@ -543,6 +547,7 @@ class ProgramMeta:
             halo=str(d.get("halo", "recompute")),
             weight_work=WeightWorkSpec.from_json(d["weight_work"]),
             kept=tuple((int(k), int(t)) for k, t in d.get("kept", ())),
+            keep_stride=d.get("keep_stride"),
         )
 
 

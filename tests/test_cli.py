@@ -111,6 +111,15 @@ def test_compile_keep_tiles(model_file: Path, tmp_path: Path) -> None:
     code, out, err = run("compile", str(model_file), "--image", "256x256", "--tile", "64",
                          "--keep-tiles", "99", "-o", str(tmp_path / "p"))
     assert code == 0 and "every tile keeps its activations" in out, err
+    code, out, err = run("compile", str(model_file), "--image", "256x256", "--tile", "64",
+                         "--keep-stride", "4", "-o", str(tmp_path / "s"))
+    assert code == 0, err
+    assert "tiles keep their activations at stride 4 or more" in out
+    assert load(tmp_path / "s").meta.keep_stride == 4
+    for extra in (["--inference"], ["--keep-stride", "0"]):
+        code, _, err = run("compile", str(model_file), "--image", "256x256", "--tile", "64",
+                           "--keep-stride", "4", *extra, "-o", str(tmp_path / "q"))
+        assert code != 0 and "--keep-stride" in err and not (tmp_path / "q").exists(), extra
     code, _, err = run("compile", str(model_file), "--image", "256x256", "--tile", "64",
                        "--keep-tiles", "auto", "-o", str(tmp_path / "q"))
     assert_one_line_error(code, err, "--keep-tiles auto", "--memory-budget")

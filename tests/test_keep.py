@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import streamc
+from streamc.errors import CompileError
 from streamc.export import export_torch
 from streamc.passes.keep import kept_units
 from streamc.passes.memory import plan_program
@@ -129,6 +130,59 @@ def test_more_kept_tiles_trade_memory_for_recompute():
     assert default.meta.flops.tiled_backward > flops.untiled_backward - flops.untiled_forward / 8
     peaks = [plan_program(p).peak for p in (none, default, four, every)]
     assert peaks == sorted(peaks) and peaks[1] < peaks[2] < peaks[3]
+
+
+def _stride_program(module, size: int, tile: int, keep_stride: int):
+    torch.manual_seed(0)
+    module = module.eval()
+    model = export_torch(module, (1, 3, size, size))
+    return module, streamc.compile(model, tile, image=(size, size), keep_stride=keep_stride)
+
+
+@pytest.mark.parametrize("module,size,tile,keep_stride,shallow", [
+    (MiniResNet, 128, 32, 4, True),  # strides 1, 2, 4, 8: the two deepest kept
+    (MiniResNet, 128, 32, 8, True),
+    (SENet, 64, 32, 4, False),       # four stages; the last one's Conv is at stride 4
+])
+def test_keeping_deep_activations_gives_the_same_step(module, size, tile, keep_stride, shallow):
+    torch_module, program = _stride_program(module(), size, tile, keep_stride)
+    meta = program.meta
+    last = len(meta.stages) - 1
+    tiles = [i for i, t in enumerate(meta.tiles) if t.parts[last] is not None]
+    assert sorted(i for _, i in meta.kept) == tiles and {s for s, _ in meta.kept} == {last}
+    analysis = streamc.analyze(export_torch(torch_module, (1, 3, size, size)), (size, size))
+    stride = {t: min(info.stride) for t, info in analysis.tensors.items()}
+    partial = 0
+    for stage, i in meta.kept:
+        cls = meta.classes[meta.tiles[i].parts[stage].class_id]
+        forward_ops = {n.output[0] for n in program.graph(cls.forward).graph.node}
+        convs = [n.output[0] for n in program.graph(cls.kept_backward).graph.node
+                 if n.op_type == "Conv" and n.output[0] in forward_ops]
+        assert all(stride[c] < keep_stride for c in convs), cls.id  # only shallow recomputed
+        partial += bool(convs)
+    assert bool(partial) == shallow  # tiles other than the last recompute the shallow layers
+    image = torch.randn(1, 3, size, size)
+    kept_out, kept_grads = _step(program, image, keep=True)
+    out, grads = _step(program, image, keep=False)
+    assert torch.equal(kept_out, out)
+    assert kept_grads.keys() == grads.keys() and grads
+    for name in grads:
+        assert torch.equal(kept_grads[name], grads[name]), name
+    assert torch.allclose(kept_out, torch_module(image), atol=1e-4)
+
+
+def test_keeping_deeper_activations_trades_less_memory_for_less_recompute():
+    programs = [_program(MiniResNet(), 128, 32)[1]]
+    programs += [_stride_program(MiniResNet(), 128, 32, s)[1] for s in (8, 4, 2)]
+    programs.append(_program(MiniResNet(), 128, 32, keep_tiles=16)[1])
+    backward = [p.meta.flops.tiled_backward for p in programs]
+    assert backward == sorted(backward, reverse=True) and len(set(backward)) == len(backward)
+    peaks = [plan_program(p).peak for p in programs]
+    # Between the partial keeps, ORT's per-node session state (more recompute, more nodes)
+    # outweighs these small residuals, so only the ends are ordered.
+    assert peaks[0] < min(peaks[1:-1]) and max(peaks[1:-1]) < peaks[-1]
+    with pytest.raises(CompileError, match="keep_stride=0"):
+        _stride_program(MiniResNet(), 128, 32, 0)
 
 
 def test_one_tile_flops_have_no_recompute():

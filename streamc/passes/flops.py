@@ -9,19 +9,23 @@ graph ten times larger, for the same figure up to the cheap elementwise ops.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import onnx
 
 from streamc.graph import dims, opset_version
 from streamc.ops.flops import node_flops
 
 
-def count_flops(model: onnx.ModelProto) -> int:
-    """Total FLOPs of a graph with static shapes (inferred here if the model lacks them)."""
+def count_flops(model: onnx.ModelProto, only: Collection[str] | None = None) -> int:
+    """Total FLOPs of a graph with static shapes (inferred here if the model lacks them);
+    ``only``: of the nodes whose first output it names."""
     if not model.graph.value_info:
         model = onnx.shape_inference.infer_shapes(model)
     shapes = _shapes(model.graph)
     opset = opset_version(model)
-    return sum(node_flops(node, shapes, opset) for node in model.graph.node)
+    return sum(node_flops(node, shapes, opset) for node in model.graph.node
+               if only is None or (node.output and node.output[0] in only))
 
 def _shapes(graph: onnx.GraphProto) -> dict[str, tuple[int | None, ...] | None]:
     shapes = {vi.name: dims(vi) for vi in (*graph.input, *graph.value_info, *graph.output)}

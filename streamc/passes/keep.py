@@ -17,7 +17,7 @@ class (cotangents, gradients) holds for them too.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import onnx
@@ -34,6 +34,9 @@ class KeptGraphs:
     forward: onnx.ModelProto
     backward: BackwardGraph
     residuals: list[str]
+    #: first outputs of the recomputed nodes moved into the forward graph, when only some
+    #: were (``split_recompute``'s ``keep``); None: every one
+    moved: frozenset[str] | None = None
 
 
 @dataclass
@@ -73,8 +76,13 @@ def kept_units(class_of: Sequence[Sequence[int | None]], grid_order: bool,
     return []
 
 
-def split_recompute(forward: onnx.ModelProto, backward: BackwardGraph) -> KeptGraphs:
+def split_recompute(forward: onnx.ModelProto, backward: BackwardGraph,
+                    keep: Callable[[onnx.NodeProto], bool] | None = None) -> KeptGraphs:
     """Split ``backward``'s recompute off into ``forward`` (see the module docstring).
+
+    ``keep``: only the recomputed nodes it accepts move to the forward graph; the backward
+    graph recomputes the others, reading what it needs of the moved ones' values as residuals
+    (a *partial* keep: the deep, small activations kept, the large shallow ones recomputed).
 
     A backward node is recomputed forward work when the tile graph has a node of the same op
     giving its first output from the same inputs, and every input is the tile graph's (an
@@ -92,8 +100,9 @@ def split_recompute(forward: onnx.ModelProto, backward: BackwardGraph) -> KeptGr
             available.update(node.output)
             continue
         if all(i in available for i in node.input):
-            recomputed.append(node)
             available.update(node.output)
+            if keep is None or keep(node):
+                recomputed.append(node)
     if not recomputed:
         return KeptGraphs(forward, backward, [])
     done = {id(n) for n in recomputed}
@@ -103,7 +112,9 @@ def split_recompute(forward: onnx.ModelProto, backward: BackwardGraph) -> KeptGr
     read_later |= {o.name for o in bgraph.output}
     residuals = [o for n in recomputed for o in n.output if o and o in read_later]
     kept_forward, types = _forward_with(forward, recomputed, residuals)
-    return KeptGraphs(kept_forward, _backward_from(backward, rest, residuals, types), residuals)
+    moved = None if keep is None else frozenset(n.output[0] for n in recomputed)
+    return KeptGraphs(kept_forward, _backward_from(backward, rest, residuals, types), residuals,
+                      moved)
 
 
 def _forward_with(forward: onnx.ModelProto, recomputed: list[onnx.NodeProto],
