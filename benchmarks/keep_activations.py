@@ -69,8 +69,9 @@ def measure(size: int, tile: int, rounds: int, keep_tiles: str | None = None,
     for name in runs:  # warm-up: builds the sessions
         step(name)
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for r in range(rounds):
-        for name in runs:
+    names = list(runs)
+    for r in range(rounds):  # the order rotates: no setting always runs after torch's step
+        for name in names[r % len(names):] + names[:r % len(names)]:
             times[name].append(step(name))
         print(json.dumps({"size": size, "tile": tile, "round": r,
                           **{n: round(t[-1], 3) for n, t in times.items()}}), flush=True)
