@@ -220,6 +220,22 @@ def _check_keep_tiles(keep_tiles: int | str | None, memory_budget: str | None,
                            "saliency program has no use for it.")
 
 
+_KEEP_STRIDE = click.option(
+    "--keep-stride", type=click.IntRange(min=1), default=None, metavar="S",
+    help="Every tile of the last stage keeps its activations at cumulative stride S or more "
+         "(the deep, small ones) instead of recomputing them: memory for time.")
+
+
+def _check_keep_stride(keep_stride: int | None, keep_tiles: int | str | None,
+                       mode: str = "train") -> None:
+    if keep_stride is not None and mode != "train":
+        raise StreamcError("--keep-stride keeps activations for training steps; an inference or "
+                           "saliency program has no use for it.")
+    if keep_stride is not None and keep_tiles == "auto":
+        raise StreamcError("--keep-tiles auto fills the budget with whole kept tiles: give it or "
+                           "--keep-stride, not both.")
+
+
 _WORKERS = click.option(
     "--workers", type=click.IntRange(min=1), default=1, show_default=True,
     help="Tile-parallel workers per image: show each one's tiles, FLOPs and peak memory.")
@@ -306,10 +322,7 @@ def _print_program_summary(program, out: Path | None) -> None:
               help="Backward graphs that give the image's gradient instead of the weights'.")
 @_HALO
 @_KEEP_TILES
-@click.option("--keep-stride", type=click.IntRange(min=1), default=None, metavar="S",
-              help="Every other tile of the last stage keeps the activations at cumulative "
-                   "stride S or more (the deep, small ones) instead of recomputing them: "
-                   "memory for time. With --tile.")
+@_KEEP_STRIDE
 @_WORKERS
 @_fail_cleanly
 def compile_command(model: str, tile: str | None, image: str | None, input_name: str | None,
@@ -327,10 +340,8 @@ def compile_command(model: str, tile: str | None, image: str | None, input_name:
         raise StreamcError("give either --inference or --saliency, not both.")
     _check_keep_tiles(keep_tiles, memory_budget,
                       "inference" if inference else "saliency" if saliency else "train")
-    if keep_stride is not None and (memory_budget or inference or saliency):
-        raise StreamcError("--keep-stride keeps activations of a training program compiled for "
-                           "a tile: give --tile, without --memory-budget, --inference or "
-                           "--saliency.")
+    _check_keep_stride(keep_stride, keep_tiles,
+                       "inference" if inference else "saliency" if saliency else "train")
     if memory_budget and (inference or saliency):
         raise StreamcError("--memory-budget plans training steps: give a tile (--tile) with "
                            "--inference or --saliency.")
@@ -345,7 +356,7 @@ def compile_command(model: str, tile: str | None, image: str | None, input_name:
 
         search = search_tiles(model, parse_image(image), budget=parse_bytes(memory_budget),
                               input=input_name, progress=_say, max_tiles=max_tiles,
-                              halo=halo, keep_tiles=keep_tiles)
+                              halo=halo, keep_tiles=keep_tiles, keep_stride=keep_stride)
         program = search.chosen.program
         click.echo(f"memory budget {memory_budget}: chose tile {search.chosen.tile} "
                    f"({search.compiled} candidate{'s' if search.compiled > 1 else ''} compiled, "
@@ -439,11 +450,12 @@ def _print_check(report, as_json: bool) -> None:
 @click.option("--plot", type=click.Path(), help="Write memory and recompute vs tile size (PNG).")
 @_HALO
 @_KEEP_TILES
+@_KEEP_STRIDE
 @_WORKERS
 @_fail_cleanly
 def plan(model: str, image: str | None, tile: str | None, memory_budget: str | None,
          input_name: str | None, exact: bool, as_json: bool, plot: str | None, halo: str,
-         keep_tiles: int | str | None, workers: int) -> None:
+         keep_tiles: int | str | None, keep_stride: int | None, workers: int) -> None:
     """Predict peak memory per training step for tile sizes of MODEL, before running anything."""
     from streamc import tile_search as ts
 
@@ -453,6 +465,7 @@ def plan(model: str, image: str | None, tile: str | None, memory_budget: str | N
         raise StreamcError("--workers plans one tile: give --tile or --memory-budget too.")
     _refuse_workers_with_reuse(workers, halo)
     _check_keep_tiles(keep_tiles, memory_budget)
+    _check_keep_stride(keep_stride, keep_tiles)
     if plot:  # before any work: a missing dependency or a bad path is known now
         ts.require_matplotlib()
         _check_writable(Path(plot))
@@ -460,7 +473,7 @@ def plan(model: str, image: str | None, tile: str | None, memory_budget: str | N
     tiles = [max(parse_extent(tile, "tile size"))] if tile else None
     search = ts.search_tiles(model, parse_image(image), tiles=tiles, budget=budget,
                              input=input_name, exact=exact, progress=_say, halo=halo,
-                             keep_tiles=keep_tiles)
+                             keep_tiles=keep_tiles, keep_stride=keep_stride)
     plans, chosen = search.plans, search.chosen
     if tile:
         plan_ = plans[0].plan

@@ -132,7 +132,8 @@ def search_tiles(model: str | Path | onnx.ModelProto, image: Sequence[int] | Non
                  input: str | None = None, exact: bool = False, optimizer_copies: int = 2,
                  policy: RuntimePolicy = DEFAULT_POLICY, progress: Progress | None = None,
                  max_tiles: int = MAX_TILES, halo: str = DEFAULT_HALO,
-                 keep_tiles: int | Literal["auto"] | None = None) -> TileSearch:
+                 keep_tiles: int | Literal["auto"] | None = None,
+                 keep_stride: int | None = None) -> TileSearch:
     """Compile and plan ``model`` at each tile size in ``tiles`` (default
     :func:`candidate_tiles`); with ``budget`` (bytes or a size such as ``'8GiB'``) from the
     largest down, stopping at the first that fits, which is :attr:`TileSearch.chosen`.
@@ -144,11 +145,15 @@ def search_tiles(model: str | Path | onnx.ModelProto, image: Sequence[int] | Non
     per candidate. ``halo``: as :func:`streamc.compile`. ``keep_tiles``: a number, as
     :func:`streamc.compile`, for every candidate; ``"auto"`` (with a budget): the candidates keep
     the default tiles, and the chosen one then keeps as many more as the budget allows.
+    ``keep_stride``: as :func:`streamc.compile`, for every candidate (not with ``"auto"``).
     """
     started = time.perf_counter()
     limit = parse_bytes(budget) if budget is not None else None
     if keep_tiles == "auto" and limit is None:
         raise StreamcError("keep_tiles='auto' spends what a memory budget leaves: give a budget.")
+    if keep_tiles == "auto" and keep_stride is not None:
+        raise StreamcError("keep_tiles='auto' fills the budget with whole kept tiles: give it or "
+                           "keep_stride, not both.")
     fixed = None if keep_tiles == "auto" else keep_tiles
     say = progress or (lambda _line: None)
     with paused_gc():
@@ -176,7 +181,7 @@ def search_tiles(model: str | Path | onnx.ModelProto, image: Sequence[int] | Non
         for k, t in enumerate(order):
             say(f"planning tile {t} ({k + 1} of at most {len(order)})")
             plan = _plan_tile(analysis, t, source, conventional, policy, exact,
-                              optimizer_copies, max_tiles, halo, fixed)
+                              optimizer_copies, max_tiles, halo, fixed, keep_stride)
             plans.append(plan)
             if limit is not None and plan.peak <= limit:
                 break
@@ -239,11 +244,12 @@ def keep_within(chosen: TilePlan, limit: int, analysis: Analysis, source,
 
 def _plan_tile(analysis: Analysis, tile: int, source, conventional: ConventionalPlan,
                policy: RuntimePolicy, exact: bool, optimizer_copies: int,
-               max_tiles: int, halo: str, keep_tiles: int | None = None) -> TilePlan:
+               max_tiles: int, halo: str, keep_tiles: int | None = None,
+               keep_stride: int | None = None) -> TilePlan:
     state = compile_state(analysis, tile, source, with_flops=True, with_memory_plan=True,
                           conventional=conventional, policy=policy, exact=exact,
                           optimizer_copies=optimizer_copies, max_tiles=max_tiles, halo=halo,
-                          keep_tiles=keep_tiles)
+                          keep_tiles=keep_tiles, keep_stride=keep_stride)
     program: Program = state["program"]
     plan: MemoryPlan = state["memory_plan"]
     flops = program.meta.flops

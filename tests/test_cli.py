@@ -116,6 +116,15 @@ def test_compile_keep_tiles(model_file: Path, tmp_path: Path) -> None:
     assert code == 0, err
     assert "tiles keep their activations at stride 4 or more" in out
     assert load(tmp_path / "s").meta.keep_stride == 4
+    code, out, err = run("plan", str(model_file), "--image", "256x256", "--tile", "64",
+                         "--keep-stride", "4", "--json")
+    assert code == 0, err
+    deep_peak = json.loads(out)["peak"]
+    code, out, err = run("plan", str(model_file), "--image", "256x256", "--tile", "64", "--json")
+    assert code == 0 and json.loads(out)["peak"] < deep_peak, err
+    code, _, err = run("plan", str(model_file), "--image", "256x256", "--memory-budget", "1GiB",
+                       "--keep-tiles", "auto", "--keep-stride", "4")
+    assert_one_line_error(code, err, "--keep-tiles auto", "--keep-stride")
     for extra in (["--inference"], ["--keep-stride", "0"]):
         code, _, err = run("compile", str(model_file), "--image", "256x256", "--tile", "64",
                            "--keep-stride", "4", *extra, "-o", str(tmp_path / "q"))
