@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.streaming import _export, make_image, make_model, timed_step
+from benchmarks.streaming import _export, resnet_setup, timed_step
 from streamc.compiler import compile as compile_program
 from streamc.passes.memory import plan_program
 from streamc.policy import RuntimePolicy
@@ -35,12 +35,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def measure(size: int, tile: int, rounds: int, keep_tiles: str | None = None,
             keep_strides: tuple[int, ...] = ()) -> dict:
-    torch.set_num_threads(2)
-    module = make_model("2d", 64)
-    program = compile_program(_export("2d", module), tile, image=(size, size),
-                              with_memory_plan=False)
-    x = torch.from_numpy(make_image("2d", size))
-    label = torch.tensor([1])
+    module, program, x, label = resnet_setup(size, tile)
     runs = {}
     for keep in (True, False):
         sm = StreamingModel(program, threads=2, progress=False, keep_activations=keep)

@@ -82,6 +82,20 @@ def make_image(kind: str, size: int):
     return np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
 
 
+def resnet_setup(size: int, tile: int, threads: int = 2):
+    """ResNet-18 (width 64) at ``size``², its program at ``tile`` (no memory plan), the image
+    and its label: what the in-process A/B benchmarks start from."""
+    import torch
+
+    from streamc.compiler import compile as compile_program
+
+    torch.set_num_threads(threads)
+    module = make_model("2d", 64)
+    program = compile_program(_export("2d", module), tile, image=(size, size),
+                              with_memory_plan=False)
+    return module, program, torch.from_numpy(make_image("2d", size)), torch.tensor([1])
+
+
 def timed_step(model, optimizer, x, label) -> float:
     """Seconds of one training step: forward, cross-entropy, backward, optimizer step."""
     import torch

@@ -27,8 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.streaming import _export, make_image, make_model, timed_step
-from streamc.compiler import compile as compile_program
+from benchmarks.streaming import resnet_setup, timed_step
 from streamc.runtime.module import StreamingModel
 
 RESULTS = Path(__file__).parent / "results"
@@ -44,12 +43,7 @@ def streaming_model(program, module, threads: int, spin: str) -> StreamingModel:
 
 
 def measure(size: int, tile: int, rounds: int, threads: int) -> dict:
-    torch.set_num_threads(threads)
-    module = make_model("2d", 64)
-    program = compile_program(_export("2d", module), tile, image=(size, size),
-                              with_memory_plan=False)
-    x = torch.from_numpy(make_image("2d", size))
-    label = torch.tensor([1])
+    module, program, x, label = resnet_setup(size, tile, threads)
     runs = {}
     for spin in SPIN:
         sm = streaming_model(program, module, threads, spin)

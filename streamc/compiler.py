@@ -108,10 +108,10 @@ def compile(
     their activations from forward to backward instead of recomputing them (the ones whose
     backward runs first); default: those for which that costs no memory (the last tile under
     halo reuse, the only one of a one-tile grid). Each more trades its residuals for its
-    recompute; the memory plan counts them. ``keep_stride``: every other tile of the last stage
-    keeps the activations of its tensors whose cumulative stride is at least this many pixels
-    (the deep layers: small, and as costly to recompute as the large shallow ones) and
-    recomputes only the rest.
+    recompute; the memory plan counts them. ``keep_stride``: the tiles of the last stage that do not
+    keep everything keep the activations of their tensors whose cumulative stride is at least
+    this many pixels (the deep layers: small, and as costly to recompute as the large shallow
+    ones) and recompute only the rest.
     """
     with paused_gc():
         started = time.perf_counter()

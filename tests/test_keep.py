@@ -41,6 +41,19 @@ def _step(program, image, keep: bool):
                           if p.grad is not None}
 
 
+def _assert_keeping_changes_nothing(program, torch_module, size: int) -> None:
+    """The step with the kept units keeping is bitwise the all-recompute step, and the output
+    is torch's."""
+    image = torch.randn(1, 3, size, size)
+    kept_out, kept_grads = _step(program, image, keep=True)
+    out, grads = _step(program, image, keep=False)
+    assert torch.equal(kept_out, out)
+    assert kept_grads.keys() == grads.keys() and grads
+    for name in grads:
+        assert torch.equal(kept_grads[name], grads[name]), name
+    assert torch.allclose(kept_out, torch_module(image), atol=1e-4)
+
+
 def test_kept_units():
     # grid order: the last tile of the last stage; one tile per stage: every stage's
     assert kept_units([[0, 0], [1, 1], [2, None]], grid_order=True) == [(1, 1)]
@@ -84,15 +97,7 @@ def test_keeping_gives_the_same_step(module, size, tile, halo, keep_tiles):
                       and n.output[0] in forward_ops]
         assert not recomputed, f"class {cls.id} recomputes {recomputed[0].name}"
         assert set(cls.residuals) <= {i.name for i in backward.input}
-    image = torch.randn(1, 3, size, size)
-    kept_out, kept_grads = _step(program, image, keep=True)
-    out, grads = _step(program, image, keep=False)
-    assert torch.equal(kept_out, out)
-    assert kept_grads.keys() == grads.keys() and grads
-    for name in grads:
-        assert torch.equal(kept_grads[name], grads[name]), name
-    reference = torch_module(image)
-    assert torch.allclose(kept_out, reference, atol=1e-4)
+    _assert_keeping_changes_nothing(program, torch_module, size)
 
 
 def test_steps_and_plan():
@@ -161,14 +166,7 @@ def test_keeping_deep_activations_gives_the_same_step(module, size, tile, keep_s
         assert all(stride[c] < keep_stride for c in convs), cls.id  # only shallow recomputed
         partial += bool(convs)
     assert bool(partial) == shallow  # tiles other than the last recompute the shallow layers
-    image = torch.randn(1, 3, size, size)
-    kept_out, kept_grads = _step(program, image, keep=True)
-    out, grads = _step(program, image, keep=False)
-    assert torch.equal(kept_out, out)
-    assert kept_grads.keys() == grads.keys() and grads
-    for name in grads:
-        assert torch.equal(kept_grads[name], grads[name]), name
-    assert torch.allclose(kept_out, torch_module(image), atol=1e-4)
+    _assert_keeping_changes_nothing(program, torch_module, size)
 
 
 def test_keeping_deeper_activations_trades_less_memory_for_less_recompute():
