@@ -36,26 +36,26 @@ RESULTS = Path(__file__).parent / "results"
 def measure(size: int, tile: int, rounds: int, keep_tiles: str | None = None,
             keep_strides: tuple[int, ...] = ()) -> dict:
     module, program, x, label = resnet_setup(size, tile)
-    runs = {}
-    for keep in (True, False):
-        sm = StreamingModel(program, threads=2, progress=False, keep_activations=keep)
+
+    def run_of(compiled, keep_activations: bool = True):
+        sm = StreamingModel(compiled, threads=2, progress=False,
+                            keep_activations=keep_activations)
         sm.load_state_dict(module.state_dict(), strict=False)
-        runs[f"keep={keep}"] = (sm, torch.optim.SGD(sm.parameters(), lr=1e-4))
+        return sm, torch.optim.SGD(sm.parameters(), lr=1e-4)
+
+    def compiled_with(**options):
+        return compile_program(_export("2d", module), tile, image=(size, size),
+                               with_memory_plan=False, **options)
+
+    runs = {f"keep={keep}": run_of(program, keep) for keep in (True, False)}
     more = None
     if keep_tiles is not None:
         count = len(program.tiles) if keep_tiles == "all" else int(keep_tiles)
-        more = compile_program(_export("2d", module), tile, image=(size, size),
-                               with_memory_plan=False, keep_tiles=count)
-        sm = StreamingModel(more, threads=2, progress=False)
-        sm.load_state_dict(module.state_dict(), strict=False)
-        runs[f"keep_tiles={count}"] = (sm, torch.optim.SGD(sm.parameters(), lr=1e-4))
-    deep = {}
-    for stride in keep_strides:
-        deep[stride] = compile_program(_export("2d", module), tile, image=(size, size),
-                                       with_memory_plan=False, keep_stride=stride)
-        sm = StreamingModel(deep[stride], threads=2, progress=False)
-        sm.load_state_dict(module.state_dict(), strict=False)
-        runs[f"keep_stride={stride}"] = (sm, torch.optim.SGD(sm.parameters(), lr=1e-4))
+        more = compiled_with(keep_tiles=count)
+        runs[f"keep_tiles={count}"] = run_of(more)
+    deep = {stride: compiled_with(keep_stride=stride) for stride in keep_strides}
+    for stride, compiled in deep.items():
+        runs[f"keep_stride={stride}"] = run_of(compiled)
     runs["torch"] = (module, torch.optim.SGD(module.parameters(), lr=1e-4))
 
     def step(name: str) -> float:

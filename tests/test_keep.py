@@ -25,12 +25,13 @@ from tests.blocks import SENet
 from zoo.models import MiniResNet
 
 
-def _program(module, size: int, tile: int, halo: str = "reuse", keep_tiles: int | None = None):
+def _program(module, size: int, tile: int, halo: str = "reuse", keep_tiles: int | None = None,
+             keep_stride: int | None = None):
     torch.manual_seed(0)
     module = module.eval()
     model = export_torch(module, (1, 3, size, size))
     return module, streamc.compile(model, tile, image=(size, size), halo=halo,
-                                   keep_tiles=keep_tiles)
+                                   keep_tiles=keep_tiles, keep_stride=keep_stride)
 
 
 def _step(program, image, keep: bool):
@@ -137,20 +138,13 @@ def test_more_kept_tiles_trade_memory_for_recompute():
     assert peaks == sorted(peaks) and peaks[1] < peaks[2] < peaks[3]
 
 
-def _stride_program(module, size: int, tile: int, keep_stride: int):
-    torch.manual_seed(0)
-    module = module.eval()
-    model = export_torch(module, (1, 3, size, size))
-    return module, streamc.compile(model, tile, image=(size, size), keep_stride=keep_stride)
-
-
 @pytest.mark.parametrize("module,size,tile,keep_stride,shallow", [
     (MiniResNet, 128, 32, 4, True),  # strides 1, 2, 4, 8: the two deepest kept
     (MiniResNet, 128, 32, 8, True),
     (SENet, 64, 32, 4, False),       # four stages; the last one's Conv is at stride 4
 ])
 def test_keeping_deep_activations_gives_the_same_step(module, size, tile, keep_stride, shallow):
-    torch_module, program = _stride_program(module(), size, tile, keep_stride)
+    torch_module, program = _program(module(), size, tile, keep_stride=keep_stride)
     meta = program.meta
     last = len(meta.stages) - 1
     tiles = [i for i, t in enumerate(meta.tiles) if t.parts[last] is not None]
@@ -171,7 +165,7 @@ def test_keeping_deep_activations_gives_the_same_step(module, size, tile, keep_s
 
 def test_keeping_deeper_activations_trades_less_memory_for_less_recompute():
     programs = [_program(MiniResNet(), 128, 32)[1]]
-    programs += [_stride_program(MiniResNet(), 128, 32, s)[1] for s in (8, 4, 2)]
+    programs += [_program(MiniResNet(), 128, 32, keep_stride=s)[1] for s in (8, 4, 2)]
     programs.append(_program(MiniResNet(), 128, 32, keep_tiles=16)[1])
     backward = [p.meta.flops.tiled_backward for p in programs]
     assert backward == sorted(backward, reverse=True) and len(set(backward)) == len(backward)
@@ -180,7 +174,7 @@ def test_keeping_deeper_activations_trades_less_memory_for_less_recompute():
     # outweighs these small residuals, so only the ends are ordered.
     assert peaks[0] < min(peaks[1:-1]) and max(peaks[1:-1]) < peaks[-1]
     with pytest.raises(CompileError, match="keep_stride=0"):
-        _stride_program(MiniResNet(), 128, 32, 0)
+        _program(MiniResNet(), 128, 32, keep_stride=0)
 
 
 def test_one_tile_flops_have_no_recompute():
