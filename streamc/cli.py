@@ -226,6 +226,25 @@ _KEEP_STRIDE = click.option(
          "(the deep, small ones) instead of recomputing them: memory for time.")
 
 
+def _parse_grid_end(_ctx, _param, value: str | None):
+    if value is None or value == "none":
+        return None
+    if value == "auto":
+        return "auto"
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise click.BadParameter(f"{value!r}: give auto, none or tensor names.")
+    return names
+
+
+_GRID_END = click.option(
+    "--grid-end", default=None, callback=_parse_grid_end, metavar="auto|none|TENSOR[,...]",
+    help="End the grid early; the rest of the network runs on whole tensors in the head. "
+         "auto (training): at the shallowest stride boundary where that raises the planned "
+         "peak by at most 10%; or grid tensor names (streamc inspect lists them). Default "
+         "none: where the local ops end.")
+
+
 def _check_keep_stride(keep_stride: int | None, keep_tiles: int | str | None,
                        mode: str = "train") -> None:
     if keep_stride is not None and mode != "train":
@@ -285,6 +304,9 @@ def _print_program_summary(program, out: Path | None) -> None:
             which = (f"{kept_tiles} tiles keep their activations for the backward pass (no "
                      "recompute there)")
         click.echo(f"kept:         {which}")
+    if meta.grid_end:
+        click.echo(f"grid end:     ended early at {', '.join(meta.grid_end)}: the rest runs on "
+                   "whole tensors in the head")
     bands = [b for b in meta.buffers if b.kind == "band"]
     if bands:
         click.echo(f"strips:       {len(bands)} bands handed on between tiles "
@@ -323,13 +345,14 @@ def _print_program_summary(program, out: Path | None) -> None:
 @_HALO
 @_KEEP_TILES
 @_KEEP_STRIDE
+@_GRID_END
 @_WORKERS
 @_fail_cleanly
 def compile_command(model: str, tile: str | None, image: str | None, input_name: str | None,
                     output: str | None, memory_budget: str | None, force: bool,
                     max_tiles: int, inference: bool, saliency: bool, halo: str,
                     keep_tiles: int | str | None, keep_stride: int | None,
-                    workers: int) -> None:
+                    grid_end: str | list[str] | None, workers: int) -> None:
     """Compile MODEL into a tiled training (or inference, or saliency) program directory."""
     from streamc.compiler import compile as compile_program
     from streamc.program import check_target
@@ -356,7 +379,8 @@ def compile_command(model: str, tile: str | None, image: str | None, input_name:
 
         search = search_tiles(model, parse_image(image), budget=parse_bytes(memory_budget),
                               input=input_name, progress=_say, max_tiles=max_tiles,
-                              halo=halo, keep_tiles=keep_tiles, keep_stride=keep_stride)
+                              halo=halo, keep_tiles=keep_tiles, keep_stride=keep_stride,
+                              grid_end=grid_end)
         program = search.chosen.program
         click.echo(f"memory budget {memory_budget}: chose tile {search.chosen.tile} "
                    f"({search.compiled} candidate{'s' if search.compiled > 1 else ''} compiled, "
@@ -364,7 +388,8 @@ def compile_command(model: str, tile: str | None, image: str | None, input_name:
     else:
         program = compile_program(model, tile, image=parse_image(image), input=input_name,
                                   max_tiles=max_tiles, mode=mode, halo=halo,
-                                  keep_tiles=keep_tiles, keep_stride=keep_stride)
+                                  keep_tiles=keep_tiles, keep_stride=keep_stride,
+                                  grid_end=grid_end)
     out = program.save(target, force=force)
     _print_program_summary(program, out)
     _print_worker_shares(program, workers)
@@ -451,11 +476,13 @@ def _print_check(report, as_json: bool) -> None:
 @_HALO
 @_KEEP_TILES
 @_KEEP_STRIDE
+@_GRID_END
 @_WORKERS
 @_fail_cleanly
 def plan(model: str, image: str | None, tile: str | None, memory_budget: str | None,
          input_name: str | None, exact: bool, as_json: bool, plot: str | None, halo: str,
-         keep_tiles: int | str | None, keep_stride: int | None, workers: int) -> None:
+         keep_tiles: int | str | None, keep_stride: int | None,
+         grid_end: str | list[str] | None, workers: int) -> None:
     """Predict peak memory per training step for tile sizes of MODEL, before running anything."""
     from streamc import tile_search as ts
 
@@ -473,7 +500,8 @@ def plan(model: str, image: str | None, tile: str | None, memory_budget: str | N
     tiles = [max(parse_extent(tile, "tile size"))] if tile else None
     search = ts.search_tiles(model, parse_image(image), tiles=tiles, budget=budget,
                              input=input_name, exact=exact, progress=_say, halo=halo,
-                             keep_tiles=keep_tiles, keep_stride=keep_stride)
+                             keep_tiles=keep_tiles, keep_stride=keep_stride,
+                             grid_end=grid_end)
     plans, chosen = search.plans, search.chosen
     if tile:
         plan_ = plans[0].plan

@@ -19,7 +19,12 @@ import onnx
 
 from streamc._gc import paused_gc
 from streamc.analysis import Analysis
-from streamc.analysis.analyze import StreamedShare, analyze_checked
+from streamc.analysis.analyze import (
+    StreamedShare,
+    analyze_checked,
+    grid_end_candidates,
+    with_grid_end,
+)
 from streamc.errors import CompileError
 from streamc.graph import FLOAT_TYPES, load_model_serialized
 from streamc.meta import (
@@ -73,6 +78,13 @@ from streamc.policy import DEFAULT_POLICY, RuntimePolicy
 from streamc.program import Program, file_sha256
 from streamc.progress import progress_bar
 
+#: How much ``grid_end="auto"`` may raise a training program's planned peak, relative to
+#: the whole grid's, to end the grid early (0.10: 10 %).
+GRID_END_ALLOWANCE = 0.10
+
+#: :func:`compile`'s ``grid_end``: ``"auto"``, None, or grid tensor names.
+GridEnd = str | Sequence[str] | None
+
 
 def compile(
     model: str | Path | onnx.ModelProto,
@@ -88,6 +100,7 @@ def compile(
     halo: str = DEFAULT_HALO,
     keep_tiles: int | None = None,
     keep_stride: int | None = None,
+    grid_end: GridEnd = None,
 ) -> Program:
     """Compile ``model`` into a tiled program for images of size ``image`` ((H, W) or (D, H, W)).
 
@@ -111,7 +124,12 @@ def compile(
     recompute; the memory plan counts them. ``keep_stride``: the tiles of the last stage that do not
     keep everything keep the activations of their tensors whose cumulative stride is at least
     this many pixels (the deep layers: small, and as costly to recompute as the large shallow
-    ones) and recompute only the rest.
+    ones) and recompute only the rest. ``grid_end``: end the grid early, the rest of the
+    network running on whole tensors in the head: ``"auto"`` (training programs) at the
+    shallowest stride boundary where that raises the planned peak by at most
+    ``GRID_END_ALLOWANCE`` over the whole grid's (docs/architecture.md "Ending the grid
+    early"), unless ``keep_tiles`` or ``keep_stride`` is given; or grid tensor names; ``None``
+    (default): where the network's local ops end.
     """
     with paused_gc():
         started = time.perf_counter()
@@ -120,7 +138,8 @@ def compile(
         return compile_analysis(analysis, tile, source_of(model, serialized),
                                 with_flops=with_flops, with_memory_plan=with_memory_plan,
                                 policy=policy, max_tiles=max_tiles, started=started, mode=mode,
-                                halo=halo, keep_tiles=keep_tiles, keep_stride=keep_stride)
+                                halo=halo, keep_tiles=keep_tiles, keep_stride=keep_stride,
+                                grid_end=grid_end)
 
 
 def source_of(model: str | Path | onnx.ModelProto, serialized: bytes) -> SourceSpec:
@@ -137,13 +156,13 @@ def compile_analysis(analysis: Analysis, tile: int | str | Sequence[int], source
                      policy: RuntimePolicy = DEFAULT_POLICY, max_tiles: int = MAX_TILES,
                      started: float | None = None, mode: ProgramMode = "train",
                      halo: str = DEFAULT_HALO, keep_tiles: int | None = None,
-                     keep_stride: int | None = None) -> Program:
+                     keep_stride: int | None = None, grid_end: GridEnd = None) -> Program:
     """Compile an analysed model (see :func:`compile`)."""
     started = time.perf_counter() if started is None else started
     state = compile_state(analysis, tile, source, with_flops=with_flops,
                           with_memory_plan=with_memory_plan, conventional=conventional,
                           policy=policy, max_tiles=max_tiles, mode=mode, halo=halo,
-                          keep_tiles=keep_tiles, keep_stride=keep_stride)
+                          keep_tiles=keep_tiles, keep_stride=keep_stride, grid_end=grid_end)
     program: Program = state["program"]
     program.meta.compile_seconds = round(time.perf_counter() - started, 3)
     return program
@@ -156,10 +175,11 @@ def compile_state(analysis: Analysis, tile: int | str | Sequence[int], source: S
                   optimizer_copies: int = 2, max_tiles: int = MAX_TILES,
                   mode: ProgramMode = "train", halo: str = DEFAULT_HALO,
                   keep_tiles: int | None = None,
-                  keep_stride: int | None = None) -> dict[str, Any]:
+                  keep_stride: int | None = None, grid_end: GridEnd = None) -> dict[str, Any]:
     """Run the compiler's passes on ``analysis`` and return their results by name
     (``"program"``, ``"memory_plan"`` ...); the program's description holds the memory plan.
-    An inference program has no memory plan (the planner plans training steps)."""
+    An inference program has no memory plan (the planner plans training steps). ``grid_end``:
+    as :func:`compile`; ``"auto"`` compiles the candidates it weighs."""
     if mode not in PROGRAM_MODES:
         raise CompileError(f"mode={mode!r}: choose one of {', '.join(map(repr, PROGRAM_MODES))}.")
     with_memory_plan = with_memory_plan and mode != "inference"
@@ -182,12 +202,54 @@ def compile_state(analysis: Analysis, tile: int | str | Sequence[int], source: S
             f"the image input {analysis.input_name!r} is "
             f"{onnx.TensorProto.DataType.Name(elem_type).lower()}; streamc programs run in "
             "float32: export the model with a float32 input.")
+    options: dict[str, Any] = {"tile": tile, "source": source, "policy": policy,
+                               "conventional": conventional, "exact": exact,
+                               "optimizer_copies": optimizer_copies, "max_tiles": max_tiles,
+                               "mode": mode, "halo": halo, "keep_tiles": keep_tiles,
+                               "keep_stride": keep_stride}
+    if grid_end != "auto":
+        if grid_end is not None and tuple(_tensor_names(grid_end)) != analysis.grid_end:
+            analysis = with_grid_end(analysis, _tensor_names(grid_end))
+        return _run_passes(analysis, options, with_flops, with_memory_plan)
+    steered = keep_tiles is not None or keep_stride is not None
+    candidates = grid_end_candidates(analysis) if mode == "train" and not steered else []
+    if not candidates:
+        return _run_passes(analysis, options, with_flops, with_memory_plan)
+    whole = _run_passes(analysis, options, with_flops, True)
+    if len(whole["program"].tiles) < 2:
+        return whole if with_memory_plan else _without_plan(whole)
+    limit = whole["memory_plan"].peak * (1 + GRID_END_ALLOWANCE)
+    chosen = whole
+    for tensor in candidates:  # the shallowest first; shallow cuts compile fast (short grids)
+        state = _run_passes(with_grid_end(analysis, tensor), options, with_flops, True)
+        if state["memory_plan"].peak <= limit:
+            chosen = state
+            break
+    if chosen is not whole:
+        chosen["program"].meta.notes.append(
+            f"the grid ends at {chosen['analysis'].grid_end[0]!r} and the rest runs whole in "
+            f"the head: planned peak {chosen['memory_plan'].peak / 2**20:.0f} MiB against "
+            f"{whole['memory_plan'].peak / 2**20:.0f} MiB with the whole grid (grid_end='auto'; "
+            "grid_end=None keeps the grid whole).")
+    return chosen if with_memory_plan else _without_plan(chosen)
+
+
+
+def _tensor_names(grid_end: str | Sequence[str]) -> tuple[str, ...]:
+    return (grid_end,) if isinstance(grid_end, str) else tuple(grid_end)
+
+
+def _without_plan(state: dict[str, Any]) -> dict[str, Any]:
+    state["program"].meta.memory_plan = None
+    state.pop("memory_plan", None)
+    return state
+
+
+def _run_passes(analysis: Analysis, options: dict[str, Any], with_flops: bool,
+                with_memory_plan: bool) -> dict[str, Any]:
+    """The compiler's passes on ``analysis`` with ``options`` (:data:`_INPUTS`)."""
     with paused_gc():
-        state: dict[str, Any] = {"analysis": analysis, "tile": tile, "source": source,
-                                 "policy": policy, "conventional": conventional,
-                                 "exact": exact, "optimizer_copies": optimizer_copies,
-                                 "max_tiles": max_tiles, "mode": mode, "halo": halo,
-                                 "keep_tiles": keep_tiles, "keep_stride": keep_stride}
+        state: dict[str, Any] = {"analysis": analysis, **options}
         try:
             PassManager(compile_passes(with_flops, with_memory_plan)).run(state)
         except HaloReuseUnplaceable as exc:
@@ -544,6 +606,7 @@ def _program(s: Mapping[str, Any]) -> Program:
         kept=tuple(kept.units),
         keep_stride=s["keep_stride"] if any(g.moved is not None for g in kept.graphs.values())
         else None,
+        grid_end=analysis.grid_end,
     )
     return Program(meta, graphs, parameter_values(analysis.graph.constants, params.names))
 
@@ -705,7 +768,7 @@ LOW_STREAMED_SHARE = 0.5
 
 def share_notes(analysis: Analysis, share: StreamedShare | None) -> list[str]:
     """A note when streaming buys little: the grid computes a small part of the model."""
-    if share is None or share.flops >= LOW_STREAMED_SHARE:
+    if share is None or share.flops >= LOW_STREAMED_SHARE or analysis.grid_end:
         return []
     stop = analysis.stops[0].sentence() if analysis.stops else "the head"
     return [f"streaming buys little here: only {share.sentence()}; the rest runs on whole "

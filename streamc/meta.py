@@ -370,6 +370,9 @@ class ProgramMeta:
     #: the kept units other than those keeping everything keep only their activations at this
     #: cumulative stride or more (``compile(..., keep_stride=...)``); None: they keep everything
     keep_stride: int | None = None
+    #: grid tensors after which the grid was ended early, the rest running whole in the head
+    #: (``compile(..., grid_end=...)``); empty: where the network's local ops end
+    grid_end: tuple[str, ...] = ()
 
     @property
     def grid(self) -> tuple[int, ...]:
@@ -479,6 +482,7 @@ class ProgramMeta:
             "weight_work": self.weight_work.to_json(),
             "kept": [list(unit) for unit in self.kept],
             "keep_stride": self.keep_stride,
+            "grid_end": list(self.grid_end),
         }
 
     @classmethod
@@ -548,6 +552,7 @@ class ProgramMeta:
             weight_work=WeightWorkSpec.from_json(d["weight_work"]),
             kept=tuple((int(k), int(t)) for k, t in d.get("kept", ())),
             keep_stride=d.get("keep_stride"),
+            grid_end=tuple(d.get("grid_end", ())),
         )
 
 

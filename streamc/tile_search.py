@@ -25,7 +25,7 @@ import onnx
 from streamc._gc import paused_gc
 from streamc.analysis import Analysis
 from streamc.analysis.analyze import analyze_checked
-from streamc.compiler import compile_state, source_of
+from streamc.compiler import GridEnd, compile_state, source_of
 from streamc.errors import CompileError, StreamcError
 from streamc.graph import load_model_serialized
 from streamc.passes.memory import ConventionalPlan, MemoryPlan, plan_conventional, plan_program
@@ -133,7 +133,7 @@ def search_tiles(model: str | Path | onnx.ModelProto, image: Sequence[int] | Non
                  policy: RuntimePolicy = DEFAULT_POLICY, progress: Progress | None = None,
                  max_tiles: int = MAX_TILES, halo: str = DEFAULT_HALO,
                  keep_tiles: int | Literal["auto"] | None = None,
-                 keep_stride: int | None = None) -> TileSearch:
+                 keep_stride: int | None = None, grid_end: GridEnd = None) -> TileSearch:
     """Compile and plan ``model`` at each tile size in ``tiles`` (default
     :func:`candidate_tiles`); with ``budget`` (bytes or a size such as ``'8GiB'``) from the
     largest down, stopping at the first that fits, which is :attr:`TileSearch.chosen`.
@@ -146,6 +146,8 @@ def search_tiles(model: str | Path | onnx.ModelProto, image: Sequence[int] | Non
     :func:`streamc.compile`, for every candidate; ``"auto"`` (with a budget): the candidates keep
     the default tiles, and the chosen one then keeps as many more as the budget allows.
     ``keep_stride``: as :func:`streamc.compile`, for every candidate (not with ``"auto"``).
+    ``grid_end``: as :func:`streamc.compile`, for every candidate (``"auto"`` weighs each
+    tile's own cuts against its own whole-grid peak, not against the budget).
     """
     started = time.perf_counter()
     limit = parse_bytes(budget) if budget is not None else None
@@ -181,7 +183,7 @@ def search_tiles(model: str | Path | onnx.ModelProto, image: Sequence[int] | Non
         for k, t in enumerate(order):
             say(f"planning tile {t} ({k + 1} of at most {len(order)})")
             plan = _plan_tile(analysis, t, source, conventional, policy, exact,
-                              optimizer_copies, max_tiles, halo, fixed, keep_stride)
+                              optimizer_copies, max_tiles, halo, fixed, keep_stride, grid_end)
             plans.append(plan)
             if limit is not None and plan.peak <= limit:
                 break
@@ -245,11 +247,11 @@ def keep_within(chosen: TilePlan, limit: int, analysis: Analysis, source,
 def _plan_tile(analysis: Analysis, tile: int, source, conventional: ConventionalPlan,
                policy: RuntimePolicy, exact: bool, optimizer_copies: int,
                max_tiles: int, halo: str, keep_tiles: int | None = None,
-               keep_stride: int | None = None) -> TilePlan:
+               keep_stride: int | None = None, grid_end: GridEnd = None) -> TilePlan:
     state = compile_state(analysis, tile, source, with_flops=True, with_memory_plan=True,
                           conventional=conventional, policy=policy, exact=exact,
                           optimizer_copies=optimizer_copies, max_tiles=max_tiles, halo=halo,
-                          keep_tiles=keep_tiles, keep_stride=keep_stride)
+                          keep_tiles=keep_tiles, keep_stride=keep_stride, grid_end=grid_end)
     program: Program = state["program"]
     plan: MemoryPlan = state["memory_plan"]
     flops = program.meta.flops

@@ -69,6 +69,9 @@ class Analysis:
     alignment: tuple[int, ...] = ()
     #: the model as loaded, before its size was fixed and its constants folded
     source: onnx.ModelProto | None = field(default=None, repr=False)
+    reduce_final: bool = True
+    #: grid tensors after which the grid was ended early (``split_graph``'s ``grid_end``)
+    grid_end: tuple[str, ...] = ()
 
     @property
     def input_name(self) -> str:
@@ -248,14 +251,15 @@ def analyze(
     image: Sequence[int] | None = None,
     input: str | None = None,
     reduce_final: bool = True,
+    grid_end: str | Sequence[str] = (),
 ) -> Analysis:
     """Analyse ``model``: locality split, cut tensors, receptive fields, alignment.
 
     ``image`` fixes the spatial size ((H, W) or (D, H, W)); without it the model's own sizes
     are used, and symbolic ones stay symbolic (strides and receptive fields do not need them).
-    ``reduce_final``: see :func:`~streamc.analysis.split.split_graph`.
+    ``reduce_final``, ``grid_end``: see :func:`~streamc.analysis.split.split_graph`.
     """
-    return analyze_checked(load_model(model), image, input, reduce_final)
+    return analyze_checked(load_model(model), image, input, reduce_final, grid_end)
 
 
 def analyze_checked(
@@ -263,17 +267,60 @@ def analyze_checked(
     image: Sequence[int] | None = None,
     input: str | None = None,
     reduce_final: bool = True,
+    grid_end: str | Sequence[str] = (),
 ) -> Analysis:
     """:func:`analyze` for a model that :func:`~streamc.graph.load_model` has already checked."""
     input_name = choose_image_input(proto, input)
     prepared = prepare(proto, image, input_name, batch=1)
+    return _analysis_of(prepared, proto, input_name, reduce_final, _names(grid_end))
+
+
+def with_grid_end(analysis: Analysis, grid_end: str | Sequence[str]) -> Analysis:
+    """``analysis`` of the same prepared model with the grid ended after ``grid_end``."""
+    return _analysis_of(analysis.model, analysis.source, analysis.input_name,
+                        analysis.reduce_final, _names(grid_end))
+
+
+def _names(tensors: str | Sequence[str]) -> tuple[str, ...]:
+    return (tensors,) if isinstance(tensors, str) else tuple(tensors)
+
+
+def grid_end_candidates(analysis: Analysis) -> list[str]:
+    """Where the grid can end early, shallowest first: for each cumulative stride below the
+    deepest, the last tensor at that stride through which everything after it passes (ending
+    the grid there leaves it the head's only grid input). Empty for a multi-stage grid."""
+    if analysis.split.stages > 1:
+        return []
+    levels: dict[tuple, list[str]] = {}
+    for name in analysis.split.prefix_tensors[1:]:
+        levels.setdefault(analysis.tensors[name].stride, []).append(name)
+    ends = [analysis.tensors[t].stride for t in analysis.ends if t in analysis.tensors]
+    if not ends:
+        return []
+    deepest = max(ends)
+    found = []
+    for stride, names in levels.items():
+        if stride == deepest or any(a > b for a, b in zip(stride, deepest)):
+            continue
+        for name in reversed(names):
+            split = split_graph(analysis.graph, analysis.input_name, analysis.reduce_final,
+                                (name,))
+            if split.cut_tensors == [name] and split.prefix:
+                found.append(name)
+                break
+    order = {t: k for k, t in enumerate(analysis.split.prefix_tensors)}
+    return sorted(found, key=order.__getitem__)
+
+
+def _analysis_of(prepared: onnx.ModelProto, proto: onnx.ModelProto | None, input_name: str,
+                 reduce_final: bool, grid_end: tuple[str, ...]) -> Analysis:
     graph = Graph.from_model(prepared)
-    split = split_graph(graph, input_name, reduce_final)
+    split = split_graph(graph, input_name, reduce_final, grid_end)
     for _ in range(len(split.prefix) + 1):
         if not _runtime_sizes(graph, split):
             break
         # rules that read sizes (auto_pad SAME) again
-        split = split_graph(graph, input_name, reduce_final)
+        split = split_graph(graph, input_name, reduce_final, grid_end)
     fields: dict[str, Field] = receptive_fields(graph, split)
     tensors = {}
     for tensor in split.prefix_tensors:
@@ -290,4 +337,6 @@ def analyze_checked(
         tensors=tensors,
         alignment=alignment({t: f.stride for t, f in fields.items()}, split.n_spatial),
         source=proto,
+        reduce_final=reduce_final,
+        grid_end=grid_end,
     )

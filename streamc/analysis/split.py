@@ -16,10 +16,14 @@ Stage ``k`` computes the grid nodes of phase ``k``; it reads grid tensors of ear
 (kept whole between stages), global tensors, and writes the grid tensors later stages or the
 head read, and the partial results of the reductions of its tensors. A network without
 reductions inside has one stage: the prefix of earlier versions.
+
+The grid may end early (``grid_end``): the nodes reading the named grid tensors, and everything
+after them, go to the head, which runs them on whole tensors.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from onnx import helper
@@ -139,8 +143,9 @@ class _Walk:
     """One pass over the nodes in order, classifying each (see :func:`split_graph`)."""
 
     def __init__(self, graph: Graph, input_name: str, n_spatial: int,
-                 reductions_allowed: bool) -> None:
+                 reductions_allowed: bool, grid_end: frozenset[str] = frozenset()) -> None:
         self.graph = graph
+        self.grid_end = grid_end
         self.dependent = image_dependent_tensors(graph, input_name)
         self.split = Split(input_name=input_name, n_spatial=n_spatial)
         self.ctx = LocalityContext(graph, self.dependent, n_spatial, self.split.layouts, set())
@@ -157,7 +162,7 @@ class _Walk:
                 self.split.constant_nodes.append(name)
                 continue
             kinds = {self.kind.get(i, "head") for i in inputs}
-            if "head" in kinds:
+            if "head" in kinds or not self.grid_end.isdisjoint(inputs):
                 self._to_head(name)
             elif "grid" in kinds:
                 self._grid_reader(name, node, inputs)
@@ -239,13 +244,15 @@ class _Walk:
                 self._mark_global(name, out, ready)
 
 
-def split_graph(graph: Graph, input_name: str, reduce_final: bool = True) -> Split:
+def split_graph(graph: Graph, input_name: str, reduce_final: bool = True,
+                grid_end: Collection[str] = ()) -> Split:
     """Split ``graph`` into stages of local ops (see the module docstring).
 
     ``reduce_final``: stream the head's whole-image reductions of grid tensors that the head
     reads only through them (a classifier's global pool) as per-tile partials, so that the
     reduced tensor is never whole; without it they start the head, which reads the whole
-    tensor (the *feature map*)."""
+    tensor (the *feature map*). ``grid_end``: grid tensors after which the grid ends (their
+    readers start the head); only for networks without whole-image statistics inside."""
     shape = graph.shape(input_name)
     if shape is None or len(shape) < 4:
         raise UnsupportedModelError(
@@ -253,11 +260,13 @@ def split_graph(graph: Graph, input_name: str, reduce_final: bool = True) -> Spl
             "two spatial axes."
         )
     n_spatial = len(shape) - 2
-    split = _Walk(graph, input_name, n_spatial, reductions_allowed=True).run()
+    ends = frozenset(grid_end)
+    split = _Walk(graph, input_name, n_spatial, reductions_allowed=True, grid_end=ends).run()
     _demote_dead_ends(graph, split, reduce_final)
     if not split.reductions:
         # No reduction is streamed: the classic split, reductions start the head.
-        split = _Walk(graph, input_name, n_spatial, reductions_allowed=False).run()
+        split = _Walk(graph, input_name, n_spatial, reductions_allowed=False,
+                      grid_end=ends).run()
     else:
         _defer_widening_casts(graph, split)
     if not split.prefix:
@@ -271,7 +280,22 @@ def split_graph(graph: Graph, input_name: str, reduce_final: bool = True) -> Spl
     outputs = set(graph.outputs)
     split.cut_tensors = [t for t in split.prefix_tensors if t in head_inputs or t in outputs]
     split.stage_io = _stage_io(graph, split)
+    if ends:
+        _check_grid_end(split, ends)
     return split
+
+
+def _check_grid_end(split: Split, ends: frozenset[str]) -> None:
+    outside = sorted(ends - set(split.prefix_tensors))
+    if outside:
+        raise UnsupportedModelError(
+            f"grid_end names {outside[0]!r}, which is not a tensor of the streamed prefix: give "
+            "the output of a local op (`streamc inspect MODEL` lists them).")
+    if split.stages > 1:
+        raise UnsupportedModelError(
+            "grid_end: the network has whole-image statistics inside (normalisation or "
+            "squeeze-and-excitation reductions between stages); ending the grid early is "
+            "supported only for networks whose grid is one stage.")
 
 
 def _stage_io(graph: Graph, split: Split) -> list[StageIO]:
