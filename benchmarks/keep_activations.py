@@ -6,10 +6,11 @@
 
 Each SIZE:TILE is one configuration. ``--keep-stride S[,S...]`` adds, for each S, a program
 compiled with ``keep_stride=S`` (every tile keeps its activations at cumulative stride S or
-more). ``--keep-tiles N`` adds a program compiled with
-``keep_tiles=N`` (N tiles keep their activations; ``all`` for every tile) to the alternation.
-Prints one JSON line per round; the medians, ratios and the memory plan's peak of each setting
-go to ``benchmarks/results/keep_activations.json`` (``--out``).
+more). ``--grid-end auto`` adds a program compiled with ``grid_end="auto"`` (the grid ends
+early where that raises the planned peak by at most 10 %). ``--keep-tiles N`` adds a program
+compiled with ``keep_tiles=N`` (N tiles keep their activations; ``all`` for every tile) to the
+alternation. Prints one JSON line per round; the medians, ratios and the memory plan's peak of
+each setting go to ``benchmarks/results/keep_activations.json`` (``--out``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def measure(size: int, tile: int, rounds: int, keep_tiles: str | None = None,
-            keep_strides: tuple[int, ...] = ()) -> dict:
+            keep_strides: tuple[int, ...] = (), grid_end: str | None = None) -> dict:
     module, program, x, label = resnet_setup(size, tile)
 
     def run_of(compiled, keep_activations: bool = True):
@@ -56,6 +57,9 @@ def measure(size: int, tile: int, rounds: int, keep_tiles: str | None = None,
     deep = {stride: compiled_with(keep_stride=stride) for stride in keep_strides}
     for stride, compiled in deep.items():
         runs[f"keep_stride={stride}"] = run_of(compiled)
+    ended = compiled_with(grid_end=grid_end) if grid_end is not None else None
+    if ended is not None:
+        runs[f"grid_end={grid_end}"] = run_of(ended)
     runs["torch"] = (module, torch.optim.SGD(module.parameters(), lr=1e-4))
 
     def step(name: str) -> float:
@@ -82,6 +86,13 @@ def measure(size: int, tile: int, rounds: int, keep_tiles: str | None = None,
                        "over_torch": round(medians[name] / medians["torch"], 3),
                        "flops_overhead": round(p.meta.flops.overhead, 4),
                        "kept_units": len(p.meta.kept)}
+    if ended is not None:
+        name = f"grid_end={grid_end}"
+        plans[name] = plan_program(ended, optimizer_copies=0)
+        extra[name] = {"ends_after": list(ended.meta.grid_end),
+                       "over_default": round(medians[name] / medians["keep=True"], 3),
+                       "over_torch": round(medians[name] / medians["torch"], 3),
+                       "flops_overhead": round(ended.meta.flops.overhead, 4)}
     if more is not None:
         name = f"keep_tiles={more.meta.kept_tiles}"
         plans[name] = plan_program(more, optimizer_copies=0)
@@ -107,6 +118,8 @@ def main() -> None:
                         help="also a program whose N tiles keep their activations (or 'all')")
     parser.add_argument("--keep-stride", default="",
                         help="also programs compiled with keep_stride=S, comma-separated")
+    parser.add_argument("--grid-end", default=None,
+                        help="also a program compiled with this grid_end (auto or a tensor)")
     parser.add_argument("--out", default=str(RESULTS / "keep_activations.json"))
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -114,7 +127,8 @@ def main() -> None:
     for config in args.configs:
         size, tile = (int(v) for v in config.split(":"))
         strides = tuple(int(s) for s in args.keep_stride.split(",") if s)
-        results.append(measure(size, tile, args.rounds, args.keep_tiles, strides))
+        results.append(measure(size, tile, args.rounds, args.keep_tiles, strides,
+                               args.grid_end))
         print(json.dumps(results[-1]), flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=Path(__file__).parent).stdout.strip()
@@ -122,7 +136,8 @@ def main() -> None:
         "command": "python -m benchmarks.keep_activations " + " ".join(args.configs)
                    + f" --rounds {args.rounds}"
                    + (f" --keep-tiles {args.keep_tiles}" if args.keep_tiles else "")
-                   + (f" --keep-stride {args.keep_stride}" if args.keep_stride else ""),
+                   + (f" --keep-stride {args.keep_stride}" if args.keep_stride else "")
+                   + (f" --grid-end {args.grid_end}" if args.grid_end else ""),
         "commit": commit, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "results": results}, indent=1) + "\n")
 
