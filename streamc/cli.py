@@ -361,14 +361,12 @@ def compile_command(model: str, tile: str | None, image: str | None, input_name:
         raise StreamcError("give either --tile or --memory-budget, not both.")
     if inference and saliency:
         raise StreamcError("give either --inference or --saliency, not both.")
-    _check_keep_tiles(keep_tiles, memory_budget,
-                      "inference" if inference else "saliency" if saliency else "train")
-    _check_keep_stride(keep_stride, keep_tiles,
-                       "inference" if inference else "saliency" if saliency else "train")
+    mode = "inference" if inference else "saliency" if saliency else "train"
+    _check_keep_tiles(keep_tiles, memory_budget, mode)
+    _check_keep_stride(keep_stride, keep_tiles, mode)
     if memory_budget and (inference or saliency):
         raise StreamcError("--memory-budget plans training steps: give a tile (--tile) with "
                            "--inference or --saliency.")
-    mode = "inference" if inference else "saliency" if saliency else "train"
     if not tile and not memory_budget:
         raise StreamcError("give a tile size (--tile 2048) or a memory budget (--memory-budget).")
     _refuse_workers_with_reuse(workers, halo)

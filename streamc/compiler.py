@@ -208,8 +208,8 @@ def compile_state(analysis: Analysis, tile: int | str | Sequence[int], source: S
                                "mode": mode, "halo": halo, "keep_tiles": keep_tiles,
                                "keep_stride": keep_stride}
     if grid_end != "auto":
-        if grid_end is not None and tuple(_tensor_names(grid_end)) != analysis.grid_end:
-            analysis = with_grid_end(analysis, _tensor_names(grid_end))
+        if grid_end is not None:
+            analysis = with_grid_end(analysis, grid_end)
         return _run_passes(analysis, options, with_flops, with_memory_plan)
     steered = keep_tiles is not None or keep_stride is not None
     candidates = grid_end_candidates(analysis) if mode == "train" and not steered else []
@@ -232,11 +232,6 @@ def compile_state(analysis: Analysis, tile: int | str | Sequence[int], source: S
             f"{whole['memory_plan'].peak / 2**20:.0f} MiB with the whole grid (grid_end='auto'; "
             "grid_end=None keeps the grid whole).")
     return chosen if with_memory_plan else _without_plan(chosen)
-
-
-
-def _tensor_names(grid_end: str | Sequence[str]) -> tuple[str, ...]:
-    return (grid_end,) if isinstance(grid_end, str) else tuple(grid_end)
 
 
 def _without_plan(state: dict[str, Any]) -> dict[str, Any]:
