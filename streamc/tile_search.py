@@ -217,8 +217,10 @@ def keep_within(chosen: TilePlan, limit: int, analysis: Analysis, source,
     if before >= len(chosen.program.tiles):
         return chosen, 0
     say(f"keeping more tiles' activations at tile {chosen.tile} within the budget")
+    grid_end = chosen.program.meta.grid_end or None  # the chosen program's, named or auto's
     every = _plan_tile(analysis, chosen.tile, source, conventional, policy, exact,
-                       optimizer_copies, max_tiles, halo, len(chosen.program.tiles))
+                       optimizer_copies, max_tiles, halo, len(chosen.program.tiles),
+                       grid_end=grid_end)
     kept = every.program.meta.kept
     if every.program.meta.halo != "reuse":  # kept in run order: the first ones go back first
         kept = tuple(reversed(kept))
@@ -240,7 +242,7 @@ def keep_within(chosen: TilePlan, limit: int, analysis: Analysis, source,
     if low == before:
         return chosen, 1
     filled = _plan_tile(analysis, chosen.tile, source, conventional, policy, exact,
-                        optimizer_copies, max_tiles, halo, low)
+                        optimizer_copies, max_tiles, halo, low, grid_end=grid_end)
     return (filled, 2) if filled.peak <= limit else (chosen, 2)
 
 

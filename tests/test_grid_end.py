@@ -111,3 +111,13 @@ def test_cli_grid_end(tmp_path, resnet) -> None:
                        "-o", str(tmp_path / "r"))
     assert_one_line_error(code, err, "nosuch", "streamc inspect", status=code or 2)
     assert code != 0
+
+
+def test_keep_tiles_auto_keeps_a_named_grid_end(resnet) -> None:
+    from streamc.tile_search import search_tiles
+
+    tensor = grid_end_candidates(streamc.analyze(resnet.onnx_model, IMAGE[2:]))[-1]
+    search = search_tiles(resnet.onnx_model, None, tiles=[TILE], budget="64GiB",
+                          keep_tiles="auto", grid_end=tensor)
+    assert search.chosen.program.meta.kept_tiles > 1  # keep_within compiled it again
+    assert search.chosen.program.meta.grid_end == (tensor,)
