@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -391,11 +390,14 @@ def test_plot_problems_are_found_before_planning(model_file: Path, tmp_path: Pat
 def test_ctrl_c_is_one_line_and_installs_nothing(model_file: Path, tmp_path: Path) -> None:
     target = tmp_path / "big.streamc"
     process = subprocess.Popen([*STREAMC, "compile", str(model_file), "--image", "8192x8192",
-                                "--tile", "256", "-o", str(target)],
+                                "--memory-budget", "900MiB", "-o", str(target)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(4.0)  # past the imports even on a busy machine (they take ~1.5 s), mid-compile
+    # The tile search's first progress line: past the imports (a fixed wait was not, on a
+    # fresh venv compiling its bytecode), and the first candidate's compile has begun.
+    first = process.stderr.readline()
+    assert first.startswith("streamc: planning tile"), first
     process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=120)
+    out, err = process.communicate(timeout=120)  # what follows the progress line
     if process.returncode == 0:
         pytest.skip("the compile finished before the interrupt")
     assert_one_line_error(process.returncode, err, "interrupted", status=130)
