@@ -4,7 +4,11 @@ planned peak is within the allowance (checked against plans made one cut at a ti
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
+import torch
 
 import streamc
 import zoo
@@ -12,8 +16,10 @@ from streamc.analysis.analyze import grid_end_candidates
 from streamc.compiler import GRID_END_ALLOWANCE
 from streamc.compiler import compile as compile_program
 from streamc.errors import StreamcError
+from streamc.export import export_torch
+from streamc.graph import prepare
 from tests.test_cli import assert_one_line_error, run
-from tests.test_exactness import assert_matches_torch
+from tests.test_exactness import _CeilPools, assert_matches_torch
 from tests.test_multistage import CASES, built
 
 IMAGE = (1, 3, 96, 96)
@@ -121,3 +127,45 @@ def test_keep_tiles_auto_keeps_a_named_grid_end(resnet) -> None:
                           keep_tiles="auto", grid_end=tensor)
     assert search.chosen.program.meta.kept_tiles > 1  # keep_within compiled it again
     assert search.chosen.program.meta.grid_end == (tensor,)
+
+
+def test_ceil_mode_pools_moved_into_the_head_match_torch() -> None:
+    """Pools whose last window would start in the end padding run whole in the head: ORT
+    loads and runs their graphs (it checked them against ONNX shape inference, which counts
+    that window, until prepare gave them the end pad without it)."""
+    torch.manual_seed(0)
+    module = _CeilPools().eval()
+    shape = (1, 2, 29, 26)
+    model = export_torch(module, shape, dynamic=False)
+    candidates = grid_end_candidates(streamc.analyze(model))
+    assert len(candidates) == 2  # before pool1 and before pool2
+    for tensor in candidates:
+        program = compile_program(model, 18, with_flops=False, with_memory_plan=False,
+                                  grid_end=tensor)
+        assert len(program.tiles) > 1
+        assert assert_matches_torch(program, module, model, zoo.random_image(shape)) < 2e-6
+
+
+def test_prepare_drops_the_windows_ort_drops() -> None:
+    """After prepare, plain ONNX shape inference gives the pools the sizes ORT computes, and
+    the prepared model computes what the exported one does."""
+    torch.manual_seed(0)
+    module = _CeilPools().eval()
+    shape = (1, 2, 29, 26)
+    model = export_torch(module, shape, dynamic=False)
+    prepared = prepare(model, shape[2:], batch=1)
+    bare = onnx.ModelProto()
+    bare.CopyFrom(prepared)
+    del bare.graph.value_info[:]  # prepare's, inferred on stand-ins: infer afresh
+    inferred = onnx.shape_inference.infer_shapes(bare)
+    sizes = {v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim)
+             for v in inferred.graph.value_info}
+    with torch.no_grad():
+        p1 = module.pool1(torch.tanh(module.conv1(torch.zeros(shape))))
+        p2 = module.pool2(torch.tanh(module.conv2(p1)))
+    pools = [n.output[0] for n in prepared.graph.node if n.op_type.endswith("Pool")]
+    assert [sizes[t] for t in pools] == [tuple(p1.shape), tuple(p2.shape)]
+    image = zoo.random_image(shape)
+    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+           .run(None, {m.graph.input[0].name: image})[0] for m in (model, prepared)]
+    np.testing.assert_array_equal(run[0], run[1])

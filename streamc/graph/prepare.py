@@ -112,6 +112,8 @@ def prepare(
     trainable = set(trainable_initializers(model))
     model = _fold(_infer(model), trainable)
     _empty_pads_to_identity(model)
+    if _drop_windows_in_end_padding(model):
+        model = _infer(model)
     # Lowering needs every shape: after folding, Reshape targets computed by Shape ops are known.
     if lower(model, _shapes(model), trainable):
         drop_unused_initializers(model.graph)
@@ -136,6 +138,49 @@ def _empty_pads_to_identity(model: onnx.ModelProto) -> None:
             node.op_type = "Identity"
             del node.input[1:]
             del node.attribute[:]
+
+
+def _drop_windows_in_end_padding(model: onnx.ModelProto) -> bool:
+    """Give each ceil_mode pool whose last window would start in the end padding the end pad
+    without it; True if any changed.
+
+    ONNX Runtime and torch drop that window, ONNX shape inference before opset 22 keeps it, so
+    a graph holding such a pool on a whole tensor (the head) fails in ORT's own shape checks.
+    With the smaller end pad both count the same windows, and every kept window reads the same
+    input positions; only pools whose values ignore padding are rewritten (max and Lp pools,
+    average pools without ``count_include_pad``)."""
+    sizes = _spatial_shapes(model)
+    changed = False
+    for node in model.graph.node:
+        attrs = attributes(node)
+        if (node.op_type not in CEIL_MODE_POOLS or not attrs.get("ceil_mode", 0)
+                or attrs.get("auto_pad", "NOTSET") != "NOTSET" or node.input[0] not in sizes
+                or (node.op_type == "AveragePool" and attrs.get("count_include_pad", 0))):
+            continue
+        shape = sizes[node.input[0]]
+        n = len(shape)
+        kernel = attrs.get("kernel_shape", [1] * n)
+        strides = attrs.get("strides", [1] * n)
+        dilations = attrs.get("dilations", [1] * n)
+        pads = list(attrs.get("pads", [0] * (2 * n)))
+        ends = pads[n:]
+        for i, size in enumerate(shape):
+            window = Window(kernel[i], strides[i], dilations[i], pads[i], pads[n + i],
+                            ceil_mode=True)
+            kept = window.out_size(size)
+            end = (kept - 1) * strides[i] + window.span - size - pads[i]
+            if 0 <= end < ends[i] and _ceil_count(window, size, end) == kept:
+                ends[i] = end
+        if ends != pads[n:]:
+            set_attribute(node, "pads", pads[:n] + ends)
+            changed = True
+    return changed
+
+
+def _ceil_count(window: Window, size: int, pad_end: int) -> int:
+    """Windows ONNX shape inference (before opset 22) counts under ceil_mode with ``pad_end``."""
+    total = size + window.pad_begin + pad_end - window.span
+    return -(-total // window.stride) + 1
 
 
 def _fold(model: onnx.ModelProto, trainable: set[str]) -> onnx.ModelProto:
