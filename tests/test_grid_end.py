@@ -169,3 +169,34 @@ def test_prepare_drops_the_windows_ort_drops() -> None:
     run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
            .run(None, {m.graph.input[0].name: image})[0] for m in (model, prepared)]
     np.testing.assert_array_equal(run[0], run[1])
+
+
+class _StridedCeilPool3d(torch.nn.Module):
+    """A ceil_mode pool without padding whose last window would start past the input (the
+    random 3-D nets found it): no end pad to take away, so it becomes floor-mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, 1)
+        self.pool = torch.nn.AvgPool3d(1, stride=(1, 1, 2), ceil_mode=True,
+                                       count_include_pad=False)
+        self.fc = torch.nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.conv(x)).mean(dim=(2, 3, 4)))
+
+
+def test_a_ceil_mode_pool_without_padding_runs_whole_in_the_head() -> None:
+    torch.manual_seed(0)
+    module = _StridedCeilPool3d().eval()
+    shape = (1, 1, 6, 6, 6)
+    model = export_torch(module, shape, dynamic=False)
+    pool = next(n for n in prepare(model, shape[2:], batch=1).graph.node
+                if n.op_type == "AveragePool")
+    assert onnx.helper.get_attribute_value(
+        next(a for a in pool.attribute if a.name == "ceil_mode")) == 0
+    conv = streamc.analyze(model).split.prefix_tensors[1]
+    program = compile_program(model, 2, with_flops=False, with_memory_plan=False,
+                              grid_end=conv)
+    assert len(program.tiles) > 1
+    assert assert_matches_torch(program, module, model, zoo.random_image(shape)) < 2e-6

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -141,14 +142,15 @@ def _empty_pads_to_identity(model: onnx.ModelProto) -> None:
 
 
 def _drop_windows_in_end_padding(model: onnx.ModelProto) -> bool:
-    """Give each ceil_mode pool whose last window would start in the end padding the end pad
-    without it; True if any changed.
+    """Rewrite each ceil_mode pool whose last window would start in the end padding so that it
+    no longer has that window; True if any changed.
 
     ONNX Runtime and torch drop that window, ONNX shape inference before opset 22 keeps it, so
     a graph holding such a pool on a whole tensor (the head) fails in ORT's own shape checks.
-    With the smaller end pad both count the same windows, and every kept window reads the same
-    input positions; only pools whose values ignore padding are rewritten (max and Lp pools,
-    average pools without ``count_include_pad``)."""
+    The pool becomes floor-mode when that counts the same windows on every axis, else keeps
+    ceil_mode with the end pads that leave that window out; either way every kept window reads
+    the same input positions. Only pools whose values ignore padding are rewritten (max and Lp
+    pools, average pools without ``count_include_pad``)."""
     sizes = _spatial_shapes(model)
     changed = False
     for node in model.graph.node:
@@ -159,18 +161,21 @@ def _drop_windows_in_end_padding(model: onnx.ModelProto) -> bool:
             continue
         shape = sizes[node.input[0]]
         n = len(shape)
-        kernel = attrs.get("kernel_shape", [1] * n)
-        strides = attrs.get("strides", [1] * n)
-        dilations = attrs.get("dilations", [1] * n)
         pads = list(attrs.get("pads", [0] * (2 * n)))
-        ends = pads[n:]
-        for i, size in enumerate(shape):
-            window = Window(kernel[i], strides[i], dilations[i], pads[i], pads[n + i],
-                            ceil_mode=True)
-            kept = window.out_size(size)
-            end = (kept - 1) * strides[i] + window.span - size - pads[i]
-            if 0 <= end < ends[i] and _ceil_count(window, size, end) == kept:
-                ends[i] = end
+        windows = [Window(k, s, d, pads[i], pads[n + i], ceil_mode=True) for i, (k, s, d) in
+                   enumerate(zip(attrs.get("kernel_shape", [1] * n),
+                                 attrs.get("strides", [1] * n), attrs.get("dilations", [1] * n)))]
+        kept = [w.out_size(size) for w, size in zip(windows, shape)]
+        if kept == [_ceil_count(w, size, w.pad_end) for w, size in zip(windows, shape)]:
+            continue  # ONNX counts what ORT computes
+        if kept == [replace(w, ceil_mode=False).out_size(size) for w, size in zip(windows, shape)]:
+            set_attribute(node, "ceil_mode", 0)
+            changed = True
+            continue
+        ends = [(m - 1) * w.stride + w.span - size - w.pad_begin
+                for w, size, m in zip(windows, shape, kept)]
+        ends = [e if 0 <= e < w.pad_end and _ceil_count(w, size, e) == m else w.pad_end
+                for e, w, size, m in zip(ends, windows, shape, kept)]
         if ends != pads[n:]:
             set_attribute(node, "pads", pads[:n] + ends)
             changed = True
