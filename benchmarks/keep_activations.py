@@ -6,8 +6,9 @@
 
 Each SIZE:TILE is one configuration. ``--keep-stride S[,S...]`` adds, for each S, a program
 compiled with ``keep_stride=S`` (every tile keeps its activations at cumulative stride S or
-more). ``--grid-end auto`` adds a program compiled with ``grid_end="auto"`` (the grid ends
-early where that raises the planned peak by at most 10 %). ``--keep-tiles N`` adds a program
+more). ``--grid-end none`` adds a program compiled with ``grid_end=None`` (the whole grid;
+the default ``"auto"`` ends it early where that raises the planned peak by at most 10 %), or
+``--grid-end NAME`` one ended at that tensor. ``--keep-tiles N`` adds a program
 compiled with ``keep_tiles=N`` (N tiles keep their activations; ``all`` for every tile) to the
 alternation. Prints one JSON line per round; the medians, ratios and the memory plan's peak of
 each setting go to ``benchmarks/results/keep_activations.json`` (``--out``).
@@ -57,7 +58,9 @@ def measure(size: int, tile: int, rounds: int, keep_tiles: str | None = None,
     deep = {stride: compiled_with(keep_stride=stride) for stride in keep_strides}
     for stride, compiled in deep.items():
         runs[f"keep_stride={stride}"] = run_of(compiled)
-    ended = compiled_with(grid_end=grid_end) if grid_end is not None else None
+    ended = None
+    if grid_end is not None:
+        ended = compiled_with(grid_end=None if grid_end == "none" else grid_end)
     if ended is not None:
         runs[f"grid_end={grid_end}"] = run_of(ended)
     runs["torch"] = (module, torch.optim.SGD(module.parameters(), lr=1e-4))
@@ -89,7 +92,7 @@ def measure(size: int, tile: int, rounds: int, keep_tiles: str | None = None,
     if ended is not None:
         name = f"grid_end={grid_end}"
         plans[name] = plan_program(ended, optimizer_copies=0)
-        extra[name] = {"ends_after": list(ended.meta.grid_end),
+        extra[name] = {"ends_after": list(ended.meta.grid_end) or None,
                        "over_default": round(medians[name] / medians["keep=True"], 3),
                        "over_torch": round(medians[name] / medians["torch"], 3),
                        "flops_overhead": round(ended.meta.flops.overhead, 4)}
@@ -102,6 +105,7 @@ def measure(size: int, tile: int, rounds: int, keep_tiles: str | None = None,
                  "more_flops_overhead": round(more.meta.flops.overhead, 4)}
     return {
         "size": size, "tile": tile, "grid": list(program.meta.grid), "tiles": len(program.tiles),
+        "default_ends_after": list(program.meta.grid_end) or None,
         "kept": [list(u) for u in program.meta.kept], "median_s": medians,
         "kept_over_recompute": round(medians["keep=True"] / medians["keep=False"], 3),
         "kept_over_torch": round(medians["keep=True"] / medians["torch"], 3),
@@ -119,7 +123,7 @@ def main() -> None:
     parser.add_argument("--keep-stride", default="",
                         help="also programs compiled with keep_stride=S, comma-separated")
     parser.add_argument("--grid-end", default=None,
-                        help="also a program compiled with this grid_end (auto or a tensor)")
+                        help="also a program compiled with this grid_end (none or a tensor)")
     parser.add_argument("--out", default=str(RESULTS / "keep_activations.json"))
     args = parser.parse_args()
     warnings.filterwarnings("ignore")

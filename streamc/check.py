@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from streamc.compiler import GridEnd
 from streamc.compiler import compile as compile_program
 from streamc.errors import StreamcError
 from streamc.graph import load_model, prepare
@@ -291,12 +292,14 @@ def check(
     policy: RuntimePolicy = DEFAULT_POLICY,
     finite_difference: bool = True,
     halo: str = DEFAULT_HALO,
+    grid_end: GridEnd = "auto",
 ) -> CheckReport:
-    """Compile (unless ``program`` is given; ``halo`` as :func:`streamc.compile`) and compare
-    tiled with untiled results and with finite differences (see the module docstring)."""
+    """Compile (unless ``program`` is given; ``halo`` and ``grid_end`` as
+    :func:`streamc.compile`) and compare tiled with untiled results and with finite differences
+    (see the module docstring)."""
     proto = load_model(model)
     program = program or compile_program(proto, tile, image=image, input=input, with_flops=False,
-                                         halo=halo)
+                                         halo=halo, grid_end=grid_end)
     _refuse_without_memory(program)
     rng = np.random.default_rng(seed)
     shape = program.input_shape

@@ -238,11 +238,11 @@ def _parse_grid_end(_ctx, _param, value: str | None):
 
 
 _GRID_END = click.option(
-    "--grid-end", default=None, callback=_parse_grid_end, metavar="auto|none|TENSOR[,...]",
+    "--grid-end", default="auto", callback=_parse_grid_end, metavar="auto|none|TENSOR[,...]",
     help="End the grid early; the rest of the network runs on whole tensors in the head. "
-         "auto (training): at the shallowest stride boundary where that raises the planned "
-         "peak by at most 10%; or grid tensor names (streamc inspect lists them). Default "
-         "none: where the local ops end.")
+         "auto (default; training): at the shallowest stride boundary where that raises the "
+         "planned peak by at most 10%; none: where the local ops end; or grid tensor names "
+         "(streamc inspect lists them).")
 
 
 def _check_keep_stride(keep_stride: int | None, keep_tiles: int | str | None,
@@ -306,7 +306,7 @@ def _print_program_summary(program, out: Path | None) -> None:
         click.echo(f"kept:         {which}")
     if meta.grid_end:
         click.echo(f"grid end:     ended early at {', '.join(meta.grid_end)}: the rest runs on "
-                   "whole tensors in the head")
+                   "whole tensors in the head (--grid-end none keeps the grid whole)")
     bands = [b for b in meta.buffers if b.kind == "band"]
     if bands:
         click.echo(f"strips:       {len(bands)} bands handed on between tiles "
@@ -418,15 +418,18 @@ def _print_worker_shares(program, workers: int) -> None:
               help="Skip the finite-difference check of the gradients.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_HALO
+@_GRID_END
 @_fail_cleanly
 def check(model: str, image: str | None, tile: str, input_name: str | None, seed: int,
-          tolerance: float, no_fd: bool, as_json: bool, halo: str) -> None:
+          tolerance: float, no_fd: bool, as_json: bool, halo: str,
+          grid_end: str | list[str] | None) -> None:
     """Run the tiled program against an untiled run of MODEL and the gradients against finite
     differences; exit 1 on a mismatch."""
     from streamc.check import check as run_check
 
     report = run_check(model, parse_image(image), tile, input=input_name, seed=seed,
-                       tolerance=tolerance, finite_difference=not no_fd, halo=halo)
+                       tolerance=tolerance, finite_difference=not no_fd, halo=halo,
+                       grid_end=grid_end)
     _print_check(report, as_json)
     if not report.ok:
         sys.exit(1)

@@ -57,7 +57,13 @@ from streamc.passes.flops import backward_flops, count_flops
 from streamc.passes.hoist import HoistedGraphs, hoist_weight_work
 from streamc.passes.keep import Kept, kept_units, split_recompute
 from streamc.passes.manager import Pass, PassManager
-from streamc.passes.memory import ConventionalPlan, MemoryPlan, plan_conventional, plan_program
+from streamc.passes.memory import (
+    ConventionalPlan,
+    MemoryPlan,
+    head_memory,
+    plan_conventional,
+    plan_program,
+)
 from streamc.passes.schedule import (
     DEFAULT_HALO,
     MAX_TILES,
@@ -100,7 +106,7 @@ def compile(
     halo: str = DEFAULT_HALO,
     keep_tiles: int | None = None,
     keep_stride: int | None = None,
-    grid_end: GridEnd = None,
+    grid_end: GridEnd = "auto",
 ) -> Program:
     """Compile ``model`` into a tiled program for images of size ``image`` ((H, W) or (D, H, W)).
 
@@ -125,11 +131,11 @@ def compile(
     keep everything keep the activations of their tensors whose cumulative stride is at least
     this many pixels (the deep layers: small, and as costly to recompute as the large shallow
     ones) and recompute only the rest. ``grid_end``: end the grid early, the rest of the
-    network running on whole tensors in the head: ``"auto"`` (training programs) at the
-    shallowest stride boundary where that raises the planned peak by at most
+    network running on whole tensors in the head: ``"auto"`` (default; training programs) at
+    the shallowest stride boundary where that raises the planned peak by at most
     ``GRID_END_ALLOWANCE`` over the whole grid's (docs/architecture.md "Ending the grid
-    early"), unless ``keep_tiles`` or ``keep_stride`` is given; or grid tensor names; ``None``
-    (default): where the network's local ops end.
+    early"), unless ``keep_tiles`` or ``keep_stride`` is given; grid tensor names; or ``None``:
+    where the network's local ops end.
     """
     with paused_gc():
         started = time.perf_counter()
@@ -156,7 +162,7 @@ def compile_analysis(analysis: Analysis, tile: int | str | Sequence[int], source
                      policy: RuntimePolicy = DEFAULT_POLICY, max_tiles: int = MAX_TILES,
                      started: float | None = None, mode: ProgramMode = "train",
                      halo: str = DEFAULT_HALO, keep_tiles: int | None = None,
-                     keep_stride: int | None = None, grid_end: GridEnd = None) -> Program:
+                     keep_stride: int | None = None, grid_end: GridEnd = "auto") -> Program:
     """Compile an analysed model (see :func:`compile`)."""
     started = time.perf_counter() if started is None else started
     state = compile_state(analysis, tile, source, with_flops=with_flops,
@@ -175,7 +181,7 @@ def compile_state(analysis: Analysis, tile: int | str | Sequence[int], source: S
                   optimizer_copies: int = 2, max_tiles: int = MAX_TILES,
                   mode: ProgramMode = "train", halo: str = DEFAULT_HALO,
                   keep_tiles: int | None = None,
-                  keep_stride: int | None = None, grid_end: GridEnd = None) -> dict[str, Any]:
+                  keep_stride: int | None = None, grid_end: GridEnd = "auto") -> dict[str, Any]:
     """Run the compiler's passes on ``analysis`` and return their results by name
     (``"program"``, ``"memory_plan"`` ...); the program's description holds the memory plan.
     An inference program has no memory plan (the planner plans training steps). ``grid_end``:
@@ -219,18 +225,19 @@ def compile_state(analysis: Analysis, tile: int | str | Sequence[int], source: S
     if len(whole["program"].tiles) < 2:
         return whole if with_memory_plan else _without_plan(whole)
     limit = whole["memory_plan"].peak * (1 + GRID_END_ALLOWANCE)
+    resident = whole["memory_plan"].resident.total
     chosen = whole
     for tensor in candidates:  # the shallowest first; shallow cuts compile fast (short grids)
-        state = _run_passes(with_grid_end(analysis, tensor), options, with_flops, True)
+        ended = with_grid_end(analysis, tensor)
+        if resident + head_memory(ended) > limit:
+            continue  # its head alone would pass the limit: not worth compiling
+        try:
+            state = _run_passes(ended, options, with_flops, True)
+        except CompileError:
+            continue  # this tile does not fit that grid (e.g. too small for its alignment)
         if state["memory_plan"].peak <= limit:
             chosen = state
             break
-    if chosen is not whole:
-        chosen["program"].meta.notes.append(
-            f"the grid ends at {chosen['analysis'].grid_end[0]!r} and the rest runs whole in "
-            f"the head: planned peak {chosen['memory_plan'].peak / 2**20:.0f} MiB against "
-            f"{whole['memory_plan'].peak / 2**20:.0f} MiB with the whole grid (grid_end='auto'; "
-            "grid_end=None keeps the grid whole).")
     return chosen if with_memory_plan else _without_plan(chosen)
 
 

@@ -133,7 +133,7 @@ def search_tiles(model: str | Path | onnx.ModelProto, image: Sequence[int] | Non
                  policy: RuntimePolicy = DEFAULT_POLICY, progress: Progress | None = None,
                  max_tiles: int = MAX_TILES, halo: str = DEFAULT_HALO,
                  keep_tiles: int | Literal["auto"] | None = None,
-                 keep_stride: int | None = None, grid_end: GridEnd = None) -> TileSearch:
+                 keep_stride: int | None = None, grid_end: GridEnd = "auto") -> TileSearch:
     """Compile and plan ``model`` at each tile size in ``tiles`` (default
     :func:`candidate_tiles`); with ``budget`` (bytes or a size such as ``'8GiB'``) from the
     largest down, stopping at the first that fits, which is :attr:`TileSearch.chosen`.
@@ -249,7 +249,7 @@ def keep_within(chosen: TilePlan, limit: int, analysis: Analysis, source,
 def _plan_tile(analysis: Analysis, tile: int, source, conventional: ConventionalPlan,
                policy: RuntimePolicy, exact: bool, optimizer_copies: int,
                max_tiles: int, halo: str, keep_tiles: int | None = None,
-               keep_stride: int | None = None, grid_end: GridEnd = None) -> TilePlan:
+               keep_stride: int | None = None, grid_end: GridEnd = "auto") -> TilePlan:
     state = compile_state(analysis, tile, source, with_flops=True, with_memory_plan=True,
                           conventional=conventional, policy=policy, exact=exact,
                           optimizer_copies=optimizer_copies, max_tiles=max_tiles, halo=halo,

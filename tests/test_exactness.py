@@ -354,7 +354,8 @@ ZOO_TILES: dict[str, int | tuple[int, ...]] = {
 @pytest.mark.parametrize("name", zoo.LOCAL_NAMES)
 def test_zoo_matches_torch(name: str) -> None:
     zm = zoo.build(name)
-    program = compile_program(zm.onnx_model, ZOO_TILES[name], with_flops=False)
+    # The whole grid: every local op of the model streamed (auto may end it early).
+    program = compile_program(zm.onnx_model, ZOO_TILES[name], with_flops=False, grid_end=None)
     assert len(program.tiles) >= 4, len(program.tiles)
     worst = assert_matches_torch(program, zm.module, zm.onnx_model, zm.image(seed=1))
     assert worst < 2e-6  # measured: every zoo model is below 1e-6
@@ -366,7 +367,8 @@ def test_zoo_matches_torch(name: str) -> None:
 
 
 def assert_matches_untiled(model: onnx.ModelProto, tile, seed: int = 0) -> Program:
-    program = compile_program(model, tile, with_flops=False)
+    # The whole grid: these graphs are built to exercise its structure (auto may end it early).
+    program = compile_program(model, tile, with_flops=False, grid_end=None)
     rng = np.random.default_rng(seed)
     image = rng.standard_normal(program.input_shape).astype(np.float32)
     params = {k: np.asarray(v) for k, v in program.parameters.items()}

@@ -12,12 +12,13 @@ import torch
 
 import streamc
 import zoo
-from streamc.analysis.analyze import grid_end_candidates
+from streamc.analysis.analyze import grid_end_candidates, with_grid_end
 from streamc.compiler import GRID_END_ALLOWANCE
 from streamc.compiler import compile as compile_program
 from streamc.errors import StreamcError
 from streamc.export import export_torch
 from streamc.graph import prepare
+from streamc.passes.memory import head_memory
 from tests.test_cli import assert_one_line_error, run
 from tests.test_exactness import _CeilPools, assert_matches_torch
 from tests.test_multistage import CASES, built
@@ -57,7 +58,7 @@ def test_every_candidate_cut_matches_torch(resnet) -> None:
 
 
 def test_auto_ends_at_the_shallowest_cut_within_the_allowance(resnet) -> None:
-    whole = compile_program(resnet.onnx_model, TILE, with_flops=False)
+    whole = compile_program(resnet.onnx_model, TILE, with_flops=False, grid_end=None)
     analysis = streamc.analyze(resnet.onnx_model, IMAGE[2:])
     limit = whole.memory_plan["peak"] * (1 + GRID_END_ALLOWANCE)
     expected = ()
@@ -68,15 +69,25 @@ def test_auto_ends_at_the_shallowest_cut_within_the_allowance(resnet) -> None:
             expected = (tensor,)
             break
     assert expected, "the test wants an image small enough for some cut to fit"
-    auto = compile_program(resnet.onnx_model, TILE, with_flops=False, grid_end="auto")
+    auto = compile_program(resnet.onnx_model, TILE, with_flops=False)  # auto is the default
     assert auto.meta.grid_end == expected
     assert auto.memory_plan["peak"] <= limit
-    assert any("the grid ends at" in note for note in auto.meta.notes)
     worst = assert_matches_torch(auto, resnet.module, resnet.onnx_model, resnet.image(seed=3))
     assert worst < 2e-6
     unplanned = compile_program(resnet.onnx_model, TILE, with_flops=False,
                                 with_memory_plan=False, grid_end="auto")
     assert unplanned.meta.grid_end == expected and unplanned.memory_plan is None
+
+
+def test_head_memory_bounds_the_planned_head_phase_from_below(resnet) -> None:
+    # auto skips compiling a cut whose head_memory already passes the limit: sound only while
+    # head_memory is below what the plan gives that program's head phase.
+    analysis = streamc.analyze(resnet.onnx_model, IMAGE[2:])
+    for tensor in grid_end_candidates(analysis):
+        plan = compile_program(resnet.onnx_model, TILE, with_flops=False,
+                               grid_end=tensor).memory_plan
+        estimate = plan["resident"]["total"] + head_memory(with_grid_end(analysis, tensor))
+        assert 0 < estimate <= plan["phases"]["head backward"], tensor
 
 
 def test_auto_leaves_the_grid_whole_when_keeping_is_steered(resnet) -> None:
@@ -107,11 +118,11 @@ def test_cli_grid_end(tmp_path, resnet) -> None:
 
     path = tmp_path / "resnet.onnx"
     onnx.save(resnet.onnx_model, str(path))
-    code, out, err = run("compile", str(path), "--tile", str(TILE), "--grid-end", "auto",
-                         "-o", str(tmp_path / "p"))
+    code, out, err = run("compile", str(path), "--tile", str(TILE), "-o", str(tmp_path / "p"))
     assert code == 0, err
-    assert "grid end:     ended early at" in out
-    code, out, err = run("compile", str(path), "--tile", str(TILE), "-o", str(tmp_path / "q"))
+    assert "grid end:     ended early at" in out and "--grid-end none" in out
+    code, out, err = run("compile", str(path), "--tile", str(TILE), "--grid-end", "none",
+                         "-o", str(tmp_path / "q"))
     assert code == 0 and "grid end:" not in out, err
     code, _, err = run("compile", str(path), "--tile", str(TILE), "--grid-end", "nosuch",
                        "-o", str(tmp_path / "r"))
@@ -200,3 +211,53 @@ def test_a_ceil_mode_pool_without_padding_runs_whole_in_the_head() -> None:
                               grid_end=conv)
     assert len(program.tiles) > 1
     assert assert_matches_torch(program, module, model, zoo.random_image(shape)) < 2e-6
+
+
+class _PartialCeilPool3d(torch.nn.Module):
+    """A ceil_mode pool without padding that drops its last window on one axis (it would start
+    past the input) and keeps a partial one on another (the random 3-D nets found it): floor
+    mode with an end pad of one on the second axis computes ORT's windows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, 1)
+        self.pool = torch.nn.AvgPool3d((1, 1, 3), stride=(1, 2, 2), ceil_mode=True,
+                                       count_include_pad=False)
+        self.fc = torch.nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.conv(x)).mean(dim=(2, 3, 4)))
+
+
+def test_a_partial_ceil_mode_window_becomes_a_floor_mode_end_pad() -> None:
+    torch.manual_seed(0)
+    module = _PartialCeilPool3d().eval()
+    shape = (1, 1, 6, 6, 6)
+    model = export_torch(module, shape, dynamic=False)
+    pool = next(n for n in prepare(model, shape[2:], batch=1).graph.node
+                if n.op_type == "AveragePool")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in pool.attribute}
+    assert attrs["ceil_mode"] == 0 and list(attrs["pads"]) == [0, 0, 0, 0, 0, 1]
+    conv = streamc.analyze(model).split.prefix_tensors[1]
+    program = compile_program(model, 2, with_flops=False, with_memory_plan=False,
+                              grid_end=conv)
+    assert assert_matches_torch(program, module, model, zoo.random_image(shape)) < 2e-6
+
+
+def test_auto_passes_over_a_cut_the_tile_cannot_compile(resnet, monkeypatch) -> None:
+    # A tile can be too small for an ended grid's alignment where the whole grid takes it (the
+    # random 3-D nets found one): auto then weighs the next cut instead of failing.
+    import streamc.compiler as compiler
+
+    chosen = compile_program(resnet.onnx_model, TILE, with_flops=False).meta.grid_end
+    assert chosen
+    real = compiler._run_passes
+
+    def refusing(analysis, *args):
+        if analysis.grid_end == chosen:
+            raise compiler.CompileError("schedule: tile too small for this grid")
+        return real(analysis, *args)
+
+    monkeypatch.setattr(compiler, "_run_passes", refusing)
+    program = compile_program(resnet.onnx_model, TILE, with_flops=False)
+    assert program.meta.grid_end != chosen

@@ -51,7 +51,7 @@ def _state(module: nn.Module, shape, tile, halo: str = "reuse"):
     model = export_torch(module.eval(), shape)
     analysis = analyze_checked(model, tuple(shape[2:]))
     return compile_state(analysis, tile, source_of(model, model.SerializeToString()),
-                         with_flops=False, with_memory_plan=False, halo=halo)
+                         with_flops=False, with_memory_plan=False, halo=halo, grid_end=None)
 
 
 def _check_classes(original: list[BackwardGraph], params: set[str]) -> None:

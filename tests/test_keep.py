@@ -30,8 +30,9 @@ def _program(module, size: int, tile: int, halo: str = "reuse", keep_tiles: int 
     torch.manual_seed(0)
     module = module.eval()
     model = export_torch(module, (1, 3, size, size))
+    # The whole grid (auto may end it early): these tests compare what tiles keep.
     return module, streamc.compile(model, tile, image=(size, size), halo=halo,
-                                   keep_tiles=keep_tiles, keep_stride=keep_stride)
+                                   keep_tiles=keep_tiles, keep_stride=keep_stride, grid_end=None)
 
 
 def _step(program, image, keep: bool):
@@ -224,7 +225,8 @@ def test_keep_tiles_auto_fills_the_budget():
     model = export_torch(MiniResNet().eval(), (1, 3, 128, 128))
 
     def plan(**kwargs):
-        return search_tiles(model, (128, 128), tiles=[32], optimizer_copies=0, **kwargs)
+        return search_tiles(model, (128, 128), tiles=[32], optimizer_copies=0, grid_end=None,
+                            **kwargs)
 
     default, every = plan().plans[0], plan(keep_tiles=16).plans[0]
     assert default.kept_tiles == 1 and every.kept_tiles == 16 and default.peak < every.peak

@@ -213,7 +213,7 @@ def _choose(vgg, budget, tiles=(24, 36, 64)):
 def test_program_plan_adds_up(vgg):
     # The head reads the feature map whole (its pool not streamed): the classic cut.
     program = compile(vgg, tile=36, image=(64, 64), with_flops=False, reduce_final=False,
-                      halo="recompute")
+                      halo="recompute", grid_end=None)
     plan = plan_program(program, plan_conventional(streamc.analyze(vgg, (64, 64))))
     assert isinstance(plan, MemoryPlan)
     r = plan.resident
@@ -238,7 +238,8 @@ def test_program_plan_adds_up(vgg):
     assert plan.to_dict()["policy"] == RuntimePolicy().to_json()
     # By default the pool runs tile by tile: the map and its gradient are never whole, only
     # one row of partials per tile, the pooled vector and their gradients.
-    pooled = compile(vgg, tile=36, image=(64, 64), with_flops=False, halo="recompute")
+    pooled = compile(vgg, tile=36, image=(64, 64), with_flops=False, halo="recompute",
+                     grid_end=None)
     pooled_plan = plan_program(pooled)
     kinds = {b.kind: b.nbytes for b in pooled.meta.buffers}
     assert set(kinds) == {"partials", "global"}

@@ -39,14 +39,14 @@ CONFIGS = {
 _PROGRAMS: dict = {}
 
 
-def program_for(name: str, reduce_final: bool = True):
-    if (name, reduce_final) not in _PROGRAMS:
+def program_for(name: str, reduce_final: bool = True, grid_end: str | None = "auto"):
+    key = (name, reduce_final, grid_end)
+    if key not in _PROGRAMS:
         size, tile = CONFIGS[name]
         z = zoo.build(name, (1, 3, *size))
-        _PROGRAMS[name, reduce_final] = compile_program(z.onnx_model, tile=tile, image=size,
-                                                        with_flops=False,
-                                                        reduce_final=reduce_final)
-    return _PROGRAMS[name, reduce_final]
+        _PROGRAMS[key] = compile_program(z.onnx_model, tile=tile, image=size, with_flops=False,
+                                         reduce_final=reduce_final, grid_end=grid_end)
+    return _PROGRAMS[key]
 
 
 def twin(name: str) -> torch.nn.Module:
@@ -233,7 +233,8 @@ def test_session_threads_spin_only_while_their_session_runs() -> None:
 
 
 def test_stream_gradients_match_torch() -> None:
-    program = program_for("vgg", reduce_final=False)  # the head reads the feature map whole
+    # the head reads the feature map whole; the whole grid: stream() returns what it ends with
+    program = program_for("vgg", reduce_final=False, grid_end=None)
     model = StreamingModel(program)
     reference = twin("vgg")
     x = images("vgg", batch=2)
@@ -254,7 +255,7 @@ def test_stream_gradients_match_torch() -> None:
 
 
 def test_stream_of_a_pooled_program_gives_the_pooled_features() -> None:
-    model = StreamingModel(program_for("vgg"))  # the pool runs tile by tile
+    model = StreamingModel(program_for("vgg", grid_end=None))  # the pool runs tile by tile
     reference = twin("vgg")
     x = images("vgg", batch=2)
     pooled = model.stream(x)
@@ -270,7 +271,7 @@ def test_stream_of_a_pooled_program_gives_the_pooled_features() -> None:
 
 
 def test_two_cut_stream_returns_a_tuple() -> None:
-    model = StreamingModel(program_for("twocut"))
+    model = StreamingModel(program_for("twocut", grid_end=None))
     cuts = model.stream(images("twocut", batch=1))
     assert isinstance(cuts, tuple) and len(cuts) == 2 == len(model.cut_names)
     sum(c.sum() for c in cuts).backward()

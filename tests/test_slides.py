@@ -68,7 +68,7 @@ def resnet_program(size=(128, 128), tile=96, mode="train"):
     key = ("resnet program", size, tile, mode)
     if key not in _CACHE:
         _CACHE[key] = compile_program(resnet().onnx_model, tile=tile, image=size,
-                                      with_flops=False, mode=mode)
+                                      with_flops=False, mode=mode, grid_end=None)
     return _CACHE[key]
 
 

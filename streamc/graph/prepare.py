@@ -147,10 +147,11 @@ def _drop_windows_in_end_padding(model: onnx.ModelProto) -> bool:
 
     ONNX Runtime and torch drop that window, ONNX shape inference before opset 22 keeps it, so
     a graph holding such a pool on a whole tensor (the head) fails in ORT's own shape checks.
-    The pool becomes floor-mode when that counts the same windows on every axis, else keeps
-    ceil_mode with the end pads that leave that window out; either way every kept window reads
-    the same input positions. Only pools whose values ignore padding are rewritten (max and Lp
-    pools, average pools without ``count_include_pad``)."""
+    The pool becomes floor-mode with, per axis, the least end pad under which floor mode counts
+    ORT's windows (a partial last window reads that pad; ORT wants pads below the kernel),
+    else keeps ceil_mode with the end pads that leave the dropped window out; either way every
+    kept window reads the same input positions. Only pools whose values ignore padding are
+    rewritten (max and Lp pools, average pools without ``count_include_pad``)."""
     sizes = _spatial_shapes(model)
     changed = False
     for node in model.graph.node:
@@ -168,8 +169,12 @@ def _drop_windows_in_end_padding(model: onnx.ModelProto) -> bool:
         kept = [w.out_size(size) for w, size in zip(windows, shape)]
         if kept == [_ceil_count(w, size, w.pad_end) for w, size in zip(windows, shape)]:
             continue  # ONNX counts what ORT computes
-        if kept == [replace(w, ceil_mode=False).out_size(size) for w, size in zip(windows, shape)]:
+        floor_ends = [max(0, (m - 1) * w.stride + w.span - size - w.pad_begin)
+                      for w, size, m in zip(windows, shape, kept)]
+        if all(e < w.kernel and replace(w, ceil_mode=False, pad_end=e).out_size(size) == m
+               for e, w, size, m in zip(floor_ends, windows, shape, kept)):
             set_attribute(node, "ceil_mode", 0)
+            set_attribute(node, "pads", pads[:n] + floor_ends)
             changed = True
             continue
         ends = [(m - 1) * w.stride + w.span - size - w.pad_begin

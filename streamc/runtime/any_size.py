@@ -27,7 +27,7 @@ from typing import Any
 import onnx
 import torch
 
-from streamc.compiler import ProgramMode
+from streamc.compiler import GridEnd, ProgramMode
 from streamc.errors import InputError
 from streamc.runtime.cache import ProgramCache
 from streamc.runtime.module import StreamingModel, _Runtime
@@ -40,19 +40,23 @@ class AnySizeModel(StreamingModel):
     ``cache_dir``: where compiled programs persist (None: memory only); or ``cache``: a
     :class:`ProgramCache` to share. ``template_size``: the size whose program supplies the
     initial parameters (default: one tile; pass a size the data has to save a compile).
-    ``keep_runtimes``: sizes whose ONNX Runtime sessions stay built. Other keyword arguments
-    are :class:`StreamingModel`'s (``device``, ``weights``, ``threads``, ``allocator``...).
+    ``keep_runtimes``: sizes whose ONNX Runtime sessions stay built. ``grid_end``: as
+    :func:`streamc.compile`, for every size's program (``"auto"`` chooses per size, so
+    :meth:`stream` may end at different tensors for different sizes; None keeps them alike).
+    Other keyword arguments are :class:`StreamingModel`'s (``device``, ``weights``,
+    ``threads``, ``allocator``...).
     """
 
     def __init__(self, model: str | Path | onnx.ModelProto | None = None,
                  tile: int | str | tuple[int, ...] | None = None,
                  cache_dir: str | Path | None = None, *, cache: ProgramCache | None = None,
                  template_size: tuple[int, ...] | None = None, keep_runtimes: int = 2,
-                 input: str | None = None, **options: Any) -> None:
+                 input: str | None = None, grid_end: GridEnd = "auto",
+                 **options: Any) -> None:
         if cache is None:
             if model is None or tile is None:
                 raise InputError("AnySizeModel needs a model and a tile (or a ProgramCache).")
-            cache = ProgramCache(model, tile, cache_dir, input=input)
+            cache = ProgramCache(model, tile, cache_dir, input=input, grid_end=grid_end)
         size = template_size or _tile_size(cache)
         super().__init__(cache.get(tuple(size), "inference"), **options)
         self.cache = cache

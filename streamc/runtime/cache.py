@@ -4,8 +4,8 @@ A dataset of slides mixes sizes, and a program is compiled for one. :class:`Prog
 the program for a size, compiling it on first sight (about a second for ResNet-18) and keeping
 it in memory (the most recently used few) and, with a ``directory``, on disk, where the next
 process finds it. An entry is keyed by the model's SHA-256, the streamc and program format
-versions, the size, the tile and the mode, so a changed model or streamc never gets a stale
-program; a cached program that fails its checksums is compiled again.
+versions, the grid end setting, the size, the tile and the mode, so a changed model or streamc
+never gets a stale program; a cached program that fails its checksums is compiled again.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import onnx
 
 from streamc.analysis.analyze import analyze_checked
-from streamc.compiler import ProgramMode, compile_analysis, source_of
+from streamc.compiler import GridEnd, ProgramMode, compile_analysis, source_of
 from streamc.errors import ProgramError
 from streamc.graph import load_model_serialized
 from streamc.meta import FORMAT_VERSION
@@ -72,13 +72,13 @@ class ProgramCache:
     tile (``2048``, ``"2048x1536"``). ``directory``: where programs persist between processes
     (None: memory only). ``max_in_memory``: programs kept in memory, least recently used
     dropped first. ``with_flops`` / ``with_memory_plan``: what each compile also computes (off:
-    faster compiles).
+    faster compiles). ``grid_end``: as :func:`streamc.compile` (``"auto"`` chooses per size).
     """
 
     def __init__(self, model: str | Path | onnx.ModelProto, tile: int | str | tuple[int, ...],
                  directory: str | Path | None = None, *, input: str | None = None,
                  max_in_memory: int = 8, max_tiles: int = MAX_TILES, with_flops: bool = False,
-                 with_memory_plan: bool = False) -> None:
+                 with_memory_plan: bool = False, grid_end: GridEnd = "auto") -> None:
         from streamc import __version__
 
         proto, serialized = load_model_serialized(model)
@@ -91,9 +91,12 @@ class ProgramCache:
         self.max_tiles = max_tiles
         self.with_flops = with_flops
         self.with_memory_plan = with_memory_plan
+        self.grid_end = grid_end
         digest = hashlib.sha256(serialized).hexdigest()
+        ends = grid_end if grid_end is None or isinstance(grid_end, str) else ",".join(grid_end)
         self.key = hashlib.sha256(
-            f"{digest}|streamc {__version__}|format {FORMAT_VERSION}|input {input}".encode()
+            f"{digest}|streamc {__version__}|format {FORMAT_VERSION}|input {input}"
+            f"|grid end {ends}".encode()
         ).hexdigest()[:24]
         self.stats = CacheStats()
         self._memory: OrderedDict[tuple[Size, str], Program] = OrderedDict()
@@ -147,7 +150,8 @@ class ProgramCache:
         analysis = analyze_checked(self.model, size, self.input)
         program = compile_analysis(analysis, self.tile, self.source, with_flops=self.with_flops,
                                    with_memory_plan=self.with_memory_plan,
-                                   max_tiles=self.max_tiles, started=started, mode=mode)
+                                   max_tiles=self.max_tiles, started=started, mode=mode,
+                                   grid_end=self.grid_end)
         self.stats.compiled += 1
         self.stats.compile_seconds += time.perf_counter() - started
         path = self.path(size, mode)

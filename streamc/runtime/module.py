@@ -337,7 +337,9 @@ class StreamingModel(nn.Module):
         """Prefix only: what the head reads (the full cut tensor(s), or the pooled features
         where the head's global pool runs tile by tile: compile with ``reduce_final=False`` for
         the map); backpropagating into them runs the tiles' backward graphs (the head is not
-        used)."""
+        used). Where the grid was ended early (``program.meta.grid_end``, which the default
+        ``grid_end="auto"`` may choose) these are the tensors it ended at: compile with
+        ``grid_end=None`` for the network's last local features."""
         interpreter, weights, tensors, x, track = self._begin(image)
         if track:
             cuts = _Prefix.apply(interpreter, weights, list(tensors), x, *tensors.values())

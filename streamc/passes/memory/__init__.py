@@ -12,7 +12,11 @@ The per-op facts they use (buffer sharing, workspace, what autograd keeps) are i
 """
 
 from streamc.passes.memory.allocator import GraphPlan, execution_order, ort_optimized, plan_graph
-from streamc.passes.memory.conventional import ConventionalPlan, plan_conventional
+from streamc.passes.memory.conventional import (
+    ConventionalPlan,
+    head_memory,
+    plan_conventional,
+)
 from streamc.passes.memory.step import ClassPlan, MemoryPlan, Resident, plan_program
 
 __all__ = [
@@ -22,6 +26,7 @@ __all__ = [
     "MemoryPlan",
     "Resident",
     "execution_order",
+    "head_memory",
     "ort_optimized",
     "plan_conventional",
     "plan_graph",

@@ -68,9 +68,28 @@ def plan_conventional(analysis: Analysis, optimizer_copies: int = 2) -> Conventi
     )
 
 
-def _autograd_memory(model: onnx.ModelProto, image: str) -> tuple[int, int]:
+def head_memory(analysis: Analysis) -> int:
+    """Bytes the head of ``analysis`` needs in its backward pass, autograd style: its inputs
+    from the grid (the cut tensors) and their gradients, plus what its nodes keep for backward
+    and the gradients alive at once (as :func:`plan_conventional` counts them). An estimate
+    from below of the program's head phase (ORT's backward graph holds at least these)."""
+    g = analysis.model.graph
+    head = set(analysis.head)
+    nodes = [node for node in g.node if node.name in head]
+    sizes = {vi.name: value_bytes(vi) or 0
+             for vi in list(g.input) + list(g.value_info) + list(g.output)}
+    cuts = sum(sizes.get(t, 0) for t in analysis.cut_tensors)
+    _kept, peak = _autograd_memory(analysis.model, analysis.input_name, nodes,
+                                   frozenset(analysis.cut_tensors))
+    return 2 * cuts + peak
+
+
+def _autograd_memory(model: onnx.ModelProto, image: str,
+                     nodes: list[onnx.NodeProto] | None = None,
+                     sources: frozenset[str] = frozenset()) -> tuple[int, int]:
     """(bytes kept for backward at the end of the forward pass, peak bytes of kept tensors plus
-    live gradients during the backward pass), autograd style, in the graph's order.
+    live gradients during the backward pass), autograd style, in the graph's order, over
+    ``nodes`` (default: all), with ``sources`` counted as inputs rather than activations.
 
     A kept tensor (:data:`SAVED`) is released once the backward of the earliest node keeping it
     has run; the gradient of a tensor lives from the backward of its last reader to the backward
@@ -79,9 +98,10 @@ def _autograd_memory(model: onnx.ModelProto, image: str) -> tuple[int, int]:
     g = model.graph
     nbytes = {vi.name: value_bytes(vi) or 0
               for vi in list(g.input) + list(g.value_info) + list(g.output)}
-    not_activations = {t.name for t in g.initializer} | {i.name for i in g.input} | {image}
+    not_activations = ({t.name for t in g.initializer} | {i.name for i in g.input} | {image}
+                       | sources)
     opset = opset_version(model)
-    nodes = list(g.node)
+    nodes = list(g.node) if nodes is None else nodes
     n = len(nodes)
     first_keeper: dict[str, int] = {}
     extras = 0
