@@ -223,6 +223,7 @@ def _streamc_step(spec, kind, size, model, x, label, out):
     out["tile_used"] = list(meta.tile)
     out["tiles"] = len(program.tiles)
     out["classes"] = len(program.classes)
+    out["grid_end"] = list(meta.grid_end) or None  # where compile's grid_end="auto" ended it
     out["forward_overhead"] = meta.flops.forward_overhead if meta.flops else None
     out["backward_overhead"] = meta.flops.backward_overhead if meta.flops else None
     out["cut_bytes"] = sum(4 * math.prod(c.shape) for c in meta.cut_tensors)
