@@ -693,7 +693,9 @@ def demo(output: str, image: str, tile: str, channels: int) -> None:
     click.echo(f"analysis:     {len(analysis.prefix)} local nodes, cut at {cut} "
                f"(stride {_fmt_stride(analysis.tensors[cut].stride)}, receptive field "
                f"{_fmt_stride(analysis.tensors[cut].receptive_field)})")
-    program = compile_program(str(model_path), tile, image=size)
+    # The whole grid: the demo shows every local op streamed and checked (on an image this
+    # small, grid_end="auto" would run all but the stem whole in the head).
+    program = compile_program(str(model_path), tile, image=size, grid_end=None)
     out = program.save(folder / "demo.streamc")
     _print_program_summary(program, out)
     report = run_check(str(model_path), size, tile, program=program)
