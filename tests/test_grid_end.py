@@ -182,14 +182,13 @@ def test_prepare_drops_the_windows_ort_drops() -> None:
     np.testing.assert_array_equal(run[0], run[1])
 
 
-class _StridedCeilPool3d(torch.nn.Module):
-    """A ceil_mode pool without padding whose last window would start past the input (the
-    random 3-D nets found it): no end pad to take away, so it becomes floor-mode."""
+class _CeilPool3d(torch.nn.Module):
+    """A 1x1x1 conv, then a ceil_mode pool without padding, then a classifier."""
 
-    def __init__(self) -> None:
+    def __init__(self, kernel, stride) -> None:
         super().__init__()
         self.conv = torch.nn.Conv3d(1, 2, 1)
-        self.pool = torch.nn.AvgPool3d(1, stride=(1, 1, 2), ceil_mode=True,
+        self.pool = torch.nn.AvgPool3d(kernel, stride=stride, ceil_mode=True,
                                        count_include_pad=False)
         self.fc = torch.nn.Linear(2, 3)
 
@@ -197,50 +196,26 @@ class _StridedCeilPool3d(torch.nn.Module):
         return self.fc(self.pool(self.conv(x)).mean(dim=(2, 3, 4)))
 
 
-def test_a_ceil_mode_pool_without_padding_runs_whole_in_the_head() -> None:
+# Pools the random 3-D nets found on 6^3 images: a last window that would start past the input
+# (no end pad to take away: floor mode), and that on one axis with a partial last window on
+# another (floor mode with an end pad of one there).
+@pytest.mark.parametrize("kernel, stride, pads", [
+    (1, (1, 1, 2), [0] * 6),
+    ((1, 1, 3), (1, 2, 2), [0, 0, 0, 0, 0, 1]),
+])
+def test_a_ceil_mode_pool_without_padding_runs_whole_in_the_head(kernel, stride, pads) -> None:
     torch.manual_seed(0)
-    module = _StridedCeilPool3d().eval()
-    shape = (1, 1, 6, 6, 6)
-    model = export_torch(module, shape, dynamic=False)
-    pool = next(n for n in prepare(model, shape[2:], batch=1).graph.node
-                if n.op_type == "AveragePool")
-    assert onnx.helper.get_attribute_value(
-        next(a for a in pool.attribute if a.name == "ceil_mode")) == 0
-    conv = streamc.analyze(model).split.prefix_tensors[1]
-    program = compile_program(model, 2, with_flops=False, with_memory_plan=False,
-                              grid_end=conv)
-    assert len(program.tiles) > 1
-    assert assert_matches_torch(program, module, model, zoo.random_image(shape)) < 2e-6
-
-
-class _PartialCeilPool3d(torch.nn.Module):
-    """A ceil_mode pool without padding that drops its last window on one axis (it would start
-    past the input) and keeps a partial one on another (the random 3-D nets found it): floor
-    mode with an end pad of one on the second axis computes ORT's windows."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv3d(1, 2, 1)
-        self.pool = torch.nn.AvgPool3d((1, 1, 3), stride=(1, 2, 2), ceil_mode=True,
-                                       count_include_pad=False)
-        self.fc = torch.nn.Linear(2, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(self.conv(x)).mean(dim=(2, 3, 4)))
-
-
-def test_a_partial_ceil_mode_window_becomes_a_floor_mode_end_pad() -> None:
-    torch.manual_seed(0)
-    module = _PartialCeilPool3d().eval()
+    module = _CeilPool3d(kernel, stride).eval()
     shape = (1, 1, 6, 6, 6)
     model = export_torch(module, shape, dynamic=False)
     pool = next(n for n in prepare(model, shape[2:], batch=1).graph.node
                 if n.op_type == "AveragePool")
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in pool.attribute}
-    assert attrs["ceil_mode"] == 0 and list(attrs["pads"]) == [0, 0, 0, 0, 0, 1]
+    assert attrs["ceil_mode"] == 0 and list(attrs.get("pads", [0] * 6)) == pads
     conv = streamc.analyze(model).split.prefix_tensors[1]
     program = compile_program(model, 2, with_flops=False, with_memory_plan=False,
                               grid_end=conv)
+    assert len(program.tiles) > 1
     assert assert_matches_torch(program, module, model, zoo.random_image(shape)) < 2e-6
 
 
