@@ -505,14 +505,17 @@ def plan(model: str, image: str | None, tile: str | None, memory_budget: str | N
                              grid_end=grid_end)
     plans, chosen = search.plans, search.chosen
     if tile:
-        plan_ = plans[0].plan
+        plan_, ends = plans[0].plan, list(plans[0].program.meta.grid_end)
         if as_json and workers > 1:
-            click.echo(json.dumps({**plan_.to_dict(),
+            click.echo(json.dumps({**plan_.to_dict(), "grid_end": ends,
                                    "workers": _worker_json(plans[0].program, workers)}, indent=1))
         elif as_json:
-            click.echo(json.dumps(plan_.to_dict(), indent=1))
+            click.echo(json.dumps({**plan_.to_dict(), "grid_end": ends}, indent=1))
         else:
             click.echo("\n".join(plan_.summary()))
+            if ends:
+                click.echo(f"grid end        ended early at {', '.join(ends)} (--grid-end none "
+                           "keeps the grid whole)")
             _print_worker_shares(plans[0].program, workers)
     elif as_json:
         extra = ({"workers": _worker_json(chosen.program, workers)}
@@ -531,6 +534,8 @@ def plan(model: str, image: str | None, tile: str | None, memory_budget: str | N
         if chosen is not None:
             kept = (f", {chosen.kept_tiles} tiles keep their activations"
                     if chosen.kept_tiles > 1 and chosen.tiles > 1 else "")
+            if chosen.program.meta.grid_end:
+                kept += f", the grid ends at {', '.join(chosen.program.meta.grid_end)}"
             click.echo(f"memory budget {memory_budget}: tile {chosen.tile}{kept} "
                        f"(peak {format_bytes(chosen.peak)})")
             _print_worker_shares(chosen.program, workers)

@@ -4,6 +4,8 @@ planned peak is within the allowance (checked against plans made one cut at a ti
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -124,6 +126,10 @@ def test_cli_grid_end(tmp_path, resnet) -> None:
     code, out, err = run("compile", str(path), "--tile", str(TILE), "--grid-end", "none",
                          "-o", str(tmp_path / "q"))
     assert code == 0 and "grid end:" not in out, err
+    code, out, err = run("plan", str(path), "--tile", str(TILE))
+    assert code == 0 and "grid end        ended early at" in out, err
+    code, out, err = run("plan", str(path), "--tile", str(TILE), "--grid-end", "none", "--json")
+    assert code == 0 and json.loads(out)["grid_end"] == [], err
     code, _, err = run("compile", str(path), "--tile", str(TILE), "--grid-end", "nosuch",
                        "-o", str(tmp_path / "r"))
     assert_one_line_error(code, err, "nosuch", "streamc inspect", status=code or 2)
