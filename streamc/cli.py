@@ -523,12 +523,17 @@ def plan(model: str, image: str | None, tile: str | None, memory_budget: str | N
         click.echo(json.dumps({"plans": [p.to_dict() for p in plans],
                                "chosen": chosen.tile if chosen else None, **extra}, indent=1))
     else:
-        share = search.analysis.streamed_share()
+        analysis = search.analysis
+        if chosen is not None and chosen.program.meta.grid_end:  # the chosen program's grid
+            from streamc.analysis.analyze import with_grid_end
+
+            analysis = with_grid_end(analysis, chosen.program.meta.grid_end)
+        share = analysis.streamed_share()
         if share is not None:
             from streamc.compiler import share_notes
 
             click.echo(f"streamed: {share.sentence()}")
-            for note in share_notes(search.analysis, share):
+            for note in share_notes(analysis, share):
                 click.echo(f"note: {note}")
         click.echo("\n".join(ts.plans_table(plans, chosen)))
         if chosen is not None:

@@ -17,6 +17,7 @@ import zoo
 from streamc.analysis.analyze import grid_end_candidates, with_grid_end
 from streamc.compiler import GRID_END_ALLOWANCE
 from streamc.compiler import compile as compile_program
+from streamc.demo import demo_model
 from streamc.errors import StreamcError
 from streamc.export import export_torch
 from streamc.graph import prepare
@@ -242,3 +243,12 @@ def test_auto_passes_over_a_cut_the_tile_cannot_compile(resnet, monkeypatch) -> 
     monkeypatch.setattr(compiler, "_run_passes", refusing)
     program = compile_program(resnet.onnx_model, TILE, with_flops=False)
     assert program.meta.grid_end != chosen
+
+
+def test_plan_with_a_budget_reports_the_chosen_programs_grid(tmp_path) -> None:
+    path = tmp_path / "demo.onnx"
+    onnx.save(demo_model(channels=16), str(path))
+    code, out, err = run("plan", str(path), "--image", "512x512", "--memory-budget", "60MiB")
+    assert code == 0, err
+    assert "the grid ends at stem.relu_out" in out
+    assert "streamed: 53% of the forward FLOPs" in out  # the chosen grid's share, not 100 %
