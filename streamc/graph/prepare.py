@@ -169,18 +169,18 @@ def _drop_windows_in_end_padding(model: onnx.ModelProto) -> bool:
         kept = [w.out_size(size) for w, size in zip(windows, shape)]
         if kept == [_ceil_count(w, size, w.pad_end) for w, size in zip(windows, shape)]:
             continue  # ONNX counts what ORT computes
-        floor_ends = [max(0, (m - 1) * w.stride + w.span - size - w.pad_begin)
-                      for w, size, m in zip(windows, shape, kept)]
+        # end padding the last kept window reads (negative: it ends inside the input)
+        reach = [(m - 1) * w.stride + w.span - size - w.pad_begin
+                 for w, size, m in zip(windows, shape, kept)]
+        floor_ends = [max(0, e) for e in reach]
         if all(e < w.kernel and replace(w, ceil_mode=False, pad_end=e).out_size(size) == m
                for e, w, size, m in zip(floor_ends, windows, shape, kept)):
             set_attribute(node, "ceil_mode", 0)
             set_attribute(node, "pads", pads[:n] + floor_ends)
             changed = True
             continue
-        ends = [(m - 1) * w.stride + w.span - size - w.pad_begin
-                for w, size, m in zip(windows, shape, kept)]
         ends = [e if 0 <= e < w.pad_end and _ceil_count(w, size, e) == m else w.pad_end
-                for e, w, size, m in zip(ends, windows, shape, kept)]
+                for e, w, size, m in zip(reach, windows, shape, kept)]
         if ends != pads[n:]:
             set_attribute(node, "pads", pads[:n] + ends)
             changed = True

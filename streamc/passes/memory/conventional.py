@@ -76,8 +76,7 @@ def head_memory(analysis: Analysis) -> int:
     g = analysis.model.graph
     head = set(analysis.head)
     nodes = [node for node in g.node if node.name in head]
-    sizes = {vi.name: value_bytes(vi) or 0
-             for vi in list(g.input) + list(g.value_info) + list(g.output)}
+    sizes = _tensor_bytes(g)
     cuts = sum(sizes.get(t, 0) for t in analysis.cut_tensors)
     _kept, peak = _autograd_memory(analysis.model, analysis.input_name, nodes,
                                    frozenset(analysis.cut_tensors))
@@ -96,8 +95,7 @@ def _autograd_memory(model: onnx.ModelProto, image: str,
     of its producer. Gradients of the image and of weights are not counted here.
     """
     g = model.graph
-    nbytes = {vi.name: value_bytes(vi) or 0
-              for vi in list(g.input) + list(g.value_info) + list(g.output)}
+    nbytes = _tensor_bytes(g)
     not_activations = ({t.name for t in g.initializer} | {i.name for i in g.input} | {image}
                        | sources)
     opset = opset_version(model)
@@ -140,3 +138,9 @@ def _autograd_memory(model: onnx.ModelProto, image: str,
         running += alive[j]
         peak = max(peak, running)
     return kept, peak
+
+
+def _tensor_bytes(graph: onnx.GraphProto) -> dict[str, int]:
+    """Bytes of every graph input, value and output whose shape is known (0 otherwise)."""
+    return {vi.name: value_bytes(vi) or 0
+            for vi in list(graph.input) + list(graph.value_info) + list(graph.output)}
