@@ -61,7 +61,6 @@ def measure(size: int, tile: int, rounds: int, keep_tiles: str | None = None,
     ended = None
     if grid_end is not None:
         ended = compiled_with(grid_end=None if grid_end == "none" else grid_end)
-    if ended is not None:
         runs[f"grid_end={grid_end}"] = run_of(ended)
     runs["torch"] = (module, torch.optim.SGD(module.parameters(), lr=1e-4))
 

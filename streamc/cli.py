@@ -506,11 +506,11 @@ def plan(model: str, image: str | None, tile: str | None, memory_budget: str | N
     plans, chosen = search.plans, search.chosen
     if tile:
         plan_, ends = plans[0].plan, list(plans[0].program.meta.grid_end)
-        if as_json and workers > 1:
-            click.echo(json.dumps({**plan_.to_dict(), "grid_end": ends,
-                                   "workers": _worker_json(plans[0].program, workers)}, indent=1))
-        elif as_json:
-            click.echo(json.dumps({**plan_.to_dict(), "grid_end": ends}, indent=1))
+        if as_json:
+            report = {**plan_.to_dict(), "grid_end": ends}
+            if workers > 1:
+                report["workers"] = _worker_json(plans[0].program, workers)
+            click.echo(json.dumps(report, indent=1))
         else:
             click.echo("\n".join(plan_.summary()))
             if ends:

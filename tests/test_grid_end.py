@@ -35,6 +35,16 @@ def resnet():
     return zoo.build("resnet", IMAGE)
 
 
+@pytest.fixture(scope="module")
+def ceil_pools():
+    """(module, image shape, exported model): two ceil_mode pools whose last windows would
+    start in the end padding."""
+    torch.manual_seed(0)
+    module = _CeilPools().eval()
+    shape = (1, 2, 29, 26)
+    return module, shape, export_torch(module, shape, dynamic=False)
+
+
 def test_candidates_are_the_stage_ends(resnet) -> None:
     analysis = streamc.analyze(resnet.onnx_model, IMAGE[2:])
     candidates = grid_end_candidates(analysis)
@@ -117,8 +127,6 @@ def test_a_name_outside_the_grid_is_refused(resnet) -> None:
 
 
 def test_cli_grid_end(tmp_path, resnet) -> None:
-    import onnx
-
     path = tmp_path / "resnet.onnx"
     onnx.save(resnet.onnx_model, str(path))
     code, out, err = run("compile", str(path), "--tile", str(TILE), "-o", str(tmp_path / "p"))
@@ -147,14 +155,11 @@ def test_keep_tiles_auto_keeps_a_named_grid_end(resnet) -> None:
     assert search.chosen.program.meta.grid_end == (tensor,)
 
 
-def test_ceil_mode_pools_moved_into_the_head_match_torch() -> None:
+def test_ceil_mode_pools_moved_into_the_head_match_torch(ceil_pools) -> None:
     """Pools whose last window would start in the end padding run whole in the head: ORT
     loads and runs their graphs (it checked them against ONNX shape inference, which counts
     that window, until prepare gave them the end pad without it)."""
-    torch.manual_seed(0)
-    module = _CeilPools().eval()
-    shape = (1, 2, 29, 26)
-    model = export_torch(module, shape, dynamic=False)
+    module, shape, model = ceil_pools
     candidates = grid_end_candidates(streamc.analyze(model))
     assert len(candidates) == 2  # before pool1 and before pool2
     for tensor in candidates:
@@ -164,13 +169,10 @@ def test_ceil_mode_pools_moved_into_the_head_match_torch() -> None:
         assert assert_matches_torch(program, module, model, zoo.random_image(shape)) < 2e-6
 
 
-def test_prepare_drops_the_windows_ort_drops() -> None:
+def test_prepare_drops_the_windows_ort_drops(ceil_pools) -> None:
     """After prepare, plain ONNX shape inference gives the pools the sizes ORT computes, and
     the prepared model computes what the exported one does."""
-    torch.manual_seed(0)
-    module = _CeilPools().eval()
-    shape = (1, 2, 29, 26)
-    model = export_torch(module, shape, dynamic=False)
+    module, shape, model = ceil_pools
     prepared = prepare(model, shape[2:], batch=1)
     bare = onnx.ModelProto()
     bare.CopyFrom(prepared)
